@@ -1,0 +1,47 @@
+//! `train`: the command-line entry point. Each subcommand is a thin layer over the library
+//! crates; errors are reported on one line with their context.
+
+mod bench;
+mod export;
+mod generate;
+mod info;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "train",
+    version,
+    about = "Fine-tune Llama 2 models: SFT, reward models and RLHF with PPO"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parameter count and full fine-tuning memory of an architecture, without building it
+    Info(info::InfoArgs),
+    /// Generate text from a model directory (KV-cached, batched)
+    Generate(generate::GenerateArgs),
+    /// Write a checkpoint as a Hugging Face model directory
+    Export(export::ExportArgs),
+    /// Benchmarks (not tests): generation speed
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(args) => info::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Export(args) => export::run(args),
+        Command::Bench(command) => bench::run(command),
+    };
+    if let Err(error) = result {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,290 @@
+//! The `train` binary end to end: info, generate and export, and its errors for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn golden(name: &str) -> PathBuf {
+    root().join("tests/fixtures/golden").join(name)
+}
+
+fn train(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run train")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A user mistake: non-zero exit, one line on stderr naming `needle`, no panic.
+fn assert_user_error(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "should fail: {err}");
+    assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
+}
+
+#[test]
+fn info_gives_exact_llama2_parameter_counts() {
+    for (file, expected) in [
+        ("configs/llama2-7b.toml", 6_738_415_616u64),
+        ("configs/llama2-13b.toml", 13_015_864_320),
+        ("configs/llama2-70b.toml", 68_976_648_192),
+    ] {
+        let out = train(&["info", "--config", file, "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(v["parameters"].as_u64(), Some(expected), "{file}");
+        let f32_total = v["full_finetune_memory_bytes"]["f32"]["total"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(f32_total, expected * 16);
+    }
+    let out = train(&["info", "--config", "configs/tiny-15m.toml"]);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("parameters"));
+}
+
+fn generate_json(extra: &[&str]) -> Vec<serde_json::Value> {
+    let model = golden("tiny-gqa");
+    let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    let out = train(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+#[test]
+fn generate_json_reports_prompt_and_new_tokens() {
+    let objects = generate_json(&["--prompt", "Once upon a time", "--max-new-tokens", "8"]);
+    assert_eq!(objects.len(), 1);
+    let o = &objects[0];
+    let prompt: Vec<u64> = o["prompt_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(prompt[0], 1, "BOS first");
+    let tokens = o["tokens"].as_array().unwrap();
+    assert!(!tokens.is_empty() && tokens.len() <= 8);
+    assert!(o["text"].is_string());
+    // Greedy is deterministic; one prompt alone equals the same prompt in a batch.
+    let again = generate_json(&["--prompt", "Once upon a time", "--max-new-tokens", "8"]);
+    assert_eq!(again[0]["tokens"], o["tokens"]);
+    let batch = generate_json(&[
+        "--prompt",
+        "A much longer prompt that needs padding in a batch",
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert_eq!(batch.len(), 2);
+    assert_eq!(batch[1]["tokens"], o["tokens"]);
+}
+
+#[test]
+fn generate_sampling_follows_the_seed() {
+    let args = |seed: &'static str| {
+        vec![
+            "--prompt",
+            "The dog",
+            "--max-new-tokens",
+            "10",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+        ]
+    };
+    let a = generate_json(&args("1"));
+    let b = generate_json(&args("1"));
+    assert_eq!(a[0]["tokens"], b[0]["tokens"]);
+    let differs = ["2", "3", "4"]
+        .iter()
+        .any(|s| generate_json(&args(s))[0]["tokens"] != a[0]["tokens"]);
+    assert!(differs, "different seeds should give different samples");
+}
+
+#[test]
+fn generate_chat_wraps_prompt_with_bos_by_id() {
+    let plain = generate_json(&["--prompt", "Hello", "--max-new-tokens", "1"]);
+    let chat = generate_json(&[
+        "--prompt",
+        "Hello",
+        "--chat",
+        "--system",
+        "Be kind.",
+        "--max-new-tokens",
+        "1",
+    ]);
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v["prompt_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    let chat_ids = ids(&chat[0]);
+    assert_eq!(chat_ids[0], 1);
+    assert_eq!(chat_ids.iter().filter(|&&i| i == 1).count(), 1);
+    assert!(chat_ids.len() > ids(&plain[0]).len() + 5);
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let model = golden("tiny-gqa");
+    let m = model.to_str().unwrap();
+    assert_user_error(
+        &train(&["generate", "--model", "/nonexistent", "--prompt", "x"]),
+        "/nonexistent",
+    );
+    assert_user_error(
+        &train(&["generate", "--model", m, "--prompt", "  "]),
+        "empty",
+    );
+    let long = "word ".repeat(400);
+    assert_user_error(
+        &train(&["generate", "--model", m, "--prompt", &long]),
+        "context",
+    );
+    assert_user_error(
+        &train(&[
+            "generate", "--model", m, "--prompt", "x", "--device", "gpu9",
+        ]),
+        "unknown device",
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    // A model directory without config.json.
+    assert_user_error(
+        &train(&[
+            "generate",
+            "--model",
+            tmp.path().to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--tokenizer",
+            model.join("tokenizer.json").to_str().unwrap(),
+        ]),
+        "config.json",
+    );
+    // A tokenizer larger than the model's vocabulary.
+    let big = tmp.path().join("big.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    for i in 0..100 {
+        vocab.insert(format!("extra{i}"), (600 + i).into());
+    }
+    std::fs::write(&big, tok.to_string()).unwrap();
+    assert_user_error(
+        &train(&[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "x",
+            "--tokenizer",
+            big.to_str().unwrap(),
+        ]),
+        "vocabulary",
+    );
+    // A config for another architecture.
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(model.join(f), other.join(f)).unwrap();
+    }
+    std::fs::write(
+        other.join("config.json"),
+        r#"{"model_type": "gpt2", "vocab_size": 512}"#,
+    )
+    .unwrap();
+    assert_user_error(
+        &train(&[
+            "generate",
+            "--model",
+            other.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ]),
+        "model_type",
+    );
+    assert_user_error(
+        &train(&["info", "--config", "configs/nope.toml"]),
+        "nope.toml",
+    );
+}
+
+#[test]
+fn export_writes_a_loadable_directory_atomically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("export");
+    let src = golden("tiny-odd");
+    let run = train(&[
+        "export",
+        "--checkpoint",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-shard-size",
+        "200KB",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "model.safetensors.index.json",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    // Refuses to overwrite, then generates the same tokens as the source.
+    let again = train(&[
+        "export",
+        "--checkpoint",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_user_error(&again, "already exists");
+    let gen = |dir: &Path| {
+        let o = train(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "Hello there",
+            "--json",
+            "--max-new-tokens",
+            "6",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    assert_eq!(gen(&src), gen(&out));
+}

@@ -1,0 +1,81 @@
+//! The tokenizer: a Hugging Face `tokenizer.json` loaded with the `tokenizers` crate.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{DataError, Result};
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_id: u32,
+    pub eos_id: u32,
+    pub path: PathBuf,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json`. Control tokens (`<s>`, `</s>`) written in user text are encoded
+    /// as plain text, as SentencePiece does: only our code inserts BOS/EOS, by id.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(DataError::Tokenizer {
+                path: path.to_path_buf(),
+                message: "file not found".into(),
+            });
+        }
+        let mut inner =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
+                path: path.to_path_buf(),
+                message: format!("not a valid tokenizer.json: {e}"),
+            })?;
+        inner.set_encode_special_tokens(true);
+        let id = |token: &str| {
+            inner
+                .token_to_id(token)
+                .ok_or_else(|| DataError::Tokenizer {
+                    path: path.to_path_buf(),
+                    message: format!("vocabulary has no `{token}` token"),
+                })
+        };
+        let bos_id = id("<s>")?;
+        let eos_id = id("</s>")?;
+        Ok(Self {
+            inner,
+            bos_id,
+            eos_id,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Number of ids the tokenizer can produce (base vocabulary plus added tokens).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Encodes text without adding any special token.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.path.clone(),
+                message: format!("encoding failed: {e}"),
+            })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// BOS followed by the text's ids: what SentencePiece gives with `add_bos=True`.
+    pub fn encode_with_bos(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = vec![self.bos_id];
+        ids.extend(self.encode(text)?);
+        Ok(ids)
+    }
+
+    /// Decodes ids to text, leaving out special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.path.clone(),
+                message: format!("decoding failed: {e}"),
+            })
+    }
+}

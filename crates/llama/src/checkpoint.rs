@@ -1,0 +1,446 @@
+//! Hugging Face checkpoints: import (memory-mapped safetensors, single or sharded, f32/f16/bf16),
+//! random initialisation, and atomic export.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::prelude::Device;
+use memmap2::Mmap;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::config::LlamaConfig;
+use crate::error::{io_err, LlamaError, Result};
+use crate::model::{build_llama, hf_params, Llama};
+
+/// Tensors some exporters leave in checkpoints that carry no learned weights.
+fn is_ignorable(name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq")
+}
+
+/// The safetensors files of a checkpoint directory, memory-mapped so a 13 GB model is read from
+/// the page cache instead of being copied into memory first.
+pub struct SafetensorsDir {
+    files: Vec<(PathBuf, Mmap)>,
+    /// tensor name -> index into `files`
+    index: HashMap<String, usize>,
+}
+
+impl SafetensorsDir {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let paths: Vec<PathBuf> = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| LlamaError::Config {
+                    path: index_path.clone(),
+                    message: format!("not valid JSON: {e}"),
+                })?;
+            let map = value
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| LlamaError::Config {
+                    path: index_path.clone(),
+                    message: "missing object field `weight_map`".into(),
+                })?;
+            let mut files: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            files.sort();
+            files.dedup();
+            files.into_iter().map(|f| dir.join(f)).collect()
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(LlamaError::Config {
+                path: dir.to_path_buf(),
+                message: "no model.safetensors or model.safetensors.index.json in this directory"
+                    .into(),
+            });
+        };
+
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for (i, path) in paths.into_iter().enumerate() {
+            let file = File::open(&path).map_err(io_err(&path))?;
+            // SAFETY: the file is opened read-only; a checkpoint modified while we read it is
+            // a user error that at worst yields wrong numbers, as with any reader.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(&path))?;
+            let tensors = SafeTensors::deserialize(&mmap).map_err(|e| LlamaError::Safetensors {
+                path: path.clone(),
+                message: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+            })?;
+            for name in tensors.names() {
+                index.insert(name.to_string(), i);
+            }
+            drop(tensors);
+            files.push((path, mmap));
+        }
+        Ok(Self { files, index })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The file a tensor would be read from (or the directory's first file), for messages.
+    fn file_for(&self, name: &str) -> &Path {
+        let i = self.index.get(name).copied().unwrap_or(0);
+        &self.files[i].0
+    }
+
+    /// Reads a tensor as f32, checking its shape.
+    pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let Some(&i) = self.index.get(name) else {
+            return Err(LlamaError::MissingTensor {
+                path: self.file_for(name).to_path_buf(),
+                name: name.to_string(),
+            });
+        };
+        let (path, mmap) = &self.files[i];
+        let tensors = SafeTensors::deserialize(mmap).map_err(|e| LlamaError::Safetensors {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let view = tensors.tensor(name).map_err(|e| LlamaError::Safetensors {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if view.shape() != shape {
+            return Err(LlamaError::Shape {
+                path: path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: view.shape().to_vec(),
+            });
+        }
+        decode_f32(view.dtype(), view.data()).ok_or_else(|| LlamaError::Safetensors {
+            path: path.clone(),
+            message: format!(
+                "tensor `{name}` has dtype {:?}; only F32, F16 and BF16 are supported",
+                view.dtype()
+            ),
+        })
+    }
+}
+
+fn decode_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    let pairs = || bytes.chunks_exact(2).map(|c| [c[0], c[1]]);
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => pairs()
+            .map(|b| half::f16::from_le_bytes(b).to_f32())
+            .collect(),
+        Dtype::BF16 => pairs()
+            .map(|b| half::bf16::from_le_bytes(b).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// Loads `config.json` and the weights of a Hugging Face Llama checkpoint directory.
+pub fn load_pretrained(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama)> {
+    if !dir.is_dir() {
+        return Err(LlamaError::Config {
+            path: dir.to_path_buf(),
+            message: "model directory not found".into(),
+        });
+    }
+    let config_path = dir.join("config.json");
+    if !config_path.exists() {
+        return Err(LlamaError::Config {
+            path: dir.to_path_buf(),
+            message: "no config.json in this model directory".into(),
+        });
+    }
+    let config = LlamaConfig::from_hf_file(&config_path)?;
+    let weights = SafetensorsDir::open(dir)?;
+    let mut used = Vec::new();
+    let model = build_llama(&config, device, &mut |name, shape| {
+        used.push(name.to_string());
+        weights.read_f32(name, shape)
+    })?;
+    let mut unexpected: Vec<&str> = weights
+        .names()
+        .filter(|n| !used.iter().any(|u| u == n) && !is_ignorable(n) && *n != "score.weight")
+        .collect();
+    unexpected.sort();
+    if let Some(first) = unexpected.first() {
+        return Err(LlamaError::Safetensors {
+            path: weights.file_for(first).to_path_buf(),
+            message: format!(
+                "unexpected tensor `{first}` ({} unexpected in all): not a plain Llama checkpoint",
+                unexpected.len()
+            ),
+        });
+    }
+    Ok((config, model))
+}
+
+/// A model with freshly initialised weights: normal(0, 0.02) for matrices as in the Llama
+/// reference code, ones for the norms. The same seed gives the same model.
+pub fn init_random(config: &LlamaConfig, device: &Device, seed: u64) -> Result<Llama> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    build_llama(config, device, &mut |name, shape| {
+        let n: usize = shape.iter().product();
+        if name.ends_with("norm.weight") {
+            return Ok(vec![1.0; n]);
+        }
+        Ok((0..n).map(|_| 0.02 * standard_normal(&mut rng)).collect())
+    })
+}
+
+/// Box-Muller; enough for initialisation and keeps the dependency list short.
+fn standard_normal(rng: &mut StdRng) -> f32 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random::<f64>();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// Storage dtype of an exported checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl SaveDtype {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Some(Self::F32),
+            "f16" | "float16" => Some(Self::F16),
+            "bf16" | "bfloat16" => Some(Self::BF16),
+            _ => None,
+        }
+    }
+
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::BF16 => "bfloat16",
+        }
+    }
+
+    fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            _ => 2,
+        }
+    }
+
+    fn safetensors(self) -> Dtype {
+        match self {
+            Self::F32 => Dtype::F32,
+            Self::F16 => Dtype::F16,
+            Self::BF16 => Dtype::BF16,
+        }
+    }
+
+    fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            Self::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Self::F16 => values
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect(),
+            Self::BF16 => values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+        }
+    }
+}
+
+/// How to write a checkpoint.
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    pub dtype: SaveDtype,
+    /// Shards are cut before a tensor that would take a file past this size.
+    pub max_shard_bytes: u64,
+    /// Files copied next to the weights when present (tokenizer and its configs).
+    pub extra_files: Vec<PathBuf>,
+    /// Replace an existing output directory.
+    pub overwrite: bool,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        Self {
+            dtype: SaveDtype::F32,
+            max_shard_bytes: 5 * 1000 * 1000 * 1000,
+            extra_files: Vec::new(),
+            overwrite: false,
+        }
+    }
+}
+
+/// Tokenizer files that travel with a checkpoint.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// Writes `model` as a Hugging Face `LlamaForCausalLM` directory. The directory is assembled
+/// under a hidden temporary name beside `out` and renamed into place at the end, so an
+/// interrupted export never leaves a directory that looks complete.
+pub fn save_pretrained(
+    model: &Llama,
+    config: &LlamaConfig,
+    out: &Path,
+    options: &SaveOptions,
+) -> Result<()> {
+    if out.exists() && !options.overwrite {
+        return Err(LlamaError::Invalid(format!(
+            "{}: output directory already exists (use --overwrite to replace it)",
+            out.display()
+        )));
+    }
+    let partial = sibling(out, "partial")?;
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
+
+    write_weights(model, &partial, options)?;
+    let config_json = config.to_hf_json("LlamaForCausalLM", options.dtype.torch_name());
+    write_json(&partial.join("config.json"), &config_json)?;
+    let mut generation = serde_json::json!({
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+    });
+    if let Some(pad) = config.pad_token_id {
+        generation["pad_token_id"] = pad.into();
+    }
+    write_json(&partial.join("generation_config.json"), &generation)?;
+    for file in &options.extra_files {
+        if let Some(name) = file.file_name() {
+            let dest = partial.join(name);
+            std::fs::copy(file, &dest).map_err(io_err(file))?;
+        }
+    }
+    sync_dir(&partial);
+
+    if out.exists() {
+        let old = sibling(out, "old")?;
+        std::fs::rename(out, &old).map_err(io_err(out))?;
+        std::fs::rename(&partial, out).map_err(io_err(out))?;
+        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+    } else {
+        std::fs::rename(&partial, out).map_err(io_err(out))?;
+    }
+    if let Some(parent) = out.parent() {
+        sync_dir(parent);
+    }
+    Ok(())
+}
+
+/// `<parent>/.<name>.<tag>-<pid>`: hidden, and on the same file system as `out` so the final
+/// rename is atomic.
+fn sibling(out: &Path, tag: &str) -> Result<PathBuf> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| LlamaError::Invalid(format!("{}: not a directory name", out.display())))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok(parent.join(format!(
+        ".{}.{tag}-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
+}
+
+fn sync_dir(dir: &Path) {
+    // Best effort: not every file system supports syncing a directory handle.
+    if let Ok(handle) = File::open(dir) {
+        let _ = handle.sync_all();
+    }
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON values always serialize");
+    std::fs::write(path, text + "\n").map_err(io_err(path))
+}
+
+fn write_weights(model: &Llama, dir: &Path, options: &SaveOptions) -> Result<()> {
+    let params = hf_params(model);
+    // Plan the shards from the shapes alone, then convert one shard at a time.
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut shard_bytes = 0u64;
+    let mut total = 0u64;
+    for (i, (_, param)) in params.iter().enumerate() {
+        let bytes = (param.hf_shape().iter().product::<usize>() * options.dtype.size()) as u64;
+        let current = shards.last_mut().expect("one shard at least");
+        if !current.is_empty() && shard_bytes + bytes > options.max_shard_bytes {
+            shards.push(vec![i]);
+            shard_bytes = bytes;
+        } else {
+            current.push(i);
+            shard_bytes += bytes;
+        }
+        total += bytes;
+    }
+    let count = shards.len();
+    let mut weight_map = BTreeMap::new();
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    for (s, members) in shards.iter().enumerate() {
+        let file_name = if count == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", s + 1, count)
+        };
+        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = members
+            .iter()
+            .map(|&i| {
+                let (name, param) = &params[i];
+                (
+                    name.clone(),
+                    param.hf_shape(),
+                    options.dtype.encode(&param.to_host()),
+                )
+            })
+            .collect();
+        let views = encoded
+            .iter()
+            .map(|(name, shape, bytes)| {
+                TensorView::new(options.dtype.safetensors(), shape.clone(), bytes)
+                    .map(|view| (name.clone(), view))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| LlamaError::Invalid(format!("building safetensors view: {e}")))?;
+        let path = dir.join(&file_name);
+        safetensors::serialize_to_file(views, Some(metadata.clone()), &path).map_err(|e| {
+            LlamaError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        if let Ok(file) = File::open(&path) {
+            let _ = file.sync_all();
+        }
+        for (name, _, _) in &encoded {
+            weight_map.insert(name.clone(), file_name.clone());
+        }
+    }
+    if count > 1 {
+        let index = serde_json::json!({
+            "metadata": {"total_size": total},
+            "weight_map": weight_map,
+        });
+        write_json(&dir.join("model.safetensors.index.json"), &index)?;
+    }
+    Ok(())
+}

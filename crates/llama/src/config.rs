@@ -1,0 +1,377 @@
+//! Architecture hyper-parameters: our TOML files in `configs/` and Hugging Face `config.json`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{io_err, LlamaError, Result};
+
+/// The shape of a Llama 2 model. Field names follow Hugging Face's `LlamaConfig` so the same
+/// words mean the same thing in our TOML files and in `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Grouped-query attention: each KV head serves `num_attention_heads / num_key_value_heads`
+    /// query heads. Equal to `num_attention_heads` for plain multi-head attention.
+    pub num_key_value_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_bos")]
+    pub bos_token_id: u32,
+    #[serde(default = "default_eos")]
+    pub eos_token_id: u32,
+    /// Llama 2's tokenizer has no pad token; batching picks one and masks it everywhere.
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+fn default_bos() -> u32 {
+    1
+}
+fn default_eos() -> u32 {
+    2
+}
+
+/// Hugging Face `config.json` fields that we read or that are harmless bookkeeping. Anything
+/// not listed and not matching our defaults is refused rather than silently ignored.
+const HF_IGNORED: &[&str] = &[
+    "architectures",
+    "model_type",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "use_cache",
+    "initializer_range",
+    "pretraining_tp",
+    "_name_or_path",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "attention_dropout",
+    "num_labels",
+    "id2label",
+    "label2id",
+    "problem_type",
+];
+
+impl LlamaConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim()
+    }
+
+    /// Checks the relations between fields that the model relies on.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |message: String| LlamaError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        for (name, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if value == 0 {
+                return Err(bad(format!("`{name}` must be positive")));
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(bad(format!(
+                "`hidden_size` {} is not divisible by `num_attention_heads` {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(bad(format!(
+                "head dimension {} must be even for rotary embeddings",
+                self.head_dim()
+            )));
+        }
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
+            return Err(bad(format!(
+                "`num_attention_heads` {} is not a multiple of `num_key_value_heads` {}",
+                self.num_attention_heads, self.num_key_value_heads
+            )));
+        }
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        if !positive(self.rms_norm_eps) || !positive(self.rope_theta) {
+            return Err(bad(
+                "`rms_norm_eps` and `rope_theta` must be positive".into()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads one of our architecture files (`configs/*.toml`).
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+        let config: Self = toml::from_str(&text).map_err(|e| LlamaError::Config {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Reads a Hugging Face `config.json` of a `LlamaForCausalLM` (or
+    /// `LlamaForSequenceClassification`) checkpoint.
+    pub fn from_hf_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+        Self::from_hf_json(&text, path)
+    }
+
+    pub fn from_hf_json(text: &str, path: &Path) -> Result<Self> {
+        let bad = |message: String| LlamaError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let object = value
+            .as_object()
+            .ok_or_else(|| bad("expected a JSON object".into()))?;
+        let unsupported = |field: &str, message: String| LlamaError::Unsupported {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            message,
+        };
+        match object.get("model_type").and_then(|v| v.as_str()) {
+            Some("llama") | None => {}
+            Some(other) => {
+                return Err(unsupported(
+                    "model_type",
+                    format!("`{other}` is not a Llama model (expected \"llama\")"),
+                ))
+            }
+        }
+        if let Some(archs) = object.get("architectures").and_then(|v| v.as_array()) {
+            for arch in archs.iter().filter_map(|a| a.as_str()) {
+                if !matches!(
+                    arch,
+                    "LlamaForCausalLM" | "LlamaForSequenceClassification" | "LlamaModel"
+                ) {
+                    return Err(unsupported(
+                        "architectures",
+                        format!("`{arch}` is not supported (expected LlamaForCausalLM)"),
+                    ));
+                }
+            }
+        }
+
+        let mut config = LlamaConfig {
+            vocab_size: 0,
+            hidden_size: 0,
+            intermediate_size: 0,
+            num_hidden_layers: 0,
+            num_attention_heads: 0,
+            num_key_value_heads: 0,
+            max_position_embeddings: 0,
+            rms_norm_eps: default_eps(),
+            rope_theta: default_theta(),
+            tie_word_embeddings: false,
+            bos_token_id: default_bos(),
+            eos_token_id: default_eos(),
+            pad_token_id: None,
+        };
+        let mut kv_heads_given = false;
+        for (key, value) in object {
+            let as_usize = || {
+                value
+                    .as_u64()
+                    .map(|v| v as usize)
+                    .ok_or_else(|| bad(format!("field `{key}` must be a non-negative integer")))
+            };
+            let as_f64 = || {
+                value
+                    .as_f64()
+                    .ok_or_else(|| bad(format!("field `{key}` must be a number")))
+            };
+            let as_token = || -> Result<Option<u32>> {
+                match value {
+                    serde_json::Value::Null => Ok(None),
+                    serde_json::Value::Array(items) => {
+                        Ok(items.first().and_then(|v| v.as_u64()).map(|v| v as u32))
+                    }
+                    other => other
+                        .as_u64()
+                        .map(|v| Some(v as u32))
+                        .ok_or_else(|| bad(format!("field `{key}` must be a token id"))),
+                }
+            };
+            match key.as_str() {
+                "vocab_size" => config.vocab_size = as_usize()?,
+                "hidden_size" => config.hidden_size = as_usize()?,
+                "intermediate_size" => config.intermediate_size = as_usize()?,
+                "num_hidden_layers" => config.num_hidden_layers = as_usize()?,
+                "num_attention_heads" => config.num_attention_heads = as_usize()?,
+                "num_key_value_heads" => {
+                    if !value.is_null() {
+                        config.num_key_value_heads = as_usize()?;
+                        kv_heads_given = true;
+                    }
+                }
+                "max_position_embeddings" => config.max_position_embeddings = as_usize()?,
+                "rms_norm_eps" => config.rms_norm_eps = as_f64()?,
+                "rope_theta" => config.rope_theta = as_f64()?,
+                "tie_word_embeddings" => {
+                    config.tie_word_embeddings = value.as_bool().ok_or_else(|| {
+                        bad("field `tie_word_embeddings` must be a boolean".into())
+                    })?
+                }
+                "bos_token_id" => config.bos_token_id = as_token()?.unwrap_or(default_bos()),
+                "eos_token_id" => config.eos_token_id = as_token()?.unwrap_or(default_eos()),
+                "pad_token_id" => config.pad_token_id = as_token()?,
+                "hidden_act" => {
+                    if value.as_str() != Some("silu") {
+                        return Err(unsupported(key, format!("{value} (only \"silu\")")));
+                    }
+                }
+                "attention_bias" | "mlp_bias" => {
+                    if value.as_bool() == Some(true) {
+                        return Err(unsupported(key, "biases are not supported".into()));
+                    }
+                }
+                "rope_scaling" => {
+                    if !value.is_null() {
+                        return Err(unsupported(key, "RoPE scaling is not supported".into()));
+                    }
+                }
+                "head_dim" => {
+                    // Checked below, once hidden_size and the head count are known.
+                }
+                other if HF_IGNORED.contains(&other) => {}
+                other => {
+                    return Err(unsupported(
+                        other,
+                        "not understood by this Llama implementation".into(),
+                    ))
+                }
+            }
+        }
+        for required in [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ] {
+            if !object.contains_key(required) {
+                return Err(bad(format!("missing field `{required}`")));
+            }
+        }
+        if !object.contains_key("max_position_embeddings") {
+            config.max_position_embeddings = 4096;
+        }
+        if !kv_heads_given {
+            config.num_key_value_heads = config.num_attention_heads;
+        }
+        if let Some(head_dim) = object.get("head_dim").and_then(|v| v.as_u64()) {
+            if config.num_attention_heads > 0
+                && head_dim as usize * config.num_attention_heads != config.hidden_size
+            {
+                return Err(unsupported(
+                    "head_dim",
+                    format!(
+                        "{head_dim} differs from hidden_size / num_attention_heads; not supported"
+                    ),
+                ));
+            }
+        }
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// The `config.json` written on export, loadable by `transformers`, vLLM and llama.cpp.
+    pub fn to_hf_json(&self, architecture: &str, torch_dtype: &str) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": [architecture],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim(),
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": null,
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "mlp_bias": false,
+            "attention_dropout": 0.0,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "initializer_range": 0.02,
+            "pretraining_tp": 1,
+            "use_cache": true,
+            "torch_dtype": torch_dtype,
+        })
+    }
+
+    /// Exact number of parameters, computed from the shape alone.
+    pub fn parameter_count(&self) -> u64 {
+        let d = self.hidden_size as u64;
+        let kv = self.kv_dim() as u64;
+        let ff = self.intermediate_size as u64;
+        let vocab = self.vocab_size as u64;
+        let attention = d * d * 2 + d * kv * 2;
+        let mlp = 3 * d * ff;
+        let norms = 2 * d;
+        let per_layer = attention + mlp + norms;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            vocab * d
+        };
+        vocab * d + self.num_hidden_layers as u64 * per_layer + d + head
+    }
+}
+
+/// Reads an architecture: a TOML file of ours or a Hugging Face `config.json` (or a directory
+/// holding one).
+pub fn load_config(path: &Path) -> Result<LlamaConfig> {
+    if path.is_dir() {
+        let json = path.join("config.json");
+        if !json.exists() {
+            return Err(LlamaError::Config {
+                path: path.to_path_buf(),
+                message: "no config.json in this model directory".into(),
+            });
+        }
+        return LlamaConfig::from_hf_file(&json);
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => LlamaConfig::from_hf_file(path),
+        _ => LlamaConfig::from_toml_file(path),
+    }
+}

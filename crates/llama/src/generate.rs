@@ -1,0 +1,202 @@
+//! Batched, KV-cached text generation: greedy or temperature + top-p sampling, stopping at EOS.
+//! The same engine serves `train generate` and PPO rollouts.
+
+use burn::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::model::{to_host, KvCache, Llama, StepInput};
+
+#[derive(Debug, Clone)]
+pub struct SamplingParams {
+    pub max_new_tokens: usize,
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`.
+    pub top_p: f32,
+    pub seed: u64,
+    /// Generation of a sequence ends after this token (it is included in the output).
+    pub eos_token_id: Option<u32>,
+    /// Fed to finished rows of a batch and masked out; never attended to.
+    pub pad_token_id: u32,
+    /// Re-run the whole sequence at every step instead of using the KV cache (for checks and
+    /// benchmarks only).
+    pub use_cache: bool,
+    /// Context length of the model: generation stops there.
+    pub max_positions: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            eos_token_id: Some(2),
+            pad_token_id: 0,
+            use_cache: true,
+            max_positions: usize::MAX,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// The new tokens only; ends with EOS when `stopped_at_eos`.
+    pub tokens: Vec<u32>,
+    pub stopped_at_eos: bool,
+}
+
+/// Generates continuations of every prompt in one batch. Prompts are left-padded so all rows
+/// produce their next token at the same slot; positions count real tokens only, so each row
+/// computes exactly what it would compute alone.
+pub fn generate(model: &Llama, prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Generated> {
+    let batch = prompts.len();
+    if batch == 0 {
+        return Vec::new();
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let budget = params
+        .max_new_tokens
+        .min(params.max_positions.saturating_sub(longest));
+    let mut rng = StdRng::seed_from_u64(params.seed);
+
+    let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(batch);
+    let mut valid: Vec<Vec<bool>> = Vec::with_capacity(batch);
+    for prompt in prompts {
+        let pad = longest - prompt.len();
+        let mut row = vec![params.pad_token_id; pad];
+        row.extend_from_slice(prompt);
+        tokens.push(row);
+        let mut mask = vec![false; pad];
+        mask.extend(std::iter::repeat_n(true, prompt.len()));
+        valid.push(mask);
+    }
+
+    let mut out: Vec<Generated> = (0..batch)
+        .map(|_| Generated {
+            tokens: Vec::new(),
+            stopped_at_eos: false,
+        })
+        .collect();
+    if budget == 0 || longest == 0 {
+        return out;
+    }
+    let mut next_position: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let mut cache = KvCache::new();
+    let first = StepInput::from_padded(tokens.clone(), valid.clone(), &vec![0; batch]);
+    let mut logits = if params.use_cache {
+        last_logits(model.forward(&first, Some(&mut cache)))
+    } else {
+        last_logits(model.forward(&first, None))
+    };
+
+    let mut finished = vec![false; batch];
+    for step in 0..budget {
+        let mut step_tokens = Vec::with_capacity(batch);
+        let mut step_valid = Vec::with_capacity(batch);
+        for (row, row_logits) in logits.iter().enumerate() {
+            if finished[row] {
+                step_tokens.push(params.pad_token_id);
+                step_valid.push(false);
+                continue;
+            }
+            let token = pick_token(row_logits, params, &mut rng);
+            out[row].tokens.push(token);
+            if Some(token) == params.eos_token_id {
+                finished[row] = true;
+                out[row].stopped_at_eos = true;
+            }
+            step_tokens.push(token);
+            step_valid.push(true);
+        }
+        if step + 1 == budget || finished.iter().all(|&f| f) {
+            break;
+        }
+        let input = StepInput {
+            tokens: step_tokens.iter().map(|&t| vec![t]).collect(),
+            positions: next_position.iter().map(|&p| vec![p]).collect(),
+            valid: step_valid.iter().map(|&v| vec![v]).collect(),
+        };
+        for (row, &v) in step_valid.iter().enumerate() {
+            if v {
+                next_position[row] += 1;
+            }
+        }
+        logits = if params.use_cache {
+            last_logits(model.forward(&input, Some(&mut cache)))
+        } else {
+            for row in 0..batch {
+                tokens[row].push(step_tokens[row]);
+                valid[row].push(step_valid[row]);
+            }
+            let full = StepInput::from_padded(tokens.clone(), valid.clone(), &vec![0; batch]);
+            last_logits(model.forward(&full, None))
+        };
+    }
+    out
+}
+
+/// Logits of the last slot of every row, on the host: `[batch][vocab]`.
+fn last_logits(logits: Tensor<3>) -> Vec<Vec<f32>> {
+    let [batch, time, vocab] = logits.dims();
+    let last = logits.slice([0..batch, time - 1..time, 0..vocab]);
+    to_host(last).chunks(vocab).map(<[f32]>::to_vec).collect()
+}
+
+fn pick_token(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -> u32 {
+    if params.temperature <= 0.0 {
+        return argmax(logits);
+    }
+    sample_top_p(
+        logits,
+        params.temperature,
+        params.top_p,
+        rng.random::<f32>(),
+    )
+}
+
+/// Index of the largest value; the first one on ties, as `torch.argmax`.
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Samples from softmax(logits / temperature) restricted to the nucleus of mass `top_p`,
+/// using `uniform` in [0, 1) as the random draw.
+pub fn sample_top_p(logits: &[f32], temperature: f32, top_p: f32, uniform: f32) -> u32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i, (((l - max) / temperature) as f64).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    // Stable sort: equal probabilities keep index order, so sampling is reproducible.
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut kept = 0;
+    let mut mass = 0.0;
+    for (_, p) in &probs {
+        kept += 1;
+        mass += p / total;
+        if mass >= top_p as f64 {
+            break;
+        }
+    }
+    let nucleus = &probs[..kept];
+    let nucleus_mass: f64 = nucleus.iter().map(|p| p.1).sum();
+    let mut target = uniform as f64 * nucleus_mass;
+    for &(index, p) in nucleus {
+        if target < p {
+            return index as u32;
+        }
+        target -= p;
+    }
+    nucleus[kept - 1].0 as u32
+}

@@ -1,0 +1,16 @@
+//! The Llama 2 model in burn: architecture configs, the decoder, Hugging Face checkpoint import
+//! and export, and KV-cached batched generation.
+
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod model;
+
+pub use checkpoint::{init_random, load_pretrained, save_pretrained, SaveDtype, SaveOptions};
+pub use config::{load_config, LlamaConfig};
+pub use device::parse_device;
+pub use error::{LlamaError, Result};
+pub use generate::{generate, Generated, SamplingParams};
+pub use model::{KvCache, Llama, StepInput};

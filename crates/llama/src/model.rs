@@ -1,0 +1,525 @@
+//! The Llama 2 decoder in one file: embeddings, pre-RMSNorm blocks with rotary grouped-query
+//! attention and a SwiGLU MLP, the final norm and the language-model head.
+//!
+//! Tensors are laid out `[batch, time, ...]`. Attention takes an explicit position per token and
+//! a key mask, so left padding, right padding and a KV cache all go through the same code.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::prelude::*;
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::TensorData;
+
+use crate::config::LlamaConfig;
+
+/// A large negative score instead of -inf: rows whose keys are all masked (pad queries) then
+/// get a harmless uniform attention instead of NaN.
+const MASKED: f32 = -1.0e9;
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+#[derive(Module, Debug)]
+pub struct Llama {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when the head is tied to `embed_tokens`.
+    pub lm_head: Option<Linear>,
+    pub rope_theta: f64,
+}
+
+/// Keys and values of the tokens seen so far, one entry per layer, each `[batch, kv_heads,
+/// time, head_dim]`, plus the key mask they were computed under.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    /// `[batch][time]`: whether each cached slot holds a real token.
+    key_valid: Vec<Vec<bool>>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.key_valid.first().map_or(0, |row| row.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One forward step's input: token ids, their positions (for RoPE) and which slots are real.
+/// All three are `[batch][time]`; `valid[b][t] == false` marks padding.
+#[derive(Debug, Clone)]
+pub struct StepInput {
+    pub tokens: Vec<Vec<u32>>,
+    pub positions: Vec<Vec<usize>>,
+    pub valid: Vec<Vec<bool>>,
+}
+
+impl StepInput {
+    /// Positions count real tokens only, so a left-padded row starts at position 0 exactly
+    /// where its text starts, as `transformers` does in `generate`. `start[b]` is the position
+    /// of the first real token in this step (0 without a cache).
+    pub fn from_padded(tokens: Vec<Vec<u32>>, valid: Vec<Vec<bool>>, start: &[usize]) -> Self {
+        let positions = valid
+            .iter()
+            .zip(start)
+            .map(|(row, &first)| {
+                let mut next = first;
+                row.iter()
+                    .map(|&real| {
+                        let pos = next;
+                        if real {
+                            next += 1;
+                        }
+                        pos
+                    })
+                    .collect()
+            })
+            .collect();
+        Self {
+            tokens,
+            positions,
+            valid,
+        }
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        (
+            self.tokens.len(),
+            self.tokens.first().map_or(0, |r| r.len()),
+        )
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &(Tensor<4>, Tensor<4>),
+        bias: Tensor<4>,
+        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+    ) -> Tensor<3> {
+        let [batch, time, _] = x.dims();
+        let (heads, kv_heads, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([batch, time, heads, hd])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([batch, time, kv_heads, hd])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([batch, time, kv_heads, hd])
+            .swap_dims(1, 2);
+        let q = apply_rope(q, rope);
+        let k = apply_rope(k, rope);
+
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((past_k, past_v)) => (
+                        Tensor::cat(vec![past_k, k], 2),
+                        Tensor::cat(vec![past_v, v], 2),
+                    ),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let keys = k.dims()[2];
+
+        // Grouped-query attention without copying K/V: the query heads that share a KV head
+        // are stacked along the time axis, [b, kv, group * t, hd].
+        let group = heads / kv_heads;
+        let q = q.reshape([batch, kv_heads, group * time, hd]);
+        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt());
+        let scores = scores.reshape([batch, kv_heads, group, time, keys]) + bias.unsqueeze_dim(1);
+        let weights = softmax(scores, 4).reshape([batch, kv_heads, group * time, keys]);
+        let out = weights
+            .matmul(v)
+            .reshape([batch, heads, time, hd])
+            .swap_dims(1, 2)
+            .reshape([batch, time, heads * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// Rotary embedding in the "rotate half" layout that Hugging Face checkpoints use:
+/// x * cos + rotate_half(x) * sin, with rotate_half([a, b]) = [-b, a].
+fn apply_rope(x: Tensor<4>, (cos, sin): &(Tensor<4>, Tensor<4>)) -> Tensor<4> {
+    let [b, h, t, hd] = x.dims();
+    let half = hd / 2;
+    let first = x.clone().slice([0..b, 0..h, 0..t, 0..half]);
+    let second = x.clone().slice([0..b, 0..h, 0..t, half..hd]);
+    let rotated = Tensor::cat(vec![second.neg(), first], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+impl Mlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &(Tensor<4>, Tensor<4>),
+        bias: Tensor<4>,
+        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+    ) -> Tensor<3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, bias, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+impl Llama {
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.weight.dims()[0]
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.embed_tokens.weight.dims()[1]
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.weight.device()
+    }
+
+    /// The final-normed hidden states `[batch, time, hidden]`; the LM head and the scalar
+    /// value/reward heads both read from here.
+    pub fn hidden_states(&self, input: &StepInput, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let device = self.device();
+        let (batch, time) = input.dims();
+        let flat_tokens: Vec<i64> = input.tokens.iter().flatten().map(|&t| t as i64).collect();
+        let tokens =
+            Tensor::<2, Int>::from_data(TensorData::new(flat_tokens, [batch, time]), &device);
+
+        let head_dim = self.layers[0].self_attn.head_dim;
+        let rope = rope_tables(&input.positions, head_dim, self.rope_theta, &device);
+
+        let mut x = self.embed_tokens.forward(tokens);
+        match cache {
+            Some(cache) => {
+                if cache.layers.len() != self.layers.len() {
+                    cache.layers = vec![None; self.layers.len()];
+                    cache.key_valid = vec![Vec::new(); batch];
+                }
+                for (row, valid) in cache.key_valid.iter_mut().zip(&input.valid) {
+                    row.extend_from_slice(valid);
+                }
+                let bias = attention_bias(&cache.key_valid, time, &device);
+                for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                    x = layer.forward(x, &rope, bias.clone(), Some(slot));
+                }
+            }
+            None => {
+                let bias = attention_bias(&input.valid, time, &device);
+                for layer in &self.layers {
+                    x = layer.forward(x, &rope, bias.clone(), None);
+                }
+            }
+        }
+        self.norm.forward(x)
+    }
+
+    /// Next-token logits `[batch, time, vocab]` for the given hidden states.
+    pub fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, t, d] = hidden.dims();
+                let weight = self.embed_tokens.weight.val();
+                hidden
+                    .reshape([b * t, d])
+                    .matmul(weight.transpose())
+                    .reshape([b, t, self.vocab_size()])
+            }
+        }
+    }
+
+    pub fn forward(&self, input: &StepInput, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let hidden = self.hidden_states(input, cache);
+        self.lm_logits(hidden)
+    }
+
+    /// Logits of unpadded sequences of equal length, the simplest entry point.
+    pub fn logits(&self, tokens: &[Vec<u32>]) -> Tensor<3> {
+        let valid = tokens.iter().map(|r| vec![true; r.len()]).collect();
+        let starts = vec![0; tokens.len()];
+        self.forward(
+            &StepInput::from_padded(tokens.to_vec(), valid, &starts),
+            None,
+        )
+    }
+}
+
+/// cos and sin tables `[batch, 1, time, head_dim]` for the given positions, computed in f32 as
+/// `transformers` does so the two agree to rounding.
+fn rope_tables(
+    positions: &[Vec<usize>],
+    head_dim: usize,
+    theta: f64,
+    device: &Device,
+) -> (Tensor<4>, Tensor<4>) {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let batch = positions.len();
+    let time = positions.first().map_or(0, |r| r.len());
+    let mut cos = Vec::with_capacity(batch * time * head_dim);
+    let mut sin = Vec::with_capacity(batch * time * head_dim);
+    for row in positions {
+        for &pos in row {
+            for _repeat in 0..2 {
+                for &freq in &inv_freq {
+                    let angle = pos as f32 * freq;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+    }
+    let shape = [batch, 1, time, head_dim];
+    (
+        Tensor::from_data(TensorData::new(cos, shape), device),
+        Tensor::from_data(TensorData::new(sin, shape), device),
+    )
+}
+
+/// Additive attention bias `[batch, 1, queries, keys]`: the last `queries` slots attend to every
+/// earlier real slot (causal) and never to padding.
+fn attention_bias(key_valid: &[Vec<bool>], queries: usize, device: &Device) -> Tensor<4> {
+    let batch = key_valid.len();
+    let keys = key_valid.first().map_or(0, |r| r.len());
+    let offset = keys - queries;
+    let mut bias = Vec::with_capacity(batch * queries * keys);
+    for row in key_valid {
+        for q in 0..queries {
+            for (k, &real) in row.iter().enumerate() {
+                let allowed = real && k <= offset + q;
+                bias.push(if allowed { 0.0f32 } else { MASKED });
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(bias, [batch, 1, queries, keys]), device)
+}
+
+/// Supplies a named tensor of the requested shape as host f32 data.
+pub type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> crate::error::Result<Vec<f32>> + 'a;
+
+/// Builds a model whose every tensor comes from `source` (a checkpoint, or random init),
+/// named as in Hugging Face checkpoints. Linear weights are given in PyTorch's
+/// `[out, in]` layout; `source` returns host data and the shape it was asked for.
+pub fn build_llama(
+    config: &LlamaConfig,
+    device: &Device,
+    source: &mut WeightSource<'_>,
+) -> crate::error::Result<Llama> {
+    let d = config.hidden_size;
+    let kv = config.kv_dim();
+    let ff = config.intermediate_size;
+    let vocab = config.vocab_size;
+
+    let mut linear = |name: &str, d_in: usize, d_out: usize| -> crate::error::Result<Linear> {
+        let data = source(name, &[d_out, d_in])?;
+        Ok(Linear {
+            weight: Param::from_tensor(Tensor::from_data(
+                TensorData::new(transpose(&data, d_out, d_in), [d_in, d_out]),
+                device,
+            )),
+            bias: None,
+        })
+    };
+    let mut layers = Vec::with_capacity(config.num_hidden_layers);
+    for i in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let self_attn = Attention {
+            q_proj: linear(&format!("{p}.self_attn.q_proj.weight"), d, d)?,
+            k_proj: linear(&format!("{p}.self_attn.k_proj.weight"), d, kv)?,
+            v_proj: linear(&format!("{p}.self_attn.v_proj.weight"), d, kv)?,
+            o_proj: linear(&format!("{p}.self_attn.o_proj.weight"), d, d)?,
+            n_heads: config.num_attention_heads,
+            n_kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim(),
+        };
+        let mlp = Mlp {
+            gate_proj: linear(&format!("{p}.mlp.gate_proj.weight"), d, ff)?,
+            up_proj: linear(&format!("{p}.mlp.up_proj.weight"), d, ff)?,
+            down_proj: linear(&format!("{p}.mlp.down_proj.weight"), ff, d)?,
+        };
+        layers.push((p, self_attn, mlp));
+    }
+    let lm_head = if config.tie_word_embeddings {
+        None
+    } else {
+        Some(linear("lm_head.weight", d, vocab)?)
+    };
+
+    let mut norm = |name: &str| -> crate::error::Result<RmsNorm> {
+        let data = source(name, &[d])?;
+        Ok(RmsNorm {
+            gamma: Param::from_tensor(Tensor::from_data(TensorData::new(data, [d]), device)),
+            epsilon: config.rms_norm_eps,
+        })
+    };
+    let mut decoder = Vec::with_capacity(layers.len());
+    for (p, self_attn, mlp) in layers {
+        decoder.push(DecoderLayer {
+            self_attn,
+            mlp,
+            input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+            post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+        });
+    }
+    let final_norm = norm("model.norm.weight")?;
+
+    let embed = source("model.embed_tokens.weight", &[vocab, d])?;
+    Ok(Llama {
+        embed_tokens: Embedding {
+            weight: Param::from_tensor(Tensor::from_data(
+                TensorData::new(embed, [vocab, d]),
+                device,
+            )),
+        },
+        layers: decoder,
+        norm: final_norm,
+        lm_head,
+        rope_theta: config.rope_theta,
+    })
+}
+
+/// Row-major `[rows, cols]` to `[cols, rows]`.
+pub(crate) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
+}
+
+/// A parameter of the model seen through its Hugging Face name: export reads them one at a time
+/// so a large model is never copied to the host whole.
+pub enum ParamRef<'a> {
+    Linear(&'a Linear),
+    Norm(&'a RmsNorm),
+    Embedding(&'a Embedding),
+}
+
+impl ParamRef<'_> {
+    /// Shape in PyTorch layout (`[out, in]` for linear weights).
+    pub fn hf_shape(&self) -> Vec<usize> {
+        match self {
+            ParamRef::Linear(l) => {
+                let [d_in, d_out] = l.weight.dims();
+                vec![d_out, d_in]
+            }
+            ParamRef::Norm(n) => n.gamma.dims().to_vec(),
+            ParamRef::Embedding(e) => e.weight.dims().to_vec(),
+        }
+    }
+
+    /// The values in PyTorch layout, as f32 on the host.
+    pub fn to_host(&self) -> Vec<f32> {
+        match self {
+            ParamRef::Linear(l) => {
+                let [d_in, d_out] = l.weight.dims();
+                transpose(&to_host(l.weight.val()), d_in, d_out)
+            }
+            ParamRef::Norm(n) => to_host(n.gamma.val()),
+            ParamRef::Embedding(e) => to_host(e.weight.val()),
+        }
+    }
+}
+
+/// Every parameter with its Hugging Face name, in checkpoint order; the inverse of
+/// [`build_llama`].
+pub fn hf_params(model: &Llama) -> Vec<(String, ParamRef<'_>)> {
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        ParamRef::Embedding(&model.embed_tokens),
+    )];
+    for (i, layer) in model.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        let a = &layer.self_attn;
+        for (name, linear) in [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &layer.mlp.gate_proj),
+            ("mlp.up_proj", &layer.mlp.up_proj),
+            ("mlp.down_proj", &layer.mlp.down_proj),
+        ] {
+            out.push((format!("{p}.{name}.weight"), ParamRef::Linear(linear)));
+        }
+        out.push((
+            format!("{p}.input_layernorm.weight"),
+            ParamRef::Norm(&layer.input_layernorm),
+        ));
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            ParamRef::Norm(&layer.post_attention_layernorm),
+        ));
+    }
+    out.push(("model.norm.weight".to_string(), ParamRef::Norm(&model.norm)));
+    if let Some(head) = &model.lm_head {
+        out.push(("lm_head.weight".to_string(), ParamRef::Linear(head)));
+    }
+    out
+}
+
+/// Copies a float tensor to the host as f32.
+pub fn to_host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .try_into_vec_as::<f32>()
+        .expect("a float tensor converted to f32 reads back as f32")
+}

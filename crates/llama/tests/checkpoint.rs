@@ -1,0 +1,263 @@
+//! Import/export of Hugging Face checkpoints, and the errors a user sees for bad input.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use llama::{LlamaConfig, SaveDtype, SaveOptions};
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn llama2_parameter_counts_are_exact() {
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    for (file, expected) in [
+        ("llama2-7b.toml", 6_738_415_616u64),
+        ("llama2-13b.toml", 13_015_864_320),
+        ("llama2-70b.toml", 68_976_648_192),
+    ] {
+        let config = llama::load_config(&configs.join(file)).unwrap();
+        assert_eq!(config.parameter_count(), expected, "{file}");
+    }
+}
+
+#[test]
+fn parameter_count_matches_built_model() {
+    let device = test_device();
+    for name in ["tiny-gqa", "tiny-odd"] {
+        let (config, model) = llama::load_pretrained(&golden_dir(name), &device).unwrap();
+        let built: usize = llama::model::hf_params(&model)
+            .iter()
+            .map(|(_, p)| p.hf_shape().iter().product::<usize>())
+            .sum();
+        assert_eq!(built as u64, config.parameter_count(), "{name}");
+    }
+}
+
+#[test]
+fn export_round_trips_exactly_and_shards() {
+    let device = test_device();
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["tiny-gqa", "tiny-odd"] {
+        let (config, model) = llama::load_pretrained(&golden_dir(name), &device).unwrap();
+        let out = tmp.path().join(name);
+        let options = SaveOptions {
+            dtype: SaveDtype::F32,
+            max_shard_bytes: 100_000,
+            extra_files: vec![golden_dir(name).join("tokenizer.json")],
+            overwrite: false,
+        };
+        llama::save_pretrained(&model, &config, &out, &options).unwrap();
+        let index: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
+        let mut shards: Vec<&str> = index["weight_map"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        shards.sort();
+        shards.dedup();
+        assert!(
+            shards.len() > 1,
+            "{name}: expected several shards, got {shards:?}"
+        );
+        let last = format!(
+            "model-{:05}-of-{:05}.safetensors",
+            shards.len(),
+            shards.len()
+        );
+        assert_eq!(shards.last().copied(), Some(last.as_str()));
+        assert!(shards.iter().all(|s| out.join(s).exists()));
+        assert!(!out.join("model.safetensors").exists());
+        assert!(out.join("tokenizer.json").exists());
+        assert!(out.join("generation_config.json").exists());
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(written["architectures"][0], "LlamaForCausalLM");
+        assert_eq!(written["torch_dtype"], "float32");
+        assert_eq!(written["tie_word_embeddings"], config.tie_word_embeddings);
+
+        let (reloaded_config, reloaded) = llama::load_pretrained(&out, &device).unwrap();
+        assert_eq!(reloaded_config, config);
+        let golden = load_golden(name);
+        let seq = &golden.sequences[0];
+        let a = rows(&model.logits(std::slice::from_ref(seq)), 0, 0..seq.len());
+        let b = rows(&reloaded.logits(std::slice::from_ref(seq)), 0, 0..seq.len());
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{name}: f32 export is lossless");
+        // No temporary directories are left behind.
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    }
+}
+
+#[test]
+fn export_refuses_existing_directory_unless_overwrite() {
+    let device = test_device();
+    let (config, model) = llama::load_pretrained(&golden_dir("tiny-gqa"), &device).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "user data").unwrap();
+    let mut options = SaveOptions::default();
+    let err = llama::save_pretrained(&model, &config, &out, &options).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    assert!(out.join("keep.txt").exists());
+    options.overwrite = true;
+    llama::save_pretrained(&model, &config, &out, &options).unwrap();
+    assert!(!out.join("keep.txt").exists());
+    assert!(out.join("model.safetensors").exists());
+}
+
+#[test]
+fn bf16_export_loads_with_bf16_precision() {
+    let device = test_device();
+    let (config, model) = llama::load_pretrained(&golden_dir("tiny-gqa"), &device).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bf16");
+    let options = SaveOptions {
+        dtype: SaveDtype::BF16,
+        ..SaveOptions::default()
+    };
+    llama::save_pretrained(&model, &config, &out, &options).unwrap();
+    let size = std::fs::metadata(out.join("model.safetensors"))
+        .unwrap()
+        .len();
+    let params = config.parameter_count();
+    assert!(
+        size < params * 2 + 100_000,
+        "bf16 file is 2 bytes per parameter: {size}"
+    );
+    let (_, reloaded) = llama::load_pretrained(&out, &device).unwrap();
+    // The same weights rounded to bf16 are what the bf16 golden model holds.
+    let golden = load_golden("tiny-gqa-bf16-sharded");
+    let seq = &golden.sequences[0];
+    let got = rows(&reloaded.logits(std::slice::from_ref(seq)), 0, 0..seq.len());
+    assert!(max_abs_diff(&got, &golden.logits[0]) <= 1e-4);
+}
+
+fn load_err(dir: &Path) -> String {
+    match llama::load_pretrained(dir, &test_device()) {
+        Ok(_) => panic!("{} loaded but should not", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn missing_config_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = load_err(tmp.path());
+    assert!(err.contains("config.json"), "{err}");
+    let err = load_err(&tmp.path().join("nope"));
+    assert!(err.contains("not found"), "{err}");
+}
+
+#[test]
+fn truncated_safetensors_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&golden_dir("tiny-gqa"), tmp.path());
+    let file = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_err(tmp.path());
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&golden_dir("tiny-gqa"), tmp.path());
+    // A config that claims an untied head: lm_head.weight is missing from the file.
+    let path = tmp.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["tie_word_embeddings"] = false.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = load_err(tmp.path());
+    assert!(err.contains("missing tensor `lm_head.weight`"), "{err}");
+
+    config["tie_word_embeddings"] = true.into();
+    config["intermediate_size"] = 100.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = load_err(tmp.path());
+    assert!(
+        err.contains("mlp.gate_proj.weight") && err.contains("shape"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unsupported_config_fields_are_refused_by_name() {
+    let p = Path::new("config.json");
+    let base = r#""vocab_size": 32, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2"#;
+    let ok = LlamaConfig::from_hf_json(&format!("{{{base}}}"), p).unwrap();
+    assert_eq!(ok.num_key_value_heads, 2);
+    for (extra, field) in [
+        (
+            r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
+            "rope_scaling",
+        ),
+        (r#""hidden_act": "gelu""#, "hidden_act"),
+        (r#""sliding_window": 4096"#, "sliding_window"),
+        (r#""model_type": "mistral""#, "model_type"),
+        (r#""architectures": ["GPT2LMHeadModel"]"#, "architectures"),
+    ] {
+        let err = LlamaConfig::from_hf_json(&format!("{{{base}, {extra}}}"), p).unwrap_err();
+        assert!(err.to_string().contains(&format!("`{field}`")), "{err}");
+    }
+    let err = LlamaConfig::from_hf_json(r#"{"vocab_size": 32}"#, p).unwrap_err();
+    assert!(err.to_string().contains("hidden_size"), "{err}");
+    let err = LlamaConfig::from_hf_json(
+        &format!("{{{base}, \"num_key_value_heads\": 3}}")
+            .replace("\"num_attention_heads\": 2", "\"num_attention_heads\": 4"),
+        p,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("num_key_value_heads"), "{err}");
+}
+
+#[test]
+fn toml_config_errors_name_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("bad.toml");
+    std::fs::write(&path, "vocab_size = 32\nhidden_size = \"big\"\n").unwrap();
+    let err = llama::load_config(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("bad.toml") && err.contains("hidden_size"),
+        "{err}"
+    );
+}
+
+#[test]
+fn random_init_is_seeded() {
+    let device = test_device();
+    let config = llama::load_config(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-test.toml"),
+    )
+    .unwrap();
+    let a = llama::init_random(&config, &device, 3).unwrap();
+    let b = llama::init_random(&config, &device, 3).unwrap();
+    let c = llama::init_random(&config, &device, 4).unwrap();
+    let seq = vec![vec![1u32, 5, 9, 200]];
+    let la = rows(&a.logits(&seq), 0, 0..4);
+    assert_eq!(la, rows(&b.logits(&seq), 0, 0..4));
+    assert_ne!(la, rows(&c.logits(&seq), 0, 0..4));
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The project's test command, the same for a user (README) and CI (.ci/run).
+#
+# Runs the whole suite on the pure-Rust flex backend. When libtorch is available (a venv made by
+# scripts/install-libtorch.sh), the build includes the `tch` feature and the golden model tests
+# run a second time on tch:cpu; the transformers export check runs when transformers is
+# installed there. REQUIRE_TORCH=1 turns a missing libtorch/transformers into a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+features=()
+have_torch=0
+if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  have_torch=1
+  eval "$(scripts/install-libtorch.sh --print-env)"
+  features=(--features cli/tch)
+elif [ "${REQUIRE_TORCH:-0}" = 1 ]; then
+  echo "REQUIRE_TORCH=1 but .venv has no torch: run scripts/install-libtorch.sh --golden" >&2
+  exit 1
+else
+  echo "note: no libtorch venv (.venv); testing on flex only. scripts/install-libtorch.sh adds tch:cpu." >&2
+fi
+
+if [ "$have_torch" = 1 ] && .venv/bin/python -c "import transformers" >/dev/null 2>&1; then
+  export LLAMA_PYTHON="$PWD/.venv/bin/python"
+elif [ "${REQUIRE_TORCH:-0}" = 1 ]; then
+  echo "REQUIRE_TORCH=1 but .venv has no transformers: run scripts/install-libtorch.sh --golden" >&2
+  exit 1
+fi
+
+cargo test --workspace "${features[@]}"
+
+if [ "$have_torch" = 1 ]; then
+  echo "== golden model tests on tch:cpu"
+  LLAMA_TEST_DEVICE=tch:cpu cargo test -p llama "${features[@]}" --test golden --test checkpoint
+fi
