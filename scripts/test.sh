@@ -32,5 +32,6 @@ cargo test --workspace "${features[@]}"
 
 if [ "$have_torch" = 1 ]; then
   echo "== golden model tests on tch:cpu"
-  LLAMA_TEST_DEVICE=tch:cpu cargo test -p llama "${features[@]}" --test golden --test checkpoint
+  # Same package set and features as above, so nothing is rebuilt.
+  LLAMA_TEST_DEVICE=tch:cpu cargo test --workspace "${features[@]}" --test golden --test checkpoint
 fi

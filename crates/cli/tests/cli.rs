@@ -288,3 +288,46 @@ fn export_writes_a_loadable_directory_atomically() {
     };
     assert_eq!(gen(&src), gen(&out));
 }
+
+/// The Python with `transformers` that scripts/test.sh found (LLAMA_PYTHON). Without it the
+/// check is skipped with a reason, unless REQUIRE_TORCH=1 (CI), where it fails.
+fn python_with_transformers() -> Option<String> {
+    match std::env::var("LLAMA_PYTHON") {
+        Ok(python) if !python.is_empty() => Some(python),
+        _ if std::env::var("REQUIRE_TORCH").as_deref() == Ok("1") => {
+            panic!("REQUIRE_TORCH=1 but LLAMA_PYTHON is not set (run scripts/test.sh)")
+        }
+        _ => {
+            eprintln!("skipped: LLAMA_PYTHON not set (scripts/test.sh sets it when .venv has transformers)");
+            None
+        }
+    }
+}
+
+#[test]
+fn exported_checkpoints_load_in_transformers_with_equal_logits() {
+    let Some(python) = python_with_transformers() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, extra) in [("tiny-odd", vec!["--max-shard-size", "200KB"]), ("tiny-gqa", vec![])] {
+        let src = golden(name);
+        let out = tmp.path().join(name);
+        let mut args = vec!["export", "--checkpoint", src.to_str().unwrap(), "--out", out.to_str().unwrap(), "--dtype", "f32"];
+        args.extend(extra);
+        let run = train(&args);
+        assert!(run.status.success(), "{}", stderr(&run));
+        let check = Command::new(&python)
+            .arg(root().join("scripts/check_export.py"))
+            .args([&src, &out])
+            .output()
+            .expect("run python");
+        let report = String::from_utf8_lossy(&check.stdout);
+        assert!(
+            check.status.success(),
+            "{name}: {report} {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(report.lines().last().unwrap()).unwrap();
+        assert!(v["max_abs_diff"].as_f64().unwrap() <= 1e-4, "{name}: {v}");
+        assert_eq!(v["architecture"], "LlamaForCausalLM");
+    }
+}
