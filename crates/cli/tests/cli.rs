@@ -306,12 +306,25 @@ fn python_with_transformers() -> Option<String> {
 
 #[test]
 fn exported_checkpoints_load_in_transformers_with_equal_logits() {
-    let Some(python) = python_with_transformers() else { return };
+    let Some(python) = python_with_transformers() else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
-    for (name, extra) in [("tiny-odd", vec!["--max-shard-size", "200KB"]), ("tiny-gqa", vec![])] {
+    for (name, extra) in [
+        ("tiny-odd", vec!["--max-shard-size", "200KB"]),
+        ("tiny-gqa", vec![]),
+    ] {
         let src = golden(name);
         let out = tmp.path().join(name);
-        let mut args = vec!["export", "--checkpoint", src.to_str().unwrap(), "--out", out.to_str().unwrap(), "--dtype", "f32"];
+        let mut args = vec![
+            "export",
+            "--checkpoint",
+            src.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--dtype",
+            "f32",
+        ];
         args.extend(extra);
         let run = train(&args);
         assert!(run.status.success(), "{}", stderr(&run));

@@ -87,9 +87,9 @@ pub fn generate(model: &Llama, prompts: &[Vec<u32>], params: &SamplingParams) ->
     let mut cache = KvCache::new();
     let first = StepInput::from_padded(tokens.clone(), valid.clone(), &vec![0; batch]);
     let mut logits = if params.use_cache {
-        last_logits(model.forward(&first, Some(&mut cache)))
+        last_logits(model, model.hidden_states(&first, Some(&mut cache)))
     } else {
-        last_logits(model.forward(&first, None))
+        last_logits(model, model.hidden_states(&first, None))
     };
 
     let mut finished = vec![false; batch];
@@ -125,24 +125,29 @@ pub fn generate(model: &Llama, prompts: &[Vec<u32>], params: &SamplingParams) ->
             }
         }
         logits = if params.use_cache {
-            last_logits(model.forward(&input, Some(&mut cache)))
+            last_logits(model, model.hidden_states(&input, Some(&mut cache)))
         } else {
             for row in 0..batch {
                 tokens[row].push(step_tokens[row]);
                 valid[row].push(step_valid[row]);
             }
             let full = StepInput::from_padded(tokens.clone(), valid.clone(), &vec![0; batch]);
-            last_logits(model.forward(&full, None))
+            last_logits(model, model.hidden_states(&full, None))
         };
     }
     out
 }
 
-/// Logits of the last slot of every row, on the host: `[batch][vocab]`.
-fn last_logits(logits: Tensor<3>) -> Vec<Vec<f32>> {
-    let [batch, time, vocab] = logits.dims();
-    let last = logits.slice([0..batch, time - 1..time, 0..vocab]);
-    to_host(last).chunks(vocab).map(<[f32]>::to_vec).collect()
+/// Next-token logits of the last slot of every row, on the host: `[batch][vocab]`. Only that
+/// slot goes through the LM head, the largest matrix of a small model.
+fn last_logits(model: &Llama, hidden: Tensor<3>) -> Vec<Vec<f32>> {
+    let [batch, time, width] = hidden.dims();
+    let last = hidden.slice([0..batch, time - 1..time, 0..width]);
+    let vocab = model.vocab_size();
+    to_host(model.lm_logits(last))
+        .chunks(vocab)
+        .map(<[f32]>::to_vec)
+        .collect()
 }
 
 fn pick_token(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -> u32 {
