@@ -2,6 +2,7 @@
 //! crates; errors are reported on one line with their context.
 
 mod bench;
+mod data_cmd;
 mod export;
 mod generate;
 mod info;
@@ -27,6 +28,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Write a checkpoint as a Hugging Face model directory
     Export(export::ExportArgs),
+    /// Inspect training data: counts, token lengths, rendered examples
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
     /// Benchmarks (not tests): generation speed
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -38,6 +42,7 @@ fn main() {
         Command::Info(args) => info::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Export(args) => export::run(args),
+        Command::Data(command) => data_cmd::run(command),
         Command::Bench(command) => bench::run(command),
     };
     if let Err(error) = result {

@@ -344,3 +344,79 @@ fn exported_checkpoints_load_in_transformers_with_equal_logits() {
         assert_eq!(v["architecture"], "LlamaForCausalLM");
     }
 }
+
+fn inspect_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["data", "inspect"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = train(&all);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+#[test]
+fn data_inspect_reports_counts_for_files_and_recipes() {
+    let tok = "tests/fixtures/tokenizer/tokenizer.json";
+    let v = inspect_json(&[
+        "datasets/alpaca-tiny.jsonl",
+        "datasets/hh-tiny.jsonl.gz",
+        "--tokenizer",
+        tok,
+    ]);
+    assert_eq!(v["examples"], 100);
+    assert_eq!(v["errors"], 0);
+    assert_eq!(v["sources"][1]["format"], "hh-rlhf");
+    assert!(v["tokens"]["p50"].as_u64().unwrap() > 0);
+
+    let v = inspect_json(&["--recipe", "tests/fixtures/recipes/data-mixture.toml"]);
+    assert_eq!(v["examples"], 70);
+    assert_eq!(v["eval"], 7);
+    assert_eq!(v["sources"][1]["selected"], 10);
+
+    // Without --json: rendered examples with the trained span bracketed (not a terminal).
+    let out = train(&[
+        "data",
+        "inspect",
+        "datasets/alpaca-tiny.jsonl",
+        "--tokenizer",
+        tok,
+        "--n",
+        "1",
+    ]);
+    let text = stdout(&out);
+    assert!(text.contains("[alpaca, detected]"), "{text}");
+    assert!(text.contains("[[") && text.contains("</s>]]"), "{text}");
+}
+
+#[test]
+fn data_inspect_stops_or_skips_on_bad_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"c\", \"output\": 5}\n",
+    )
+    .unwrap();
+    let tok = "tests/fixtures/tokenizer/tokenizer.json";
+    let out = train(&["data", "inspect", bad.to_str().unwrap(), "--tokenizer", tok]);
+    assert_user_error(&out, "bad.jsonl:2: field `output`: must be a string");
+    let v = inspect_json(&[bad.to_str().unwrap(), "--tokenizer", tok, "--skip-errors"]);
+    assert_eq!(
+        (v["examples"].as_u64(), v["errors"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_user_error(
+        &train(&["data", "inspect", "missing.jsonl", "--tokenizer", tok]),
+        "missing.jsonl: file not found",
+    );
+    let recipe = tmp.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        "[model]\ntokenizer = \"t.json\"\n[data]\ntrian = \"x\"\n",
+    )
+    .unwrap();
+    assert_user_error(
+        &train(&["data", "inspect", "--recipe", recipe.to_str().unwrap()]),
+        "trian",
+    );
+}

@@ -104,6 +104,14 @@ pub fn render_dialog(tokenizer: &Tokenizer, messages: &[Message]) -> Result<Rend
     Ok(out)
 }
 
+/// An assistant answer as it follows "[/INST]": " {answer} " then EOS. Tokenized on its own,
+/// the separating space becomes the first piece's prefix, exactly as in one joint encoding.
+pub fn encode_answer(tokenizer: &Tokenizer, answer: &str) -> Result<Vec<u32>> {
+    let mut ids = tokenizer.encode(&format!("{} ", answer.trim()))?;
+    ids.push(tokenizer.eos_id);
+    Ok(ids)
+}
+
 /// A single-turn chat prompt ready for generation.
 pub fn render_prompt(tokenizer: &Tokenizer, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
     let mut messages = Vec::with_capacity(2);

@@ -6,6 +6,42 @@ pub enum DataError {
     Tokenizer { path: PathBuf, message: String },
     #[error("{0}")]
     Dialog(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A problem with one record: file, line (1-based; the element number for JSON arrays)
+    /// and, where known, the field.
+    #[error("{}", record_message(path, *line, field.as_deref(), message))]
+    Record {
+        path: PathBuf,
+        line: usize,
+        field: Option<String>,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+fn record_message(
+    path: &std::path::Path,
+    line: usize,
+    field: Option<&str>,
+    message: &str,
+) -> String {
+    match field {
+        Some(field) => format!("{}:{line}: field `{field}`: {message}", path.display()),
+        None => format!("{}:{line}: {message}", path.display()),
+    }
 }
 
 pub type Result<T> = std::result::Result<T, DataError>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DataError {
+    let path = path.into();
+    move |source| DataError::Io { path, source }
+}

@@ -1,0 +1,199 @@
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use data::inspect::{render_item, summarize, Marking};
+use data::{load_data, DataConfig, OnError, SourceConfig, Tokenizer, Truncation};
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Counts, token lengths and rendered examples of a recipe's data or of files
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Data files (JSON Lines or JSON arrays, optionally gzip-compressed)
+    files: Vec<PathBuf>,
+    /// A recipe: its [data] section, [model] tokenizer and [train] seed
+    #[arg(long, conflicts_with = "files")]
+    recipe: Option<PathBuf>,
+    /// Format of the files (alpaca, messages, hh-rlhf, preference, prompts, text); detected
+    /// from the records when absent
+    #[arg(long)]
+    format: Option<String>,
+    /// tokenizer.json (required with files)
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, default_value_t = 2048)]
+    max_seq_len: usize,
+    /// truncate_prompt, truncate_answer or drop
+    #[arg(long, default_value = "truncate_prompt")]
+    truncation: String,
+    /// Skip and count malformed records instead of stopping at the first
+    #[arg(long)]
+    skip_errors: bool,
+    /// Examples to show
+    #[arg(long, default_value_t = 3)]
+    n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the counts as one JSON object
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(command: DataCommand) -> Result<()> {
+    match command {
+        DataCommand::Inspect(args) => inspect(args),
+    }
+}
+
+/// The parts of a recipe the data pipeline reads.
+struct DataRecipe {
+    data: DataConfig,
+    base: PathBuf,
+    tokenizer: PathBuf,
+    seed: u64,
+}
+
+fn read_recipe(path: &Path) -> Result<DataRecipe> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string()))
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let data_value = value
+        .remove("data")
+        .with_context(|| format!("{}: no [data] section", path.display()))?;
+    let data: DataConfig = data_value.try_into().map_err(|e: toml::de::Error| {
+        anyhow::anyhow!("{}: [data]: {}", path.display(), one_line(&e.to_string()))
+    })?;
+    let tokenizer = value
+        .get("model")
+        .and_then(|m| m.get("tokenizer"))
+        .and_then(|t| t.as_str())
+        .with_context(|| format!("{}: [model] needs `tokenizer`", path.display()))?;
+    let seed = value
+        .get("train")
+        .and_then(|t| t.get("seed"))
+        .and_then(|s| s.as_integer())
+        .unwrap_or(0) as u64;
+    Ok(DataRecipe {
+        data,
+        tokenizer: base.join(tokenizer),
+        base,
+        seed,
+    })
+}
+
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn inspect(args: InspectArgs) -> Result<()> {
+    let recipe = match &args.recipe {
+        Some(path) => read_recipe(path)?,
+        None => {
+            if args.files.is_empty() {
+                bail!("give data files or --recipe");
+            }
+            let tokenizer = args
+                .tokenizer
+                .clone()
+                .context("--tokenizer is required when inspecting files")?;
+            let truncation: Truncation = serde_json::from_value(serde_json::json!(args.truncation))
+                .with_context(|| {
+                    format!(
+                        "--truncation `{}`: expected truncate_prompt, truncate_answer or drop",
+                        args.truncation
+                    )
+                })?;
+            let data = DataConfig {
+                sources: args
+                    .files
+                    .iter()
+                    .map(|path| SourceConfig {
+                        path: path.clone(),
+                        format: args.format.clone(),
+                        count: None,
+                        fraction: None,
+                    })
+                    .collect(),
+                max_seq_len: args.max_seq_len,
+                truncation,
+                on_error: if args.skip_errors {
+                    OnError::Skip
+                } else {
+                    OnError::Stop
+                },
+                ..DataConfig::default()
+            };
+            DataRecipe {
+                data,
+                base: PathBuf::new(),
+                tokenizer,
+                seed: args.seed,
+            }
+        }
+    };
+    let tokenizer = Tokenizer::from_file(&recipe.tokenizer)?;
+    let loaded = load_data(&recipe.data, &recipe.base, &tokenizer, recipe.seed)?;
+    let summary = summarize(&loaded);
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+        return Ok(());
+    }
+    for s in &summary.sources {
+        println!(
+            "{} [{}{}]: read {}, valid {}, selected {}, truncated {}, dropped {}, errors {}",
+            s.path.display(),
+            s.format,
+            if s.detected { ", detected" } else { "" },
+            s.read,
+            s.valid,
+            s.selected,
+            s.truncated,
+            s.dropped,
+            s.errors
+        );
+        for message in &s.error_samples {
+            println!("  skipped: {message}");
+        }
+    }
+    println!(
+        "examples: {} (train {}, eval {}); errors {}; truncated {}; dropped {}",
+        summary.examples,
+        summary.train,
+        summary.eval,
+        summary.errors,
+        summary.truncated,
+        summary.dropped
+    );
+    let t = &summary.tokens;
+    println!(
+        "tokens per example: min {} p50 {} p90 {} p99 {} max {}; {} tokens, {} trained ({:.1}%)",
+        t.min,
+        t.p50,
+        t.p90,
+        t.p99,
+        t.max,
+        summary.total_tokens,
+        summary.trained_tokens,
+        100.0 * summary.trained_tokens as f64 / summary.total_tokens.max(1) as f64
+    );
+    let marking = if std::io::stdout().is_terminal() {
+        println!("(trained tokens in green, masked tokens dimmed)");
+        Marking::Color
+    } else {
+        println!("(trained tokens inside [[ ]])");
+        Marking::Brackets
+    };
+    for item in loaded.train.iter().take(args.n) {
+        let source = &loaded.sources[item.source].path;
+        println!("\n--- {}:{}", source.display(), item.line);
+        println!("{}", render_item(&tokenizer, &item.tokens, marking)?);
+    }
+    Ok(())
+}
