@@ -9,6 +9,26 @@ use llama::{generate, init_random, load_config, parse_device, SamplingParams};
 pub enum BenchCommand {
     /// Generation tokens/s of a randomly initialised model, with and without the KV cache
     Generate(GenerateBench),
+    /// Data pipeline throughput: read + validate + tokenize + batch
+    Data(DataBench),
+}
+
+#[derive(Args)]
+pub struct DataBench {
+    /// Data files
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    #[arg(long)]
+    tokenizer: PathBuf,
+    #[arg(long)]
+    format: Option<String>,
+    #[arg(long, default_value_t = 4096)]
+    max_seq_len: usize,
+    /// Sequences per batch
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -35,6 +55,7 @@ pub struct GenerateBench {
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Generate(args) => bench_generate(args),
+        BenchCommand::Data(args) => bench_data(args),
     }
 }
 
@@ -98,6 +119,76 @@ fn bench_generate(args: GenerateBench) -> Result<()> {
                 seconds
             );
         }
+    }
+    Ok(())
+}
+
+/// Peak resident memory of this process, from /proc (Linux); None elsewhere.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn bench_data(args: DataBench) -> Result<()> {
+    use data::batch::{
+        batch_order, Dataset, PairBatch, PairDataset, SequenceBatch, SequenceDataset,
+    };
+    use data::{load_data, DataConfig, OnError, Tokenized, Tokenizer, Truncation};
+
+    let tokenizer = Tokenizer::from_file(&args.tokenizer)?;
+    let config = DataConfig::for_files(
+        &args.files,
+        args.format.as_deref(),
+        args.max_seq_len,
+        Truncation::TruncatePrompt,
+        OnError::Stop,
+    );
+    let start = Instant::now();
+    let loaded = load_data(&config, std::path::Path::new(""), &tokenizer, 0)?;
+    let load_seconds = start.elapsed().as_secs_f64();
+    let examples: Vec<Tokenized> = loaded.train.into_iter().map(|i| i.tokens).collect();
+    let tokens: usize = examples.iter().map(Tokenized::token_count).sum();
+    // Build the first batch the way a trainer would.
+    let pairs = PairDataset::new(&examples);
+    let first_batch = if !pairs.is_empty() {
+        let order = batch_order(&pairs.lengths(), args.batch_size, 0, 0, true);
+        let items = pairs.get_many(order[0].clone())?;
+        PairBatch::new(&items, 0).tokens.len()
+    } else {
+        let seqs = SequenceDataset::new(&examples, args.max_seq_len, false);
+        let order = batch_order(&seqs.lengths(), args.batch_size, 0, 0, true);
+        let items = match order.first() {
+            Some(batch) => seqs.get_many(batch.clone())?,
+            None => Vec::new(),
+        };
+        SequenceBatch::new(&items, 0).tokens.len()
+    };
+    let first_batch_seconds = start.elapsed().as_secs_f64();
+    let result = serde_json::json!({
+        "examples": examples.len(),
+        "tokens": tokens,
+        "seconds": load_seconds,
+        "examples_per_sec": examples.len() as f64 / load_seconds,
+        "tokens_per_sec": tokens as f64 / load_seconds,
+        "first_batch_seconds": first_batch_seconds,
+        "first_batch_rows": first_batch,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    if args.json {
+        println!("{result}");
+    } else {
+        println!(
+            "{} examples, {} tokens in {:.2} s: {:.0} examples/s, {:.0} tokens/s; first batch after {:.2} s; peak memory {}",
+            examples.len(),
+            tokens,
+            load_seconds,
+            examples.len() as f64 / load_seconds,
+            tokens as f64 / load_seconds,
+            first_batch_seconds,
+            peak_rss_bytes().map_or("unknown".into(), crate::info::human_bytes),
+        );
     }
     Ok(())
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use data::inspect::{render_item, summarize, Marking};
-use data::{load_data, DataConfig, OnError, SourceConfig, Tokenizer, Truncation};
+use data::{load_data, DataConfig, OnError, Tokenizer, Truncation};
 
 #[derive(Subcommand)]
 pub enum DataCommand {
@@ -110,26 +110,18 @@ fn inspect(args: InspectArgs) -> Result<()> {
                         args.truncation
                     )
                 })?;
-            let data = DataConfig {
-                sources: args
-                    .files
-                    .iter()
-                    .map(|path| SourceConfig {
-                        path: path.clone(),
-                        format: args.format.clone(),
-                        count: None,
-                        fraction: None,
-                    })
-                    .collect(),
-                max_seq_len: args.max_seq_len,
-                truncation,
-                on_error: if args.skip_errors {
-                    OnError::Skip
-                } else {
-                    OnError::Stop
-                },
-                ..DataConfig::default()
+            let on_error = if args.skip_errors {
+                OnError::Skip
+            } else {
+                OnError::Stop
             };
+            let data = DataConfig::for_files(
+                &args.files,
+                args.format.as_deref(),
+                args.max_seq_len,
+                truncation,
+                on_error,
+            );
             DataRecipe {
                 data,
                 base: PathBuf::new(),

@@ -4,7 +4,7 @@
 //! The batch order is computed from the seed and epoch alone, so a resumed run sees the same
 //! batches.
 
-use burn_dataset::{Dataset, DatasetError};
+pub use burn_dataset::{Dataset, DatasetError};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;

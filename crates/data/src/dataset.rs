@@ -100,6 +100,31 @@ impl Default for DataConfig {
 }
 
 impl DataConfig {
+    /// A configuration for plain files (no recipe), one source per file.
+    pub fn for_files(
+        files: &[PathBuf],
+        format: Option<&str>,
+        max_seq_len: usize,
+        truncation: Truncation,
+        on_error: OnError,
+    ) -> Self {
+        Self {
+            sources: files
+                .iter()
+                .map(|path| SourceConfig {
+                    path: path.clone(),
+                    format: format.map(str::to_string),
+                    count: None,
+                    fraction: None,
+                })
+                .collect(),
+            max_seq_len,
+            truncation,
+            on_error,
+            ..Self::default()
+        }
+    }
+
     /// All sources, the `train` shorthand included, with paths resolved against `base`
     /// (the recipe's directory).
     pub fn resolved_sources(&self, base: &Path) -> Result<Vec<SourceConfig>> {

@@ -2,7 +2,11 @@
 //! batches.
 
 use std::io::Write;
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::{fixture_tokenizer, root, shared_dir};
 
 use burn_dataset::Dataset;
 use data::batch::{batch_order, PairBatch, PairDataset, SequenceBatch, SequenceDataset, IGNORE};
@@ -13,27 +17,8 @@ use data::{
     Tokenized, Tokenizer, Truncation,
 };
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn shared_dir() -> Option<PathBuf> {
-    let dir = root().join("../shared");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("REQUIRE_SHARED=1 but {} is missing", dir.display());
-    }
-    eprintln!(
-        "skipped: {} not found (set REQUIRE_SHARED=1 to fail instead)",
-        dir.display()
-    );
-    None
-}
-
 fn tokenizer() -> Tokenizer {
-    Tokenizer::from_file(&root().join("tests/fixtures/tokenizer/tokenizer.json")).unwrap()
+    fixture_tokenizer()
 }
 
 fn policy(max_seq_len: usize, truncation: Truncation) -> LengthPolicy {

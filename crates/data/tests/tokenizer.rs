@@ -1,35 +1,14 @@
 //! The tokenizer against SentencePiece ids, and the Llama 2 chat template.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{fixture_tokenizer, shared_dir};
 
 use data::{render_dialog, render_prompt, Message, Role, Tokenizer};
-
-/// `../shared` beside the repository. Absent in a user's clone: the test is skipped with a
-/// reason, unless REQUIRE_SHARED=1 (CI), where it fails.
-fn shared_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("REQUIRE_SHARED=1 but {} is missing", dir.display());
-    }
-    eprintln!(
-        "skipped: {} not found (set REQUIRE_SHARED=1 to fail instead)",
-        dir.display()
-    );
-    None
-}
 
 fn llama_tokenizer() -> Option<Tokenizer> {
     let dir = shared_dir()?;
     Some(Tokenizer::from_file(&dir.join("tokenizers/llama2/tokenizer.json")).expect("tokenizer"))
-}
-
-fn fixture_tokenizer() -> Tokenizer {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer/tokenizer.json");
-    Tokenizer::from_file(&path).expect("fixture tokenizer")
 }
 
 #[test]
