@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use rayon::prelude::*;
 
 use crate::error::{DataError, Result};
 use crate::format::{parse_record, Format};
@@ -236,6 +237,9 @@ impl LoadedData {
     }
 }
 
+/// Records tokenized together in parallel.
+const CHUNK: usize = 1024;
+
 /// Reads one file: every record is parsed, validated and tokenized, keeping only token ids.
 pub fn load_source(
     source: &SourceConfig,
@@ -264,24 +268,27 @@ pub fn load_source(
             }
         }
     };
-    for record in reader {
-        stats.read += 1;
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                fail(e, &mut stats)?;
-                continue;
-            }
-        };
-        let record_error = |field: Option<String>, message: String| DataError::Record {
-            path: source.path.clone(),
-            line: record.line,
-            field,
-            message,
-        };
-        let fmt = match format {
-            Some(f) => f,
-            None => match Format::detect(&record.value) {
+    // Records are parsed in order (format detection needs the first good one), then
+    // tokenized in parallel a chunk at a time, then counted in order again.
+    let mut records = reader.peekable();
+    while records.peek().is_some() {
+        let mut parsed = Vec::with_capacity(CHUNK);
+        for record in records.by_ref().take(CHUNK) {
+            stats.read += 1;
+            let record = match record {
+                Ok(r) => r,
+                Err(e) => {
+                    fail(e, &mut stats)?;
+                    continue;
+                }
+            };
+            let record_error = |field: Option<String>, message: String| DataError::Record {
+                path: source.path.clone(),
+                line: record.line,
+                field,
+                message,
+            };
+            let fmt = match format.or_else(|| Format::detect(&record.value)) {
                 Some(f) => {
                     format = Some(f);
                     f
@@ -294,33 +301,42 @@ pub fn load_source(
                     fail(e, &mut stats)?;
                     continue;
                 }
-            },
-        };
-        let example = match parse_record(fmt, &record.value) {
-            Ok(example) => example,
-            Err(e) => {
-                fail(record_error(e.field, e.message), &mut stats)?;
-                continue;
+            };
+            match parse_record(fmt, &record.value) {
+                Ok(example) => parsed.push((record.line, example)),
+                Err(e) => fail(record_error(e.field, e.message), &mut stats)?,
             }
-        };
-        let (tokens, outcome) = match tokenize_example(tokenizer, &example, policy) {
-            Ok(t) => t,
-            Err(e) => {
-                fail(record_error(None, e.to_string()), &mut stats)?;
-                continue;
-            }
-        };
-        match outcome {
-            LengthOutcome::Kept => {}
-            LengthOutcome::Truncated => stats.truncated += 1,
-            LengthOutcome::Dropped => stats.dropped += 1,
         }
-        if let Some(tokens) = tokens {
-            items.push(Item {
-                tokens,
-                source: 0,
-                line: record.line,
-            });
+        let tokenized: Vec<_> = parsed
+            .par_iter()
+            .map(|(_, example)| tokenize_example(tokenizer, example, policy))
+            .collect();
+        for ((line, _), result) in parsed.iter().zip(tokenized) {
+            let (tokens, outcome) = match result {
+                Ok(t) => t,
+                Err(e) => {
+                    let e = DataError::Record {
+                        path: source.path.clone(),
+                        line: *line,
+                        field: None,
+                        message: e.to_string(),
+                    };
+                    fail(e, &mut stats)?;
+                    continue;
+                }
+            };
+            match outcome {
+                LengthOutcome::Kept => {}
+                LengthOutcome::Truncated => stats.truncated += 1,
+                LengthOutcome::Dropped => stats.dropped += 1,
+            }
+            if let Some(tokens) = tokens {
+                items.push(Item {
+                    tokens,
+                    source: 0,
+                    line: *line,
+                });
+            }
         }
     }
     stats.format = format.map_or("unknown", Format::name).to_string();
