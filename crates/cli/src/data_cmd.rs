@@ -1,5 +1,5 @@
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -19,6 +19,9 @@ pub struct InspectArgs {
     /// A recipe: its [data] section, [model] tokenizer and [train] seed
     #[arg(long, conflicts_with = "files")]
     recipe: Option<PathBuf>,
+    /// Override a recipe value, e.g. --set data.max_seq_len=512 (repeatable)
+    #[arg(long, requires = "recipe")]
+    set: Vec<String>,
     /// Format of the files (alpaca, messages, hh-rlhf, preference, prompts, text); detected
     /// from the records when absent
     #[arg(long)]
@@ -58,43 +61,17 @@ struct DataRecipe {
     seed: u64,
 }
 
-fn read_recipe(path: &Path) -> Result<DataRecipe> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-    let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string()))
-    })?;
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let data_value = value
-        .remove("data")
-        .with_context(|| format!("{}: no [data] section", path.display()))?;
-    let data: DataConfig = data_value.try_into().map_err(|e: toml::de::Error| {
-        anyhow::anyhow!("{}: [data]: {}", path.display(), one_line(&e.to_string()))
-    })?;
-    let tokenizer = value
-        .get("model")
-        .and_then(|m| m.get("tokenizer"))
-        .and_then(|t| t.as_str())
-        .with_context(|| format!("{}: [model] needs `tokenizer`", path.display()))?;
-    let seed = value
-        .get("train")
-        .and_then(|t| t.get("seed"))
-        .and_then(|s| s.as_integer())
-        .unwrap_or(0) as u64;
-    Ok(DataRecipe {
-        data,
-        tokenizer: base.join(tokenizer),
-        base,
-        seed,
-    })
-}
-
-fn one_line(message: &str) -> String {
-    message.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 fn inspect(args: InspectArgs) -> Result<()> {
     let recipe = match &args.recipe {
-        Some(path) => read_recipe(path)?,
+        Some(path) => {
+            let recipe = trainer::Recipe::load(path, &args.set)?;
+            DataRecipe {
+                data: recipe.data,
+                base: PathBuf::new(),
+                tokenizer: recipe.model.tokenizer,
+                seed: recipe.train.seed,
+            }
+        }
         None => {
             if args.files.is_empty() {
                 bail!("give data files or --recipe");

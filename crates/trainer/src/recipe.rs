@@ -1,0 +1,306 @@
+//! Recipes: TOML files with `[model]`, `[data]`, `[train]`, `[runtime]` and `[output]`.
+//!
+//! Unknown keys and wrong types are errors naming the key and the file; a file that does not
+//! parse gives its line and column. `--set section.key=value` overrides any value before the
+//! recipe is checked. Relative paths are resolved against the recipe's directory, and the fully
+//! resolved recipe can be written next to a run's outputs.
+
+use std::path::{Path, PathBuf};
+
+use data::DataConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--set {0}")]
+    Override(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// An architecture file (`configs/*.toml`) for a randomly initialised model...
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    /// ...or a checkpoint directory (Hugging Face format, or one of ours).
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
+    pub tokenizer: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Constant,
+    Linear,
+    #[default]
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    #[serde(default)]
+    pub seed: u64,
+    /// Passes over the training data; ignored when `max_steps` is set.
+    #[serde(default = "one")]
+    pub epochs: usize,
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    /// Sequences per optimizer step (the global batch).
+    pub batch_size: usize,
+    /// Sequences per forward/backward pass; gradients accumulate up to `batch_size`.
+    #[serde(default)]
+    pub micro_batch_size: Option<usize>,
+    pub lr: f64,
+    #[serde(default)]
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub warmup_steps: Option<usize>,
+    #[serde(default)]
+    pub warmup_ratio: Option<f64>,
+    /// The schedule's floor as a fraction of `lr` (the paper's reward models: 0.1).
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Gradient clipping by the global norm; none when absent.
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+    #[serde(default = "one")]
+    pub log_every: usize,
+    /// 0: only at the end.
+    #[serde(default)]
+    pub eval_every: usize,
+    /// 0: only at the end.
+    #[serde(default)]
+    pub save_every: usize,
+    /// Checkpoints to keep (oldest removed first); all when absent.
+    #[serde(default)]
+    pub keep_last: Option<usize>,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSection {
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+fn default_device() -> String {
+    "flex".into()
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        Self {
+            device: default_device(),
+            dtype: default_dtype(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    pub dir: PathBuf,
+}
+
+/// A whole recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelSection,
+    pub data: DataConfig,
+    pub train: TrainSection,
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+    pub output: OutputSection,
+}
+
+fn invalid(path: &Path, message: impl Into<String>) -> RecipeError {
+    RecipeError::Invalid {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Applies `section.key=value` to a parsed recipe. The value is read as TOML (numbers, booleans,
+/// strings in quotes, arrays), or taken as a plain string when it does not parse as TOML.
+pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), RecipeError> {
+    let (key, raw) = assignment.split_once('=').ok_or_else(|| {
+        RecipeError::Override(format!("`{assignment}`: expected section.key=value"))
+    })?;
+    let path: Vec<&str> = key.trim().split('.').collect();
+    if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+        return Err(RecipeError::Override(format!(
+            "`{assignment}`: the key must be section.key, e.g. train.lr"
+        )));
+    }
+    let raw = raw.trim();
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut node = table;
+    for part in &path[..path.len() - 1] {
+        node = node
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| {
+                RecipeError::Override(format!("`{assignment}`: `{part}` is not a section"))
+            })?;
+    }
+    node.insert(path[path.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl Recipe {
+    /// Reads a recipe, applies overrides, checks it, and resolves its paths.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| invalid(path, one_line(&e.to_string())))?;
+        for assignment in overrides {
+            apply_override(&mut table, assignment)?;
+        }
+        let mut recipe: Recipe = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| invalid(path, one_line(&e.to_string())))?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        recipe.resolve_paths(base);
+        recipe.validate(path)?;
+        Ok(recipe)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(p) = &mut self.model.config {
+            fix(p);
+        }
+        if let Some(p) = &mut self.model.checkpoint {
+            fix(p);
+        }
+        fix(&mut self.model.tokenizer);
+        if let Some(p) = &mut self.data.train {
+            fix(p);
+        }
+        if let Some(p) = &mut self.data.eval {
+            fix(p);
+        }
+        for source in &mut self.data.sources {
+            fix(&mut source.path);
+        }
+        fix(&mut self.output.dir);
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), RecipeError> {
+        match (&self.model.config, &self.model.checkpoint) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    path,
+                    "[model]: give `config` or `checkpoint`, not both",
+                ))
+            }
+            (None, None) => return Err(invalid(path, "[model]: needs `config` or `checkpoint`")),
+            _ => {}
+        }
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return Err(invalid(path, "[train] `batch_size` must be positive"));
+        }
+        let micro = self.micro_batch_size();
+        if micro == 0 || t.batch_size % micro != 0 {
+            return Err(invalid(
+                path,
+                format!(
+                    "[train] `batch_size` {} is not divisible by `micro_batch_size` {micro}",
+                    t.batch_size
+                ),
+            ));
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err(invalid(path, "[train] `lr` must be a positive number"));
+        }
+        if t.warmup_steps.is_some() && t.warmup_ratio.is_some() {
+            return Err(invalid(
+                path,
+                "[train] give `warmup_steps` or `warmup_ratio`, not both",
+            ));
+        }
+        if let Some(r) = t.warmup_ratio {
+            if !(0.0..1.0).contains(&r) {
+                return Err(invalid(
+                    path,
+                    "[train] `warmup_ratio` must be within [0, 1)",
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return Err(invalid(
+                path,
+                "[train] `min_lr_ratio` must be within [0, 1]",
+            ));
+        }
+        if t.epochs == 0 && t.max_steps.is_none() {
+            return Err(invalid(path, "[train] needs `epochs` >= 1 or `max_steps`"));
+        }
+        if !["f32", "bf16"].contains(&self.runtime.dtype.as_str()) {
+            return Err(invalid(
+                path,
+                "[runtime] `dtype` must be \"f32\" or \"bf16\"",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn micro_batch_size(&self) -> usize {
+        self.train.micro_batch_size.unwrap_or(self.train.batch_size)
+    }
+
+    /// The resolved recipe as TOML, for the run's output directory.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a recipe always serializes")
+    }
+}
