@@ -251,7 +251,7 @@ impl Recipe {
             return Err(invalid(path, "[train] `batch_size` must be positive"));
         }
         let micro = self.micro_batch_size();
-        if micro == 0 || t.batch_size % micro != 0 {
+        if micro == 0 || !t.batch_size.is_multiple_of(micro) {
             return Err(invalid(
                 path,
                 format!(
