@@ -3,5 +3,6 @@
 //! follow with the SFT trainer.
 
 pub mod recipe;
+pub mod schedule;
 
 pub use recipe::{Recipe, RecipeError};
