@@ -2,6 +2,7 @@
 //! and tests rely on) with command-line overrides. Optimizer, schedules, checkpoints and metrics
 //! follow with the SFT trainer.
 
+pub mod optim;
 pub mod recipe;
 pub mod schedule;
 
