@@ -4,6 +4,8 @@
 //! The batch order is computed from the seed and epoch alone, so a resumed run sees the same
 //! batches.
 
+use burn::prelude::{Bool, Device, Int, Tensor};
+use burn::tensor::TensorData;
 pub use burn_dataset::{Dataset, DatasetError};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -136,6 +138,21 @@ impl SequenceBatch {
         batch
     }
 
+    /// `[batch, time]` tensors: token ids, the attention mask (true for real tokens) and the
+    /// next-token targets (`IGNORE` where no loss is taken).
+    pub fn tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<2, Bool>, Tensor<2, Int>) {
+        let tokens: Vec<Vec<i64>> = self
+            .tokens
+            .iter()
+            .map(|r| r.iter().map(|&t| t as i64).collect())
+            .collect();
+        (
+            int_tensor(&tokens, device),
+            bool_tensor(&self.valid, device),
+            int_tensor(&self.targets, device),
+        )
+    }
+
     /// Number of positions that carry loss.
     pub fn trained_tokens(&self) -> usize {
         self.targets
@@ -243,6 +260,37 @@ impl PairBatch {
         }
         batch
     }
+}
+
+impl PairBatch {
+    /// `[2 * pairs, time]` token ids and attention mask, and the `[2 * pairs]` last-token
+    /// indices.
+    pub fn tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<2, Bool>, Tensor<1, Int>) {
+        let tokens: Vec<Vec<i64>> = self
+            .tokens
+            .iter()
+            .map(|r| r.iter().map(|&t| t as i64).collect())
+            .collect();
+        let last: Vec<i64> = self.last.iter().map(|&i| i as i64).collect();
+        let n = last.len();
+        (
+            int_tensor(&tokens, device),
+            bool_tensor(&self.valid, device),
+            Tensor::from_data(TensorData::new(last, [n]), device),
+        )
+    }
+}
+
+fn int_tensor(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
+    let width = rows.first().map_or(0, Vec::len);
+    let flat: Vec<i64> = rows.iter().flatten().copied().collect();
+    Tensor::from_data(TensorData::new(flat, [rows.len(), width]), device)
+}
+
+fn bool_tensor(rows: &[Vec<bool>], device: &Device) -> Tensor<2, Bool> {
+    let width = rows.first().map_or(0, Vec::len);
+    let flat: Vec<bool> = rows.iter().flatten().copied().collect();
+    Tensor::from_data(TensorData::new(flat, [rows.len(), width]), device)
 }
 
 /// The order of batches for one epoch: indices shuffled with `seed` and `epoch`; with

@@ -377,6 +377,15 @@ fn sequence_batches_shift_targets_within_examples() {
         .count();
     assert_eq!(boundaries, 3);
     assert!(!batch.valid[1][width - 1] && batch.targets[1][width - 1] == IGNORE);
+    // The same batch as tensors on a device.
+    let (tokens, valid, targets) = batch.tensors(&burn::prelude::Device::flex());
+    assert_eq!(tokens.dims(), [2, width]);
+    assert_eq!(
+        valid.clone().int().sum().into_scalar::<i64>() as usize,
+        batch.valid.iter().flatten().filter(|&&v| v).count()
+    );
+    let host: Vec<i64> = targets.into_data().try_into_vec_as::<i64>().unwrap();
+    assert_eq!(host, batch.targets.concat());
     let expected_trained: usize = item.trained.iter().filter(|&&t| t).count();
     assert_eq!(
         batch.targets[0].iter().filter(|&&t| t != IGNORE).count(),
@@ -407,6 +416,13 @@ fn pair_batches_read_rewards_at_the_last_real_token() {
         assert!(batch.valid[row][last]);
         assert!(batch.valid[row][last + 1..].iter().all(|v| !v));
     }
+    let (tokens, _, last) = batch.tensors(&burn::prelude::Device::flex());
+    assert_eq!(tokens.dims()[0], 6);
+    let last: Vec<i64> = last.into_data().try_into_vec_as::<i64>().unwrap();
+    assert_eq!(
+        last,
+        batch.last.iter().map(|&i| i as i64).collect::<Vec<_>>()
+    );
     let pair = &pairs[0];
     assert_eq!(
         pair.chosen[..pair.prompt_len],

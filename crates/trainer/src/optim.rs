@@ -18,9 +18,11 @@ pub fn adamw(train: &TrainSection) -> ModuleOptimizer {
             .with_epsilon(train.eps as f32)
             .with_weight_decay(weight_decay as f32)
     };
-    config(train.weight_decay)
-        .init()
-        .with_group(ParamGroup::from_predicate("norm"), config(0.0).build(), None)
+    config(train.weight_decay).init().with_group(
+        ParamGroup::from_predicate("norm"),
+        config(0.0).build(),
+        None,
+    )
 }
 
 struct SquaredNorm<'a> {
@@ -64,7 +66,11 @@ pub fn grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
 
 /// Scales all gradients so their global norm is at most `max_norm`; returns the norm before
 /// clipping (what the metrics log).
-pub fn clip_grad_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: Option<f64>) -> f64 {
+pub fn clip_grad_norm<M: Module>(
+    model: &M,
+    grads: &mut GradientsParams,
+    max_norm: Option<f64>,
+) -> f64 {
     let norm = grad_norm(model, grads);
     if let Some(max) = max_norm {
         if norm.is_finite() && norm > max {

@@ -37,9 +37,16 @@ fn global_norm_clipping_scales_every_gradient_together() {
     let model = tiny_model();
     let mut grads = some_grads(&model);
     let before = host_grads(&model, &grads);
-    let expected = before.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
+    let expected = before
+        .iter()
+        .map(|g| (*g as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let norm = grad_norm(&model, &grads);
-    assert!((norm - expected).abs() <= 1e-5 * expected, "{norm} vs {expected}");
+    assert!(
+        (norm - expected).abs() <= 1e-5 * expected,
+        "{norm} vs {expected}"
+    );
 
     let reported = clip_grad_norm(&model, &mut grads, Some(norm / 4.0));
     assert_eq!(reported, norm, "the pre-clip norm is reported");
@@ -48,7 +55,10 @@ fn global_norm_clipping_scales_every_gradient_together() {
     assert!((clipped - norm / 4.0).abs() <= 1e-4 * norm, "{clipped}");
     // One factor for all tensors: the direction is unchanged.
     for (a, b) in before.iter().zip(&after) {
-        assert!((a / 4.0 - b).abs() <= 1e-5 * a.abs().max(1e-3), "{a} -> {b}");
+        assert!(
+            (a / 4.0 - b).abs() <= 1e-5 * a.abs().max(1e-3),
+            "{a} -> {b}"
+        );
     }
     // Under the limit nothing changes.
     let untouched = clip_grad_norm(&model, &mut grads, Some(norm));
@@ -66,18 +76,28 @@ impl ModuleVisitor for Zeros {
 #[test]
 fn weight_decay_spares_norm_weights() {
     let model = tiny_model();
-    let train: TrainSection = toml::from_str("batch_size = 1\nlr = 0.1\nweight_decay = 0.5").unwrap();
+    let train: TrainSection =
+        toml::from_str("batch_size = 1\nlr = 0.1\nweight_decay = 0.5").unwrap();
     let mut optimizer = adamw(&train);
     let mut zeros = Zeros(GradientsParams::new());
     model.visit(&mut zeros);
-    let before: Vec<(String, Vec<f32>)> =
-        hf_params(&model).into_iter().map(|(n, p)| (n, p.to_host())).collect();
+    let before: Vec<(String, Vec<f32>)> = hf_params(&model)
+        .into_iter()
+        .map(|(n, p)| (n, p.to_host()))
+        .collect();
     let model = optimizer.step(0.1, model, zeros.0);
     for ((name, old), (_, param)) in before.iter().zip(hf_params(&model)) {
         let new = param.to_host();
-        let factor = if name.contains("norm") { 1.0 } else { 1.0 - 0.1 * 0.5 };
+        let factor = if name.contains("norm") {
+            1.0
+        } else {
+            1.0 - 0.1 * 0.5
+        };
         for (a, b) in old.iter().zip(&new) {
-            assert!((a * factor - b).abs() <= 1e-6, "{name}: {a} -> {b}, expected factor {factor}");
+            assert!(
+                (a * factor - b).abs() <= 1e-6,
+                "{name}: {a} -> {b}, expected factor {factor}"
+            );
         }
     }
 }
