@@ -6,6 +6,7 @@ mod data_cmd;
 mod export;
 mod generate;
 mod info;
+mod sft_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Supervised fine-tuning from a recipe
+    Sft(sft_cmd::SftArgs),
     /// Parameter count and full fine-tuning memory of an architecture, without building it
     Info(info::InfoArgs),
     /// Generate text from a model directory (KV-cached, batched)
@@ -39,6 +42,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Sft(args) => sft_cmd::run(args),
         Command::Info(args) => info::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Export(args) => export::run(args),

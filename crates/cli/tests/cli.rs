@@ -420,3 +420,194 @@ fn data_inspect_stops_or_skips_on_bad_records() {
         "trian",
     );
 }
+
+fn sft(out: &Path, extra: &[&str]) -> (Output, Vec<serde_json::Value>) {
+    let dir = format!("output.dir=\"{}\"", out.display());
+    let mut args = vec!["sft", "--recipe", "recipes/sft-tiny.toml", "--set", &dir];
+    args.extend_from_slice(extra);
+    let run = train(&args);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (run, metrics)
+}
+
+#[test]
+fn sft_trains_deterministically_and_writes_a_usable_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = [
+        "--set",
+        "train.max_steps=30",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.eval_every=10",
+    ];
+    let (run, a) = sft(&tmp.path().join("a"), &steps);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (_, b) = sft(&tmp.path().join("b"), &steps);
+    let losses = |m: &[serde_json::Value]| -> Vec<f64> {
+        m.iter().filter_map(|v| v["loss"].as_f64()).collect()
+    };
+    assert_eq!(losses(&a).len(), 30);
+    assert_eq!(losses(&a), losses(&b), "same seed, same losses");
+    for line in a.iter().filter(|v| v.get("loss").is_some()) {
+        for key in ["step", "lr", "grad_norm", "tokens_per_sec"] {
+            assert!(line.get(key).is_some(), "{key} missing in {line}");
+        }
+    }
+    let first: f64 = losses(&a)[..3].iter().sum::<f64>() / 3.0;
+    let last: f64 = losses(&a)[27..].iter().sum::<f64>() / 3.0;
+    assert!(last < first - 0.5, "loss should fall: {first} -> {last}");
+    assert_eq!(a.iter().filter(|v| v.get("eval_loss").is_some()).count(), 3);
+    // The checkpoint is a Hugging Face directory that generate reads, and the resolved recipe
+    // sits beside it.
+    let checkpoint = tmp.path().join("a/checkpoint-30");
+    assert!(tmp.path().join("a/recipe.toml").exists());
+    let gen = train(&[
+        "generate",
+        "--model",
+        checkpoint.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(gen.status.success(), "{}", stderr(&gen));
+    // A second run into the same directory is refused.
+    let (again, _) = sft(&tmp.path().join("a"), &steps);
+    assert_user_error(&again, "holds another run");
+}
+
+#[test]
+fn sft_bad_recipes_fail_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, _) = sft(
+        &tmp.path().join("x"),
+        &["--set", "train.micro_batch_size=3"],
+    );
+    assert_user_error(&run, "not divisible");
+    let (run, _) = sft(
+        &tmp.path().join("x"),
+        &[
+            "--set",
+            "train.batch_size=4000",
+            "--set",
+            "train.micro_batch_size=1",
+        ],
+    );
+    assert_user_error(&run, "fewer than one batch");
+    assert!(
+        !tmp.path().join("x").exists(),
+        "nothing written before training starts"
+    );
+    let (run, _) = sft(&tmp.path().join("x"), &["--set", "train.learning_rate=1"]);
+    assert_user_error(&run, "learning_rate");
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_tree(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
+
+fn losses_by_step(metrics: &[serde_json::Value]) -> Vec<(u64, f64)> {
+    metrics
+        .iter()
+        .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = [
+        "--set",
+        "train.max_steps=12",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.save_every=5",
+        "--set",
+        "train.keep_last=10",
+    ];
+    let full = tmp.path().join("full");
+    let (run, reference) = sft(&full, &steps);
+    assert!(run.status.success(), "{}", stderr(&run));
+    // A run that stopped after step 5: only its first checkpoint survives.
+    let stopped = tmp.path().join("stopped");
+    copy_tree(&full, &stopped);
+    for step in [10, 12] {
+        std::fs::remove_dir_all(stopped.join(format!("checkpoint-{step}"))).unwrap();
+    }
+    let (run, resumed) = sft(&stopped, &[&steps[..], &["--resume", "latest"]].concat());
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(stderr(&run).contains("at step 5"), "{}", stderr(&run));
+    let a = losses_by_step(&reference);
+    let b = losses_by_step(&resumed);
+    assert_eq!(a.len(), 12);
+    assert_eq!(
+        b.iter().map(|p| p.0).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-6, "step {step}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn a_killed_run_resumes_from_its_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("killed");
+    let dir = format!("output.dir=\"{}\"", out.display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args([
+            "sft",
+            "--recipe",
+            "recipes/sft-tiny.toml",
+            "--set",
+            &dir,
+            "--set",
+            "train.max_steps=40",
+            "--set",
+            "train.save_every=2",
+        ])
+        .current_dir(root())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !out.join("checkpoint-4").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let (run, metrics) = sft(
+        &out,
+        &[
+            "--set",
+            "train.max_steps=40",
+            "--set",
+            "train.save_every=2",
+            "--resume",
+            "latest",
+        ],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let steps: Vec<u64> = losses_by_step(&metrics).iter().map(|p| p.0).collect();
+    assert_eq!(steps.last(), Some(&40));
+    // Every step is logged once: the resumed log continues where the checkpoint was.
+    let mut unique = steps.clone();
+    unique.dedup();
+    assert_eq!(unique, steps);
+    assert!(out.join("checkpoint-40/model.safetensors").exists());
+}

@@ -148,6 +148,15 @@ fn decode_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 
 /// Loads `config.json` and the weights of a Hugging Face Llama checkpoint directory.
 pub fn load_pretrained(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama)> {
+    load_pretrained_with_ids(dir, device, None)
+}
+
+/// [`load_pretrained`], giving parameters the ids they had when saved (for resuming).
+pub fn load_pretrained_with_ids(
+    dir: &Path,
+    device: &Device,
+    ids: Option<&HashMap<String, u64>>,
+) -> Result<(LlamaConfig, Llama)> {
     if !dir.is_dir() {
         return Err(LlamaError::Config {
             path: dir.to_path_buf(),
@@ -164,10 +173,15 @@ pub fn load_pretrained(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llam
     let config = LlamaConfig::from_hf_file(&config_path)?;
     let weights = SafetensorsDir::open(dir)?;
     let mut used = Vec::new();
-    let model = build_llama(&config, device, &mut |name, shape| {
-        used.push(name.to_string());
-        weights.read_f32(name, shape)
-    })?;
+    let model = build_llama(
+        &config,
+        device,
+        &mut |name, shape| {
+            used.push(name.to_string());
+            weights.read_f32(name, shape)
+        },
+        ids,
+    )?;
     let mut unexpected: Vec<&str> = weights
         .names()
         .filter(|n| !used.iter().any(|u| u == n) && !is_ignorable(n) && *n != "score.weight")
@@ -189,13 +203,18 @@ pub fn load_pretrained(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llam
 /// reference code, ones for the norms. The same seed gives the same model.
 pub fn init_random(config: &LlamaConfig, device: &Device, seed: u64) -> Result<Llama> {
     let mut rng = StdRng::seed_from_u64(seed);
-    build_llama(config, device, &mut |name, shape| {
-        let n: usize = shape.iter().product();
-        if name.ends_with("norm.weight") {
-            return Ok(vec![1.0; n]);
-        }
-        Ok((0..n).map(|_| 0.02 * standard_normal(&mut rng)).collect())
-    })
+    build_llama(
+        config,
+        device,
+        &mut |name, shape| {
+            let n: usize = shape.iter().product();
+            if name.ends_with("norm.weight") {
+                return Ok(vec![1.0; n]);
+            }
+            Ok((0..n).map(|_| 0.02 * standard_normal(&mut rng)).collect())
+        },
+        None,
+    )
 }
 
 /// Box-Muller; enough for initialisation and keeps the dependency list short.

@@ -8,7 +8,9 @@ pub mod error;
 pub mod generate;
 pub mod model;
 
-pub use checkpoint::{init_random, load_pretrained, save_pretrained, SaveDtype, SaveOptions};
+pub use checkpoint::{
+    init_random, load_pretrained, load_pretrained_with_ids, save_pretrained, SaveDtype, SaveOptions,
+};
 pub use config::{load_config, LlamaConfig};
 pub use device::parse_device;
 pub use error::{LlamaError, Result};

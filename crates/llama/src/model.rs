@@ -4,7 +4,9 @@
 //! Tensors are laid out `[batch, time, ...]`. Attention takes an explicit position per token and
 //! a key mask, so left padding, right padding and a KV cache all go through the same code.
 
-use burn::module::{Module, Param};
+use std::collections::HashMap;
+
+use burn::module::{Module, Param, ParamId};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
@@ -357,11 +359,29 @@ pub type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> crate::error::Result<Ve
 /// Builds a model whose every tensor comes from `source` (a checkpoint, or random init),
 /// named as in Hugging Face checkpoints. Linear weights are given in PyTorch's
 /// `[out, in]` layout; `source` returns host data and the shape it was asked for.
+///
+/// `ids` gives parameters fixed ids by name (a resumed run needs the ids its optimizer state was
+/// saved under); other parameters get fresh ids.
 pub fn build_llama(
     config: &LlamaConfig,
     device: &Device,
     source: &mut WeightSource<'_>,
+    ids: Option<&HashMap<String, u64>>,
 ) -> crate::error::Result<Llama> {
+    let param = |name: &str, tensor: Tensor<2>| -> Param<Tensor<2>> {
+        let mut p = Param::from_tensor(tensor);
+        if let Some(&id) = ids.and_then(|m| m.get(name)) {
+            p.id = ParamId::from(id);
+        }
+        p
+    };
+    let param1 = |name: &str, tensor: Tensor<1>| -> Param<Tensor<1>> {
+        let mut p = Param::from_tensor(tensor);
+        if let Some(&id) = ids.and_then(|m| m.get(name)) {
+            p.id = ParamId::from(id);
+        }
+        p
+    };
     let d = config.hidden_size;
     let kv = config.kv_dim();
     let ff = config.intermediate_size;
@@ -370,10 +390,13 @@ pub fn build_llama(
     let mut linear = |name: &str, d_in: usize, d_out: usize| -> crate::error::Result<Linear> {
         let data = source(name, &[d_out, d_in])?;
         Ok(Linear {
-            weight: Param::from_tensor(Tensor::from_data(
-                TensorData::new(transpose(&data, d_out, d_in), [d_in, d_out]),
-                device,
-            )),
+            weight: param(
+                name,
+                Tensor::from_data(
+                    TensorData::new(transpose(&data, d_out, d_in), [d_in, d_out]),
+                    device,
+                ),
+            ),
             bias: None,
         })
     };
@@ -405,7 +428,7 @@ pub fn build_llama(
     let mut norm = |name: &str| -> crate::error::Result<RmsNorm> {
         let data = source(name, &[d])?;
         Ok(RmsNorm {
-            gamma: Param::from_tensor(Tensor::from_data(TensorData::new(data, [d]), device)),
+            gamma: param1(name, Tensor::from_data(TensorData::new(data, [d]), device)),
             epsilon: config.rms_norm_eps,
         })
     };
@@ -423,10 +446,10 @@ pub fn build_llama(
     let embed = source("model.embed_tokens.weight", &[vocab, d])?;
     Ok(Llama {
         embed_tokens: Embedding {
-            weight: Param::from_tensor(Tensor::from_data(
-                TensorData::new(embed, [vocab, d]),
-                device,
-            )),
+            weight: param(
+                "model.embed_tokens.weight",
+                Tensor::from_data(TensorData::new(embed, [vocab, d]), device),
+            ),
         },
         layers: decoder,
         norm: final_norm,
@@ -522,4 +545,19 @@ pub fn to_host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .try_into_vec_as::<f32>()
         .expect("a float tensor converted to f32 reads back as f32")
+}
+
+/// Every parameter's id by Hugging Face name, to save beside optimizer state.
+pub fn param_ids(model: &Llama) -> HashMap<String, u64> {
+    hf_params(model)
+        .into_iter()
+        .map(|(name, p)| {
+            let id = match p {
+                ParamRef::Linear(l) => l.weight.id,
+                ParamRef::Norm(n) => n.gamma.id,
+                ParamRef::Embedding(e) => e.weight.id,
+            };
+            (name, id.val())
+        })
+        .collect()
 }

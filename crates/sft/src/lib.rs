@@ -1,4 +1,5 @@
-//! Supervised fine-tuning. So far: the loss, with the normalisation that makes gradient
-//! accumulation exact. The training loop follows.
+//! Supervised fine-tuning: the loss (normalised so gradient accumulation is exact) and the
+//! training loop behind `train sft --recipe`.
 
 pub mod loss;
+pub mod train;
