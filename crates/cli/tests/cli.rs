@@ -421,9 +421,22 @@ fn data_inspect_stops_or_skips_on_bad_records() {
     );
 }
 
+/// Runs `train sft` on the tiny recipe, on LLAMA_TEST_DEVICE when set (flex by default).
 fn sft(out: &Path, extra: &[&str]) -> (Output, Vec<serde_json::Value>) {
     let dir = format!("output.dir=\"{}\"", out.display());
-    let mut args = vec!["sft", "--recipe", "recipes/sft-tiny.toml", "--set", &dir];
+    let device = format!(
+        "runtime.device=\"{}\"",
+        std::env::var("LLAMA_TEST_DEVICE").unwrap_or_else(|_| "flex".into())
+    );
+    let mut args = vec![
+        "sft",
+        "--recipe",
+        "recipes/sft-tiny.toml",
+        "--set",
+        &dir,
+        "--set",
+        &device,
+    ];
     args.extend_from_slice(extra);
     let run = train(&args);
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -462,6 +475,25 @@ fn sft_trains_deterministically_and_writes_a_usable_checkpoint() {
     let last: f64 = losses(&a)[27..].iter().sum::<f64>() / 3.0;
     assert!(last < first - 0.5, "loss should fall: {first} -> {last}");
     assert_eq!(a.iter().filter(|v| v.get("eval_loss").is_some()).count(), 3);
+    // TensorBoard event files: TFRecord frames (length, crc, data, crc) back to back, holding
+    // the scalar tags.
+    let events: Vec<_> = std::fs::read_dir(tmp.path().join("a/tensorboard"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(events.len(), 1);
+    let bytes = std::fs::read(&events[0]).unwrap();
+    let mut at = 0;
+    let mut records = 0;
+    while at < bytes.len() {
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        at += 8 + 4 + len + 4;
+        records += 1;
+    }
+    assert_eq!(at, bytes.len(), "TFRecord framing");
+    assert!(records > 30);
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains("train/loss") && text.contains("eval/eval_loss"));
     // The checkpoint is a Hugging Face directory that generate reads, and the resolved recipe
     // sits beside it.
     let checkpoint = tmp.path().join("a/checkpoint-30");
@@ -505,6 +537,27 @@ fn sft_bad_recipes_fail_before_training() {
     );
     let (run, _) = sft(&tmp.path().join("x"), &["--set", "train.learning_rate=1"]);
     assert_user_error(&run, "learning_rate");
+    // A diverging run stops with a clear message and keeps its last good checkpoint.
+    let (run, _) = sft(
+        &tmp.path().join("nan"),
+        &[
+            "--set",
+            "train.lr=1e30",
+            "--set",
+            "train.grad_clip=1e30",
+            "--set",
+            "train.warmup_steps=0",
+            "--set",
+            "train.save_every=1",
+            "--set",
+            "train.max_steps=50",
+        ],
+    );
+    assert_user_error(&run, "diverged");
+    assert!(tmp
+        .path()
+        .join("nan/checkpoint-1/model.safetensors")
+        .exists());
 }
 
 fn copy_tree(from: &Path, to: &Path) {

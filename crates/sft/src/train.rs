@@ -2,8 +2,6 @@
 //! whose gradients accumulate to the global batch.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -151,16 +149,8 @@ fn evaluate(model: &Llama, dataset: &SequenceDataset, batch_size: usize, pad: u3
         .sum()
 }
 
-struct Metrics {
-    file: File,
-    path: PathBuf,
-}
-
-impl Metrics {
-    fn write(&mut self, value: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{value}").map_err(io_err(&self.path))?;
-        self.file.flush().map_err(io_err(&self.path))
-    }
+fn metrics_file(out: &Path) -> PathBuf {
+    out.join("metrics.jsonl")
 }
 
 fn total_steps_of(recipe: &Recipe, train_set: &SequenceDataset) -> usize {
@@ -247,31 +237,9 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             "the checkpoint is at step {start_step}; nothing left to train (raise train.max_steps)"
         )));
     }
-    let metrics_path = out.join("metrics.jsonl");
-    // A resumed run keeps the log up to its checkpoint and continues it.
-    let kept: String = std::fs::read_to_string(&metrics_path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|line| {
-            serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| (s as usize) <= start_step)
-        })
-        .map(|line| format!("{line}\n"))
-        .collect();
-    if resume.is_none() {
-        std::fs::write(&metrics_path, "").map_err(io_err(&metrics_path))?;
-    } else {
-        std::fs::write(&metrics_path, kept).map_err(io_err(&metrics_path))?;
-    }
-    let mut metrics = Metrics {
-        file: std::fs::OpenOptions::new()
-            .append(true)
-            .open(&metrics_path)
-            .map_err(io_err(&metrics_path))?,
-        path: metrics_path,
-    };
+    let mut metrics =
+        trainer::metrics::MetricsLogger::open(out, start_step, total_steps_of(recipe, &train_set))
+            .map_err(io_err(out))?;
 
     let lengths = train_set.lengths();
     let steps_per_epoch = lengths.len().div_ceil(train.batch_size);
@@ -346,18 +314,23 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
         last_loss = loss_value;
 
         let done = step + 1;
+        metrics.progress(done);
         if done % train.log_every.max(1) == 0 || done == total_steps {
             let seconds = window_start.elapsed().as_secs_f64().max(1e-9);
-            let line = serde_json::json!({
-                "step": done, "epoch": epoch, "loss": loss_value, "lr": lr,
-                "grad_norm": grad_norm, "tokens_per_sec": window_tokens as f64 / seconds,
-                "trained_tokens": trained,
-            });
-            eprintln!(
-                "step {done}/{total_steps}  loss {loss_value:.4}  lr {lr:.2e}  grad_norm {grad_norm:.3}  {:.0} tokens/s",
-                window_tokens as f64 / seconds
-            );
-            metrics.write(line)?;
+            metrics
+                .log(
+                    "train",
+                    done,
+                    &[
+                        ("loss", loss_value),
+                        ("lr", lr),
+                        ("grad_norm", grad_norm),
+                        ("tokens_per_sec", window_tokens as f64 / seconds),
+                        ("trained_tokens", trained as f64),
+                        ("epoch", epoch as f64),
+                    ],
+                )
+                .map_err(io_err(metrics_file(out).as_path()))?;
             window_tokens = 0;
             window_start = Instant::now();
         }
@@ -365,13 +338,13 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             && ((train.eval_every > 0 && done % train.eval_every == 0) || done == total_steps);
         if eval_now {
             let loss = evaluate(&model.valid(), &eval_set, micro, pad);
-            eprintln!(
-                "step {done}: eval_loss {loss:.4} (perplexity {:.2})",
-                loss.exp()
-            );
-            metrics.write(
-                serde_json::json!({"step": done, "eval_loss": loss, "eval_perplexity": loss.exp()}),
-            )?;
+            metrics
+                .log(
+                    "eval",
+                    done,
+                    &[("eval_loss", loss), ("eval_perplexity", loss.exp())],
+                )
+                .map_err(io_err(metrics_file(out).as_path()))?;
             eval_loss = Some(loss);
         }
         if train.save_every > 0 && done % train.save_every == 0 && done != total_steps {
@@ -386,6 +359,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
         total_steps,
         total_steps,
     )?;
+    metrics.finish();
     eprintln!(
         "finished {total_steps} steps in {:.1} s; checkpoint {}",
         started.elapsed().as_secs_f64(),

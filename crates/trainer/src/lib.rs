@@ -1,7 +1,8 @@
-//! The training core shared by every trainer. So far: the recipe schema (the TOML contract users
-//! and tests rely on) with command-line overrides. Optimizer, schedules, checkpoints and metrics
-//! follow with the SFT trainer.
+//! The training core shared by every trainer: the recipe schema (the TOML contract users and
+//! tests rely on) with command-line overrides, the optimizer and its parameter selection,
+//! learning-rate schedules, and metrics.
 
+pub mod metrics;
 pub mod optim;
 pub mod recipe;
 pub mod schedule;
