@@ -11,6 +11,22 @@ pub enum BenchCommand {
     Generate(GenerateBench),
     /// Data pipeline throughput: read + validate + tokenize + batch
     Data(DataBench),
+    /// Training throughput: tokens/s of full SFT steps on the recipe's model and batch shape
+    Sft(SftBench),
+}
+
+#[derive(Args)]
+pub struct SftBench {
+    #[arg(long)]
+    recipe: PathBuf,
+    /// Override a recipe value (repeatable), e.g. --set runtime.device=tch:cpu
+    #[arg(long)]
+    set: Vec<String>,
+    /// Timed steps (after one warm-up step)
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -56,6 +72,32 @@ pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Generate(args) => bench_generate(args),
         BenchCommand::Data(args) => bench_data(args),
+        BenchCommand::Sft(args) => {
+            let recipe = trainer::Recipe::load(&args.recipe, &args.set)?;
+            let rate = sft::train::bench(&recipe, args.steps.max(1))?;
+            let t = &recipe.train;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "device": recipe.runtime.device, "batch_size": t.batch_size,
+                        "micro_batch_size": recipe.micro_batch_size(),
+                        "seq_len": recipe.data.max_seq_len, "steps": args.steps,
+                        "tokens_per_sec": rate,
+                    })
+                );
+            } else {
+                println!(
+                    "{}: {:.0} tokens/s (batch {} x {} tokens, micro-batch {})",
+                    recipe.runtime.device,
+                    rate,
+                    t.batch_size,
+                    recipe.data.max_seq_len,
+                    recipe.micro_batch_size()
+                );
+            }
+            Ok(())
+        }
     }
 }
 

@@ -419,3 +419,54 @@ fn save(
     }
     Ok(dir)
 }
+
+/// Tokens/s of full training steps (forward, loss, backward, clipping, AdamW) on random full-length
+/// sequences of the recipe's batch shape, after one warm-up step. A benchmark, not a test.
+pub fn bench(recipe: &Recipe, steps: usize) -> Result<f64> {
+    use rand::{Rng, SeedableRng};
+    let train = &recipe.train;
+    let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
+    let (config, mut model) = load_model(recipe, &device)?;
+    let mut optimizer = adamw(train);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(train.seed);
+    let len = recipe.data.max_seq_len;
+    let items: Vec<SequenceItem> = (0..train.batch_size)
+        .map(|_| {
+            let ids: Vec<u32> = (0..len)
+                .map(|_| rng.random_range(3..config.vocab_size as u32))
+                .collect();
+            SequenceItem {
+                trained: vec![true; len],
+                positions: (0..len).collect(),
+                segments: vec![0; len],
+                ids,
+            }
+        })
+        .collect();
+    let micro_batches: Vec<SequenceBatch> = items
+        .chunks(recipe.micro_batch_size())
+        .map(|c| SequenceBatch::new(c, 0))
+        .collect();
+    let trained: usize = micro_batches
+        .iter()
+        .map(SequenceBatch::trained_tokens)
+        .sum();
+    let mut timed = 0.0;
+    for step in 0..=steps {
+        let start = Instant::now();
+        let mut accumulator = GradientsAccumulator::<Llama>::new();
+        for batch in &micro_batches {
+            let loss = sft_loss(&model, batch, trained);
+            accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+        }
+        let mut grads = accumulator.grads();
+        clip_grad_norm(&model, &mut grads, train.grad_clip);
+        model = optimizer.step(train.lr, model, grads);
+        // Reading a parameter back waits for the step to finish on asynchronous backends.
+        let _ = llama::model::to_host(model.norm.gamma.val());
+        if step > 0 {
+            timed += start.elapsed().as_secs_f64();
+        }
+    }
+    Ok((steps * train.batch_size * len) as f64 / timed.max(1e-9))
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""PyTorch + transformers baseline for `train bench sft`: the same model shape, batch and sequence
+length, full training steps (forward, cross-entropy, backward, global-norm clipping, AdamW).
+
+Usage: .venv/bin/python scripts/bench_sft_torch.py [--threads 2] [--batch 8] [--seq-len 256] [--steps 5]
+Prints one JSON line with tokens_per_sec.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    # configs/tiny-15m-untied.toml
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=288, intermediate_size=768, num_hidden_layers=6,
+        num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=512,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).train()
+    decay = [p for n, p in model.named_parameters() if "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if "norm" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=3e-4,
+    )
+    ids = torch.randint(3, config.vocab_size, (args.batch, args.seq_len))
+    timed = 0.0
+    for step in range(args.steps + 1):
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step > 0:
+            timed += time.perf_counter() - start
+    print(json.dumps({
+        "framework": f"torch {torch.__version__}",
+        "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
+        "threads": args.threads,
+        "tokens_per_sec": args.steps * args.batch * args.seq_len / timed,
+    }))
+
+
+if __name__ == "__main__":
+    main()
