@@ -84,7 +84,7 @@ impl RecordReader {
                 })?;
             Inner::Array(values.into_iter(), 0)
         } else {
-            // Reopen so the peeked bytes are read again (fill_buf consumed nothing useful).
+            // Reopen: the peek consumed leading blank lines, which would shift line numbers.
             Inner::Lines {
                 reader: open_decoded(path)?,
                 line: 0,

@@ -368,20 +368,7 @@ pub fn build_llama(
     source: &mut WeightSource<'_>,
     ids: Option<&HashMap<String, u64>>,
 ) -> crate::error::Result<Llama> {
-    let param = |name: &str, tensor: Tensor<2>| -> Param<Tensor<2>> {
-        let mut p = Param::from_tensor(tensor);
-        if let Some(&id) = ids.and_then(|m| m.get(name)) {
-            p.id = ParamId::from(id);
-        }
-        p
-    };
-    let param1 = |name: &str, tensor: Tensor<1>| -> Param<Tensor<1>> {
-        let mut p = Param::from_tensor(tensor);
-        if let Some(&id) = ids.and_then(|m| m.get(name)) {
-            p.id = ParamId::from(id);
-        }
-        p
-    };
+    let param = |name: &str, tensor: Tensor<2>| with_id(Param::from_tensor(tensor), name, ids);
     let d = config.hidden_size;
     let kv = config.kv_dim();
     let ff = config.intermediate_size;
@@ -428,7 +415,11 @@ pub fn build_llama(
     let mut norm = |name: &str| -> crate::error::Result<RmsNorm> {
         let data = source(name, &[d])?;
         Ok(RmsNorm {
-            gamma: param1(name, Tensor::from_data(TensorData::new(data, [d]), device)),
+            gamma: with_id(
+                Param::from_tensor(Tensor::from_data(TensorData::new(data, [d]), device)),
+                name,
+                ids,
+            ),
             epsilon: config.rms_norm_eps,
         })
     };
@@ -456,6 +447,18 @@ pub fn build_llama(
         lm_head,
         rope_theta: config.rope_theta,
     })
+}
+
+/// Gives a parameter the id saved for its name, if any.
+fn with_id<const D: usize>(
+    mut param: Param<Tensor<D>>,
+    name: &str,
+    ids: Option<&HashMap<String, u64>>,
+) -> Param<Tensor<D>> {
+    if let Some(&id) = ids.and_then(|m| m.get(name)) {
+        param.id = ParamId::from(id);
+    }
+    param
 }
 
 /// Row-major `[rows, cols]` to `[cols, rows]`.

@@ -285,13 +285,19 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             .map(SequenceBatch::trained_tokens)
             .sum();
         let mut accumulator = GradientsAccumulator::<Llama>::new();
-        let mut loss_value = 0.0f64;
+        // Summed on the device and read once per step, not once per micro-batch.
+        let mut step_loss: Option<Tensor<1>> = None;
         for batch in &micro_batches {
             let loss = sft_loss(&model, batch, trained);
-            loss_value += loss.clone().into_scalar::<f32>() as f64;
+            let detached = loss.clone().detach();
+            step_loss = Some(match step_loss.take() {
+                Some(sum) => sum + detached,
+                None => detached,
+            });
             accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
             window_tokens += batch.tokens.iter().map(Vec::len).sum::<usize>();
         }
+        let loss_value = step_loss.map_or(0.0, |l| l.into_scalar::<f32>() as f64);
         let mut grads = accumulator.grads();
         let grad_norm = clip_grad_norm(&model, &mut grads, train.grad_clip);
         if !loss_value.is_finite() || !grad_norm.is_finite() {
