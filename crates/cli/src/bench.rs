@@ -12,11 +12,13 @@ pub enum BenchCommand {
     /// Data pipeline throughput: read + validate + tokenize + batch
     Data(DataBench),
     /// Training throughput: tokens/s of full SFT steps on the recipe's model and batch shape
-    Sft(SftBench),
+    Sft(RecipeBench),
+    /// Reward models: pairs/s of training steps and of scoring, on the recipe's batch shape
+    Reward(RecipeBench),
 }
 
 #[derive(Args)]
-pub struct SftBench {
+pub struct RecipeBench {
     #[arg(long)]
     recipe: PathBuf,
     /// Override a recipe value (repeatable), e.g. --set runtime.device=tch:cpu
@@ -91,6 +93,34 @@ pub fn run(command: BenchCommand) -> Result<()> {
                     "{}: {:.0} tokens/s (batch {} x {} tokens, micro-batch {})",
                     recipe.runtime.device,
                     rate,
+                    t.batch_size,
+                    recipe.data.max_seq_len,
+                    recipe.micro_batch_size()
+                );
+            }
+            Ok(())
+        }
+        BenchCommand::Reward(args) => {
+            let recipe = trainer::Recipe::load(&args.recipe, &args.set)?;
+            let (train, score) = reward::train::bench(&recipe, args.steps.max(1))?;
+            let t = &recipe.train;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "device": recipe.runtime.device, "pairs": t.batch_size,
+                        "micro_batch_size": recipe.micro_batch_size(),
+                        "seq_len": recipe.data.max_seq_len, "steps": args.steps,
+                        "train_pairs_per_sec": train, "score_pairs_per_sec": score,
+                    })
+                );
+            } else {
+                println!(
+                    "{}: training {:.1} pairs/s, scoring {:.1} pairs/s ({} pairs x 2 x {} tokens, \
+                     micro-batch {})",
+                    recipe.runtime.device,
+                    train,
+                    score,
                     t.batch_size,
                     recipe.data.max_seq_len,
                     recipe.micro_batch_size()

@@ -37,7 +37,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         None => source_dtype(&args.checkpoint).unwrap_or(SaveDtype::F32),
     };
     let max_shard_bytes = parse_size(&args.max_shard_size)?;
-    let extra_files = match &args.tokenizer {
+    let mut extra_files = match &args.tokenizer {
         Some(file) => {
             if !file.exists() {
                 bail!("{}: tokenizer file not found", file.display());
@@ -50,7 +50,13 @@ pub fn run(args: ExportArgs) -> Result<()> {
             .filter(|p| p.exists())
             .collect(),
     };
-    if extra_files.is_empty() {
+    // A reward model's score statistics travel with it (PPO normalises with them).
+    let stats = args.checkpoint.join("reward_stats.json");
+    let has_tokenizer = !extra_files.is_empty();
+    if stats.exists() {
+        extra_files.push(stats);
+    }
+    if !has_tokenizer {
         eprintln!(
             "warning: {} has no tokenizer files; the export will have none (use --tokenizer)",
             args.checkpoint.display()

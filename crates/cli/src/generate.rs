@@ -56,7 +56,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.model.join("tokenizer.json"));
     let tokenizer = load_tokenizer(&tokenizer_path)?;
-    let (config, model) = llama::load_pretrained(&args.model, &device)
+    let (config, model) = llama::load_pretrained_as(&args.model, &device, llama::Head::Lm, 0)
         .with_context(|| format!("loading model {}", args.model.display()))?;
     if tokenizer.vocab_size() > config.vocab_size {
         bail!(

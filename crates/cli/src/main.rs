@@ -6,7 +6,8 @@ mod data_cmd;
 mod export;
 mod generate;
 mod info;
-mod sft_cmd;
+mod score;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -24,7 +25,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Supervised fine-tuning from a recipe
-    Sft(sft_cmd::SftArgs),
+    Sft(train_cmd::TrainArgs),
+    /// Train a reward model on preference pairs from a recipe
+    Reward(train_cmd::TrainArgs),
+    /// Score preference pairs (accuracy) or {prompt, response} records with a reward model
+    Score(score::ScoreArgs),
     /// Parameter count and full fine-tuning memory of an architecture, without building it
     Info(info::InfoArgs),
     /// Generate text from a model directory (KV-cached, batched)
@@ -34,7 +39,7 @@ enum Command {
     /// Inspect training data: counts, token lengths, rendered examples
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
-    /// Benchmarks (not tests): generation speed
+    /// Benchmarks (not tests): generation, data, SFT and reward-model throughput
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
@@ -42,7 +47,9 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Sft(args) => sft_cmd::run(args),
+        Command::Sft(args) => train_cmd::run_sft(args),
+        Command::Reward(args) => train_cmd::run_reward(args),
+        Command::Score(args) => score::run(args),
         Command::Info(args) => info::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Export(args) => export::run(args),

@@ -1,43 +1,11 @@
 //! The `train` binary end to end: info, generate and export, and its errors for bad input.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn golden(name: &str) -> PathBuf {
-    root().join("tests/fixtures/golden").join(name)
-}
-
-fn train(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_train"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("run train")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A user mistake: non-zero exit, one line on stderr naming `needle`, no panic.
-fn assert_user_error(out: &Output, needle: &str) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "should fail: {err}");
-    assert!(err.contains(needle), "expected `{needle}` in: {err}");
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
-    assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
-}
+use common::*;
 
 #[test]
 fn info_gives_exact_llama2_parameter_counts() {
@@ -289,21 +257,6 @@ fn export_writes_a_loadable_directory_atomically() {
     assert_eq!(gen(&src), gen(&out));
 }
 
-/// The Python with `transformers` that scripts/test.sh found (LLAMA_PYTHON). Without it the
-/// check is skipped with a reason, unless REQUIRE_TORCH=1 (CI), where it fails.
-fn python_with_transformers() -> Option<String> {
-    match std::env::var("LLAMA_PYTHON") {
-        Ok(python) if !python.is_empty() => Some(python),
-        _ if std::env::var("REQUIRE_TORCH").as_deref() == Ok("1") => {
-            panic!("REQUIRE_TORCH=1 but LLAMA_PYTHON is not set (run scripts/test.sh)")
-        }
-        _ => {
-            eprintln!("skipped: LLAMA_PYTHON not set (scripts/test.sh sets it when .venv has transformers)");
-            None
-        }
-    }
-}
-
 #[test]
 fn exported_checkpoints_load_in_transformers_with_equal_logits() {
     let Some(python) = python_with_transformers() else {
@@ -423,28 +376,7 @@ fn data_inspect_stops_or_skips_on_bad_records() {
 
 /// Runs `train sft` on the tiny recipe, on LLAMA_TEST_DEVICE when set (flex by default).
 fn sft(out: &Path, extra: &[&str]) -> (Output, Vec<serde_json::Value>) {
-    let dir = format!("output.dir=\"{}\"", out.display());
-    let device = format!(
-        "runtime.device=\"{}\"",
-        std::env::var("LLAMA_TEST_DEVICE").unwrap_or_else(|_| "flex".into())
-    );
-    let mut args = vec![
-        "sft",
-        "--recipe",
-        "recipes/sft-tiny.toml",
-        "--set",
-        &dir,
-        "--set",
-        &device,
-    ];
-    args.extend_from_slice(extra);
-    let run = train(&args);
-    let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (run, metrics)
+    run_recipe("sft", "recipes/sft-tiny.toml", out, extra)
 }
 
 #[test]
@@ -558,26 +490,6 @@ fn sft_bad_recipes_fail_before_training() {
         .path()
         .join("nan/checkpoint-1/model.safetensors")
         .exists());
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dest = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_tree(&entry.path(), &dest);
-        } else {
-            std::fs::copy(entry.path(), dest).unwrap();
-        }
-    }
-}
-
-fn losses_by_step(metrics: &[serde_json::Value]) -> Vec<(u64, f64)> {
-    metrics
-        .iter()
-        .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()?)))
-        .collect()
 }
 
 #[test]

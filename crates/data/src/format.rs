@@ -19,16 +19,20 @@ pub enum Format {
     Prompts,
     /// `{text}`: language modelling on every token.
     Text,
+    /// `{prompt, response}`: one answer to a prompt (a string or messages ending with a user
+    /// turn); what `train score` scores, and usable as SFT data.
+    PromptResponse,
 }
 
 impl Format {
-    pub const ALL: [Format; 6] = [
+    pub const ALL: [Format; 7] = [
         Format::Alpaca,
         Format::Messages,
         Format::HhRlhf,
         Format::Preference,
         Format::Prompts,
         Format::Text,
+        Format::PromptResponse,
     ];
 
     pub fn name(self) -> &'static str {
@@ -39,6 +43,7 @@ impl Format {
             Format::Preference => "preference",
             Format::Prompts => "prompts",
             Format::Text => "text",
+            Format::PromptResponse => "prompt-response",
         }
     }
 
@@ -71,6 +76,9 @@ impl Format {
             } else {
                 Format::Messages
             });
+        }
+        if has("prompt") && has("response") {
+            return Some(Format::PromptResponse);
         }
         if has("prompt") {
             return Some(Format::Prompts);
@@ -525,5 +533,10 @@ pub fn parse_record(format: Format, value: &Value) -> Parsed<Example> {
             Ok(Example::Prompt { messages, category })
         }
         Format::Text => Ok(Example::Text(non_empty(value, "text")?.to_string())),
+        Format::PromptResponse => {
+            let mut messages = parse_prompt(value, "prompt")?;
+            messages.push(Message::new(Role::Assistant, non_empty(value, "response")?));
+            Ok(Example::Dialog(messages))
+        }
     }
 }

@@ -514,3 +514,40 @@ fn mixtures_take_counts_and_fractions_deterministically() {
         .to_string();
     assert!(unknown.contains("trian"), "{unknown}");
 }
+
+#[test]
+fn prompt_response_records_render_as_a_dialog_ending_with_the_response() {
+    let value = serde_json::json!({"prompt": "Name a fruit.", "response": "A banana."});
+    assert_eq!(Format::detect(&value), Some(Format::PromptResponse));
+    let Example::Dialog(messages) = parse_record(Format::PromptResponse, &value).unwrap() else {
+        panic!("a dialog");
+    };
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[1].content, "A banana.");
+    // The same ids as the preference pair with that answer as `chosen`.
+    let tok = tokenizer();
+    let (Some(Tokenized::Sequence(seq)), _) = data::tokenize_example(
+        &tok,
+        &Example::Dialog(messages),
+        &policy(256, Truncation::Drop),
+    )
+    .unwrap() else {
+        panic!("a sequence");
+    };
+    let pair =
+        serde_json::json!({"prompt": "Name a fruit.", "chosen": "A banana.", "rejected": "No."});
+    let example = parse_record(Format::Preference, &pair).unwrap();
+    let (Some(Tokenized::Pair { chosen, .. }), _) =
+        data::tokenize_example(&tok, &example, &policy(256, Truncation::Drop)).unwrap()
+    else {
+        panic!("a pair");
+    };
+    assert_eq!(seq.ids, chosen.ids);
+    // A missing or empty response names the field.
+    let err = parse_record(
+        Format::PromptResponse,
+        &serde_json::json!({"prompt": "x", "response": ""}),
+    )
+    .unwrap_err();
+    assert_eq!(err.field.as_deref(), Some("response"));
+}

@@ -14,7 +14,7 @@ use safetensors::SafeTensors;
 
 use crate::config::LlamaConfig;
 use crate::error::{io_err, LlamaError, Result};
-use crate::model::{build_llama, hf_params, Llama};
+use crate::model::{build_llama, hf_params, Head, Llama};
 
 /// Tensors some exporters leave in checkpoints that carry no learned weights.
 fn is_ignorable(name: &str) -> bool {
@@ -146,7 +146,8 @@ fn decode_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     })
 }
 
-/// Loads `config.json` and the weights of a Hugging Face Llama checkpoint directory.
+/// Loads `config.json` and the weights of a Hugging Face Llama checkpoint directory, with the
+/// head it holds: `LlamaForCausalLM`, or `LlamaForSequenceClassification` (a reward model).
 pub fn load_pretrained(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama)> {
     load_pretrained_with_ids(dir, device, None)
 }
@@ -156,6 +157,29 @@ pub fn load_pretrained_with_ids(
     dir: &Path,
     device: &Device,
     ids: Option<&HashMap<String, u64>>,
+) -> Result<(LlamaConfig, Llama)> {
+    load_dir(dir, device, None, ids, 0)
+}
+
+/// Loads a checkpoint with the requested head. A scalar head that the checkpoint lacks (an SFT
+/// or base model becoming a reward or value model) starts near zero from `seed`, and a
+/// language-model head in the file is then left unused. Asking for a language-model head from
+/// a reward model is an error.
+pub fn load_pretrained_as(
+    dir: &Path,
+    device: &Device,
+    head: Head,
+    seed: u64,
+) -> Result<(LlamaConfig, Llama)> {
+    load_dir(dir, device, Some(head), None, seed)
+}
+
+fn load_dir(
+    dir: &Path,
+    device: &Device,
+    head: Option<Head>,
+    ids: Option<&HashMap<String, u64>>,
+    seed: u64,
 ) -> Result<(LlamaConfig, Llama)> {
     if !dir.is_dir() {
         return Err(LlamaError::Config {
@@ -172,11 +196,32 @@ pub fn load_pretrained_with_ids(
     }
     let config = LlamaConfig::from_hf_file(&config_path)?;
     let weights = SafetensorsDir::open(dir)?;
+    let has_score = weights.names().any(|n| n == "score.weight");
+    let has_lm_head = weights.names().any(|n| n == "lm_head.weight");
+    let stored = if has_score && !has_lm_head {
+        Head::Score
+    } else {
+        Head::Lm
+    };
+    let head = head.unwrap_or(stored);
+    if head == Head::Lm && stored == Head::Score {
+        return Err(LlamaError::Config {
+            path: dir.to_path_buf(),
+            message: "this is a reward model (a scalar `score` head): it has no language-model \
+                      head to generate or train with"
+                .into(),
+        });
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
     let mut used = Vec::new();
     let model = build_llama(
         &config,
         device,
+        head,
         &mut |name, shape| {
+            if name == "score.weight" && !has_score {
+                return Ok(init_values(name, shape, &mut rng));
+            }
             used.push(name.to_string());
             weights.read_f32(name, shape)
         },
@@ -184,7 +229,10 @@ pub fn load_pretrained_with_ids(
     )?;
     let mut unexpected: Vec<&str> = weights
         .names()
-        .filter(|n| !used.iter().any(|u| u == n) && !is_ignorable(n) && *n != "score.weight")
+        .filter(|n| {
+            let dropped_head = head == Head::Score && *n == "lm_head.weight";
+            !(used.iter().any(|u| u == n) || is_ignorable(n) || dropped_head)
+        })
         .collect();
     unexpected.sort();
     if let Some(first) = unexpected.first() {
@@ -202,19 +250,40 @@ pub fn load_pretrained_with_ids(
 /// A model with freshly initialised weights: normal(0, 0.02) for matrices as in the Llama
 /// reference code, ones for the norms. The same seed gives the same model.
 pub fn init_random(config: &LlamaConfig, device: &Device, seed: u64) -> Result<Llama> {
+    init_random_with_head(config, device, Head::Lm, seed)
+}
+
+/// [`init_random`] with the given head.
+pub fn init_random_with_head(
+    config: &LlamaConfig,
+    device: &Device,
+    head: Head,
+    seed: u64,
+) -> Result<Llama> {
     let mut rng = StdRng::seed_from_u64(seed);
     build_llama(
         config,
         device,
-        &mut |name, shape| {
-            let n: usize = shape.iter().product();
-            if name.ends_with("norm.weight") {
-                return Ok(vec![1.0; n]);
-            }
-            Ok((0..n).map(|_| 0.02 * standard_normal(&mut rng)).collect())
-        },
+        head,
+        &mut |name, shape| Ok(init_values(name, shape, &mut rng)),
         None,
     )
+}
+
+/// Initial values of one tensor: ones for norms; for the scalar head, normal with standard
+/// deviation 0.02 / sqrt(hidden), so that scores start near zero whatever the width; normal(0,
+/// 0.02) for every other matrix.
+fn init_values(name: &str, shape: &[usize], rng: &mut StdRng) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    if name.ends_with("norm.weight") {
+        return vec![1.0; n];
+    }
+    let std = if name == "score.weight" {
+        0.02 / (n as f32).sqrt()
+    } else {
+        0.02
+    };
+    (0..n).map(|_| std * standard_normal(rng)).collect()
 }
 
 /// Box-Muller; enough for initialisation and keeps the dependency list short.
@@ -333,7 +402,28 @@ pub fn save_pretrained(
     std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
 
     write_weights(model, &partial, options)?;
-    let config_json = config.to_hf_json("LlamaForCausalLM", options.dtype.torch_name());
+    let mut config_json = match model.head() {
+        Head::Lm => config.to_hf_json("LlamaForCausalLM", options.dtype.torch_name()),
+        Head::Score => {
+            if config.pad_token_id.is_none() {
+                return Err(LlamaError::Invalid(
+                    "a reward model needs `pad_token_id`: transformers finds the last real \
+                     token of each sequence by it"
+                        .into(),
+                ));
+            }
+            let mut json =
+                config.to_hf_json("LlamaForSequenceClassification", options.dtype.torch_name());
+            json["num_labels"] = 1.into();
+            json["id2label"] = serde_json::json!({"0": "LABEL_0"});
+            json["label2id"] = serde_json::json!({"LABEL_0": 0});
+            json
+        }
+    };
+    if model.head() == Head::Score {
+        // There is no output embedding to tie.
+        config_json["tie_word_embeddings"] = false.into();
+    }
     write_json(&partial.join("config.json"), &config_json)?;
     let mut generation = serde_json::json!({
         "bos_token_id": config.bos_token_id,
@@ -342,7 +432,9 @@ pub fn save_pretrained(
     if let Some(pad) = config.pad_token_id {
         generation["pad_token_id"] = pad.into();
     }
-    write_json(&partial.join("generation_config.json"), &generation)?;
+    if model.head() == Head::Lm {
+        write_json(&partial.join("generation_config.json"), &generation)?;
+    }
     for file in &options.extra_files {
         if let Some(name) = file.file_name() {
             let dest = partial.join(name);

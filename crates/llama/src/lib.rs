@@ -9,10 +9,11 @@ pub mod generate;
 pub mod model;
 
 pub use checkpoint::{
-    init_random, load_pretrained, load_pretrained_with_ids, save_pretrained, SaveDtype, SaveOptions,
+    init_random, init_random_with_head, load_pretrained, load_pretrained_as,
+    load_pretrained_with_ids, save_pretrained, SaveDtype, SaveOptions,
 };
 pub use config::{load_config, LlamaConfig};
 pub use device::parse_device;
 pub use error::{LlamaError, Result};
 pub use generate::{generate, Generated, SamplingParams};
-pub use model::{KvCache, Llama, StepInput};
+pub use model::{Head, KvCache, Llama, StepInput};

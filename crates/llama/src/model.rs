@@ -49,9 +49,22 @@ pub struct Llama {
     pub embed_tokens: Embedding,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
-    /// `None` when the head is tied to `embed_tokens`.
+    /// `None` when the head is tied to `embed_tokens` (or the model has a scalar head).
     pub lm_head: Option<Linear>,
+    /// The scalar head of a reward or value model (`score.weight` in Hugging Face's
+    /// `LlamaForSequenceClassification`); such a model has no language-model head.
+    pub score: Option<Linear>,
     pub rope_theta: f64,
+}
+
+/// Which head sits on the decoder's final hidden states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// Next-token logits (`LlamaForCausalLM`): `lm_head.weight`, or tied to the embeddings.
+    Lm,
+    /// One number per position (`LlamaForSequenceClassification`, `num_labels = 1`):
+    /// `score.weight`, shape `[1, hidden]`.
+    Score,
 }
 
 /// Keys and values of the tokens seen so far, one entry per layer, each `[batch, kv_heads,
@@ -270,8 +283,46 @@ impl Llama {
         self.norm.forward(x)
     }
 
+    pub fn head(&self) -> Head {
+        if self.score.is_some() {
+            Head::Score
+        } else {
+            Head::Lm
+        }
+    }
+
+    /// The scalar head at every position, `[batch, time]`: a reward model's score or a value
+    /// model's estimate. Panics on a language model (callers check [`Llama::head`]).
+    pub fn scalar_outputs(&self, hidden: Tensor<3>) -> Tensor<2> {
+        let head = self
+            .score
+            .as_ref()
+            .expect("scalar_outputs needs a model with a scalar head");
+        let [b, t, _] = hidden.dims();
+        head.forward(hidden).reshape([b, t])
+    }
+
+    /// A reward model's score of each sequence `[batch]`, read at the row's last real token
+    /// (never at padding, whichever side the rows are padded on).
+    pub fn last_token_scores(&self, input: &StepInput) -> Tensor<1> {
+        let rows = input.tokens.len();
+        let last: Vec<i64> = input
+            .valid
+            .iter()
+            .map(|row| row.iter().rposition(|&v| v).unwrap_or(0) as i64)
+            .collect();
+        let index = Tensor::<2, Int>::from_data(TensorData::new(last, [rows, 1]), &self.device());
+        self.scalar_outputs(self.hidden_states(input, None))
+            .gather(1, index)
+            .reshape([rows])
+    }
+
     /// Next-token logits `[batch, time, vocab]` for the given hidden states.
     pub fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        assert!(
+            self.score.is_none(),
+            "a model with a scalar head has no next-token logits"
+        );
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
@@ -365,6 +416,7 @@ pub type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> crate::error::Result<Ve
 pub fn build_llama(
     config: &LlamaConfig,
     device: &Device,
+    head: Head,
     source: &mut WeightSource<'_>,
     ids: Option<&HashMap<String, u64>>,
 ) -> crate::error::Result<Llama> {
@@ -406,10 +458,10 @@ pub fn build_llama(
         };
         layers.push((p, self_attn, mlp));
     }
-    let lm_head = if config.tie_word_embeddings {
-        None
-    } else {
-        Some(linear("lm_head.weight", d, vocab)?)
+    let (lm_head, score) = match head {
+        Head::Lm if config.tie_word_embeddings => (None, None),
+        Head::Lm => (Some(linear("lm_head.weight", d, vocab)?), None),
+        Head::Score => (None, Some(linear("score.weight", d, 1)?)),
     };
 
     let mut norm = |name: &str| -> crate::error::Result<RmsNorm> {
@@ -445,6 +497,7 @@ pub fn build_llama(
         layers: decoder,
         norm: final_norm,
         lm_head,
+        score,
         rope_theta: config.rope_theta,
     })
 }
@@ -539,6 +592,9 @@ pub fn hf_params(model: &Llama) -> Vec<(String, ParamRef<'_>)> {
     out.push(("model.norm.weight".to_string(), ParamRef::Norm(&model.norm)));
     if let Some(head) = &model.lm_head {
         out.push(("lm_head.weight".to_string(), ParamRef::Linear(head)));
+    }
+    if let Some(score) = &model.score {
+        out.push(("score.weight".to_string(), ParamRef::Linear(score)));
     }
     out
 }

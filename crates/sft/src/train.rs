@@ -1,7 +1,6 @@
 //! The SFT training loop: one readable loop over optimizer steps, each made of micro-batches
 //! whose gradients accumulate to the global batch.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -10,94 +9,15 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use data::batch::{batch_order, Dataset, SequenceBatch, SequenceDataset, SequenceItem};
 use data::{load_data, Tokenized, Tokenizer};
-use llama::{Llama, LlamaConfig, SaveOptions};
+use llama::{Head, Llama, LlamaConfig};
 use trainer::optim::{adamw, clip_grad_norm};
 use trainer::schedule::{learning_rate, warmup_steps};
 use trainer::Recipe;
 
 use crate::loss::sft_loss;
 
-#[derive(Debug, thiserror::Error)]
-pub enum SftError {
-    #[error(transparent)]
-    Model(#[from] llama::LlamaError),
-    #[error(transparent)]
-    Data(#[from] data::DataError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-type Result<T> = std::result::Result<T, SftError>;
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SftError + '_ {
-    move |source| SftError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    /// Replace an output directory that holds another run.
-    pub overwrite: bool,
-    /// Continue from a checkpoint directory, or `latest` in the output directory.
-    pub resume: Option<String>,
-}
-
-/// Training state saved in every checkpoint next to the weights and `optimizer.bpk`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct TrainerState {
-    /// Optimizer steps done.
-    pub step: usize,
-    pub total_steps: usize,
-    pub seed: u64,
-    /// Parameter ids by name: the optimizer state is keyed by them.
-    pub param_ids: HashMap<String, u64>,
-}
-
-const STATE_FILE: &str = "trainer_state.json";
-const OPTIMIZER_FILE: &str = "optimizer.bpk";
-
-/// The checkpoint `resume` names: a directory, or the newest `checkpoint-N` of the run.
-pub fn find_checkpoint(out: &Path, resume: &str) -> Result<PathBuf> {
-    if resume != "latest" {
-        let dir = PathBuf::from(resume);
-        if !dir.join(STATE_FILE).exists() {
-            return Err(SftError::Invalid(format!(
-                "{}: not a training checkpoint (no {STATE_FILE})",
-                dir.display()
-            )));
-        }
-        return Ok(dir);
-    }
-    let newest = checkpoint_steps(out)?.into_iter().max().ok_or_else(|| {
-        SftError::Invalid(format!("{}: no checkpoint to resume from", out.display()))
-    })?;
-    Ok(out.join(format!("checkpoint-{newest}")))
-}
-
-fn checkpoint_steps(out: &Path) -> Result<Vec<usize>> {
-    if !out.exists() {
-        return Ok(Vec::new());
-    }
-    Ok(std::fs::read_dir(out)
-        .map_err(io_err(out))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().join(STATE_FILE).exists())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix("checkpoint-"))
-                .and_then(|n| n.parse().ok())
-        })
-        .collect())
-}
+pub use trainer::run::{find_checkpoint, RunOptions, TrainError as SftError, TrainerState};
+use trainer::run::{io_err, Result};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -106,21 +26,6 @@ pub struct Summary {
     pub final_loss: f64,
     pub eval_loss: Option<f64>,
     pub checkpoint: PathBuf,
-}
-
-/// Loads the model the recipe names: a checkpoint, or a fresh model of an architecture.
-pub fn load_model(recipe: &Recipe, device: &Device) -> Result<(LlamaConfig, Llama)> {
-    match (&recipe.model.checkpoint, &recipe.model.config) {
-        (Some(dir), _) => Ok(llama::load_pretrained(dir, device)?),
-        (None, Some(config)) => {
-            let config = llama::load_config(config)?;
-            let model = llama::init_random(&config, device, recipe.train.seed)?;
-            Ok((config, model))
-        }
-        (None, None) => Err(SftError::Invalid(
-            "[model] needs `config` or `checkpoint`".into(),
-        )),
-    }
 }
 
 fn sequences(items: Vec<data::Item>, recipe: &Recipe) -> SequenceDataset {
@@ -153,37 +58,13 @@ fn metrics_file(out: &Path) -> PathBuf {
     out.join("metrics.jsonl")
 }
 
-fn total_steps_of(recipe: &Recipe, train_set: &SequenceDataset) -> usize {
-    let steps_per_epoch = train_set.len().div_ceil(recipe.train.batch_size);
-    recipe
-        .train
-        .max_steps
-        .unwrap_or(recipe.train.epochs * steps_per_epoch)
-}
-
 /// Runs supervised fine-tuning as the recipe says.
 pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let train = &recipe.train;
     let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
     let tokenizer = Tokenizer::from_file(&recipe.model.tokenizer)?;
     let out = &recipe.output.dir;
-    let resume = match &options.resume {
-        Some(which) => Some(find_checkpoint(out, which)?),
-        None => None,
-    };
-    if resume.is_none()
-        && out.exists()
-        && std::fs::read_dir(out)
-            .map_err(io_err(out))?
-            .next()
-            .is_some()
-        && !options.overwrite
-    {
-        return Err(SftError::Invalid(format!(
-            "{}: output directory holds another run (use --overwrite to replace it)",
-            out.display()
-        )));
-    }
+    let resume = trainer::run::check_output(recipe, options)?;
 
     let data = load_data(&recipe.data, Path::new(""), &tokenizer, train.seed)?;
     if data.errors() > 0 {
@@ -201,58 +82,32 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             train.batch_size
         )));
     }
-    let (config, mut model, state) = match &resume {
-        Some(dir) => {
-            let path = dir.join(STATE_FILE);
-            let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-            let state: TrainerState = serde_json::from_str(&text)
-                .map_err(|e| SftError::Invalid(format!("{}: {e}", path.display())))?;
-            let (config, model) =
-                llama::load_pretrained_with_ids(dir, &device, Some(&state.param_ids))?;
-            (config, model, Some(state))
-        }
-        None => {
-            let (config, model) = load_model(recipe, &device)?;
-            (config, model, None)
-        }
-    };
-    if tokenizer.vocab_size() > config.vocab_size {
-        return Err(SftError::Invalid(format!(
-            "{}: tokenizer has {} tokens but the model's vocabulary is {}",
-            recipe.model.tokenizer.display(),
-            tokenizer.vocab_size(),
-            config.vocab_size
-        )));
-    }
-
-    if resume.is_none() && out.exists() {
-        std::fs::remove_dir_all(out).map_err(io_err(out))?;
-    }
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
-    let recipe_path = out.join("recipe.toml");
-    std::fs::write(&recipe_path, recipe.to_toml()).map_err(io_err(&recipe_path))?;
+    let (config, mut model, state) =
+        trainer::run::load_or_resume(recipe, &device, Head::Lm, resume.as_deref())?;
+    trainer::run::check_vocab(&tokenizer, &config, &recipe.model.tokenizer)?;
+    trainer::run::start_output(recipe, resume.is_some())?;
     let start_step = state.as_ref().map_or(0, |s| s.step);
-    if start_step >= total_steps_of(recipe, &train_set) && resume.is_some() {
+    if start_step >= trainer::run::total_steps(recipe, train_set.len()) && resume.is_some() {
         return Err(SftError::Invalid(format!(
             "the checkpoint is at step {start_step}; nothing left to train (raise train.max_steps)"
         )));
     }
-    let mut metrics =
-        trainer::metrics::MetricsLogger::open(out, start_step, total_steps_of(recipe, &train_set))
-            .map_err(io_err(out))?;
+    let mut metrics = trainer::metrics::MetricsLogger::open(
+        out,
+        start_step,
+        trainer::run::total_steps(recipe, train_set.len()),
+    )
+    .map_err(io_err(out))?;
 
     let lengths = train_set.lengths();
     let steps_per_epoch = lengths.len().div_ceil(train.batch_size);
-    let total_steps = total_steps_of(recipe, &train_set);
+    let total_steps = trainer::run::total_steps(recipe, train_set.len());
     let warmup = warmup_steps(train.warmup_steps, train.warmup_ratio, total_steps);
     let micro = recipe.micro_batch_size();
     let pad = config.pad_token_id.unwrap_or(0);
     let mut optimizer = adamw(train);
     if let Some(dir) = &resume {
-        let path = dir.join(OPTIMIZER_FILE);
-        optimizer = optimizer
-            .load(&path)
-            .map_err(|e| SftError::Invalid(format!("{}: {e}", path.display())))?;
+        optimizer = trainer::run::load_optimizer(optimizer, dir, trainer::run::OPTIMIZER_FILE)?;
         eprintln!("resuming from {} at step {start_step}", dir.display());
     }
     let mut order: Vec<Vec<usize>> = Vec::new();
@@ -379,10 +234,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     })
 }
 
-/// Writes `<output.dir>/checkpoint-<step>`: the model in Hugging Face format plus the optimizer
-/// state and `trainer_state.json`, assembled in a temporary directory and renamed into place, so
-/// a crash never leaves a half-written checkpoint. Then removes the oldest checkpoints beyond
-/// `keep_last`.
+/// Writes `<output.dir>/checkpoint-<step>`: the model, the optimizer and the trainer state.
 fn save(
     model: &Llama,
     optimizer: &burn::optim::ModuleOptimizer,
@@ -391,39 +243,17 @@ fn save(
     step: usize,
     total_steps: usize,
 ) -> Result<PathBuf> {
-    let out = &recipe.output.dir;
-    let dir = out.join(format!("checkpoint-{step}"));
-    let staging = out.join(format!(".staging-{step}"));
-    std::fs::create_dir_all(&staging).map_err(io_err(&staging))?;
-    let optimizer_path = staging.join(OPTIMIZER_FILE);
-    optimizer
-        .save(&optimizer_path)
-        .map_err(|e| SftError::Invalid(format!("{}: {e}", optimizer_path.display())))?;
-    let state = TrainerState {
-        step,
-        total_steps,
-        seed: recipe.train.seed,
-        param_ids: llama::model::param_ids(model),
-    };
-    let state_path = staging.join(STATE_FILE);
-    let text = serde_json::to_string_pretty(&state).expect("state serializes");
-    std::fs::write(&state_path, text).map_err(io_err(&state_path))?;
-    let options = SaveOptions {
-        extra_files: vec![recipe.model.tokenizer.clone(), optimizer_path, state_path],
-        overwrite: true,
-        ..SaveOptions::default()
-    };
-    llama::save_pretrained(model, config, &dir, &options)?;
-    std::fs::remove_dir_all(&staging).map_err(io_err(&staging))?;
-    if let Some(keep) = recipe.train.keep_last {
-        let mut steps = checkpoint_steps(out)?;
-        steps.sort_unstable();
-        for old in steps.iter().take(steps.len().saturating_sub(keep.max(1))) {
-            let path = out.join(format!("checkpoint-{old}"));
-            std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
-        }
-    }
-    Ok(dir)
+    trainer::run::save_checkpoint(recipe, step, |dir| {
+        trainer::run::write_model(model, config, recipe, dir)?;
+        let state = TrainerState {
+            step,
+            total_steps,
+            seed: recipe.train.seed,
+            param_ids: llama::model::param_ids(model),
+            extra: serde_json::Value::Null,
+        };
+        trainer::run::write_training_state(dir, optimizer, &state)
+    })
 }
 
 /// Tokens/s of full training steps (forward, loss, backward, clipping, AdamW) on random full-length
@@ -432,7 +262,7 @@ pub fn bench(recipe: &Recipe, steps: usize) -> Result<f64> {
     use rand::{Rng, SeedableRng};
     let train = &recipe.train;
     let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
-    let (config, mut model) = load_model(recipe, &device)?;
+    let (config, mut model) = trainer::run::load_model(recipe, &device, Head::Lm)?;
     let mut optimizer = adamw(train);
     let mut rng = rand::rngs::StdRng::seed_from_u64(train.seed);
     let len = recipe.data.max_seq_len;

@@ -1,10 +1,12 @@
 //! The training core shared by every trainer: the recipe schema (the TOML contract users and
 //! tests rely on) with command-line overrides, the optimizer and its parameter selection,
-//! learning-rate schedules, and metrics.
+//! learning-rate schedules, metrics, and the output directory with its checkpoints.
 
 pub mod metrics;
 pub mod optim;
 pub mod recipe;
+pub mod run;
 pub mod schedule;
 
 pub use recipe::{Recipe, RecipeError};
+pub use run::{RunOptions, TrainError, TrainerState};

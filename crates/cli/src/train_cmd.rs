@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 #[derive(Args)]
-pub struct SftArgs {
+pub struct TrainArgs {
     /// Recipe (TOML): [model], [data], [train], [runtime], [output]
     #[arg(long)]
     recipe: PathBuf,
@@ -19,12 +19,19 @@ pub struct SftArgs {
     resume: Option<String>,
 }
 
-pub fn run(args: SftArgs) -> Result<()> {
-    let recipe = trainer::Recipe::load(&args.recipe, &args.set)?;
-    let options = sft::train::RunOptions {
-        overwrite: args.overwrite,
-        resume: args.resume,
-    };
+impl TrainArgs {
+    fn load(&self) -> Result<(trainer::Recipe, trainer::RunOptions)> {
+        let recipe = trainer::Recipe::load(&self.recipe, &self.set)?;
+        let options = trainer::RunOptions {
+            overwrite: self.overwrite,
+            resume: self.resume.clone(),
+        };
+        Ok((recipe, options))
+    }
+}
+
+pub fn run_sft(args: TrainArgs) -> Result<()> {
+    let (recipe, options) = args.load()?;
     let summary = sft::train::run(&recipe, &options)
         .with_context(|| format!("train sft --recipe {}", args.recipe.display()))?;
     println!(
@@ -33,6 +40,22 @@ pub fn run(args: SftArgs) -> Result<()> {
             "steps": summary.steps,
             "final_loss": summary.final_loss,
             "eval_loss": summary.eval_loss,
+            "checkpoint": summary.checkpoint,
+        })
+    );
+    Ok(())
+}
+
+pub fn run_reward(args: TrainArgs) -> Result<()> {
+    let (recipe, options) = args.load()?;
+    let summary = reward::train::run(&recipe, &options)
+        .with_context(|| format!("train reward --recipe {}", args.recipe.display()))?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "steps": summary.steps,
+            "final_loss": summary.final_loss,
+            "eval": summary.eval,
             "checkpoint": summary.checkpoint,
         })
     );

@@ -1,0 +1,117 @@
+//! Helpers shared by the binary's integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn golden(name: &str) -> PathBuf {
+    root().join("tests/fixtures/golden").join(name)
+}
+
+pub fn train(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run train")
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A user mistake: non-zero exit, one line on stderr naming `needle`, no panic.
+pub fn assert_user_error(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "should fail: {err}");
+    assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
+}
+
+/// The Python with `transformers` that scripts/test.sh found (LLAMA_PYTHON). Without it the
+/// check is skipped with a reason, unless REQUIRE_TORCH=1 (CI), where it fails.
+pub fn python_with_transformers() -> Option<String> {
+    match std::env::var("LLAMA_PYTHON") {
+        Ok(python) if !python.is_empty() => Some(python),
+        _ if std::env::var("REQUIRE_TORCH").as_deref() == Ok("1") => {
+            panic!("REQUIRE_TORCH=1 but LLAMA_PYTHON is not set (run scripts/test.sh)")
+        }
+        _ => {
+            eprintln!("skipped: LLAMA_PYTHON not set (scripts/test.sh sets it when .venv has transformers)");
+            None
+        }
+    }
+}
+
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_tree(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
+
+pub fn losses_by_step(metrics: &[serde_json::Value]) -> Vec<(u64, f64)> {
+    metrics
+        .iter()
+        .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()?)))
+        .collect()
+}
+
+/// Runs `train <command> --recipe <recipe>` into `out`, on LLAMA_TEST_DEVICE when set (flex by
+/// default); returns the process output and the lines of metrics.jsonl.
+pub fn run_recipe(
+    command: &str,
+    recipe: &str,
+    out: &Path,
+    extra: &[&str],
+) -> (Output, Vec<serde_json::Value>) {
+    let dir = format!("output.dir=\"{}\"", out.display());
+    let device = format!(
+        "runtime.device=\"{}\"",
+        std::env::var("LLAMA_TEST_DEVICE").unwrap_or_else(|_| "flex".into())
+    );
+    let mut args = vec![command, "--recipe", recipe, "--set", &dir, "--set", &device];
+    args.extend_from_slice(extra);
+    let run = train(&args);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (run, metrics)
+}
+
+/// `../shared` beside the repository. Absent in a user's clone: the test is skipped with a
+/// reason, unless REQUIRE_SHARED=1 (CI), where it fails.
+pub fn shared_dir() -> Option<PathBuf> {
+    let dir = root().join("../shared");
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    if std::env::var("REQUIRE_SHARED").as_deref() == Ok("1") {
+        panic!("REQUIRE_SHARED=1 but {} is missing", dir.display());
+    }
+    eprintln!(
+        "skipped: {} not found (set REQUIRE_SHARED=1 to fail instead)",
+        dir.display()
+    );
+    None
+}

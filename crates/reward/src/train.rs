@@ -1,0 +1,384 @@
+//! The reward-model training loop: the SFT loop's shape (micro-batches accumulating to the
+//! global batch, global-norm clipping, AdamW, schedule, atomic checkpoints, exact resume), with
+//! pairs instead of sequences. `train.batch_size` counts pairs; each pair is two sequences.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::prelude::*;
+use data::batch::{batch_order, Dataset, PairBatch, PairDataset, PairItem};
+use data::{load_data, Tokenized, Tokenizer};
+use llama::{Head, Llama, LlamaConfig};
+use trainer::optim::{adamw, clip_grad_norm};
+use trainer::recipe::RewardSection;
+use trainer::run::{io_err, Result, RunOptions, TrainError, TrainerState};
+use trainer::schedule::{learning_rate, warmup_steps};
+use trainer::Recipe;
+
+use crate::eval::{score_dataset, PairEval, RewardStats};
+use crate::loss::{batch_scores, pair_loss, pair_margins};
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: usize,
+    pub final_loss: f64,
+    pub eval: Option<PairEval>,
+    pub checkpoint: PathBuf,
+}
+
+fn pairs(items: Vec<data::Item>) -> PairDataset {
+    let examples: Vec<Tokenized> = items.into_iter().map(|i| i.tokens).collect();
+    PairDataset::new(&examples)
+}
+
+fn get_all(dataset: &PairDataset, indices: &[usize]) -> Vec<PairItem> {
+    indices
+        .iter()
+        .filter_map(|&i| dataset.get(i).ok())
+        .collect()
+}
+
+/// The pad id of reward batches: the config's, else 0 (`<unk>` in Llama 2's vocabulary, never
+/// produced by its byte-fallback tokenizer). Transformers finds the last real token by it, so
+/// it must not be EOS, which ends every answer.
+pub fn reward_pad_id(config: &LlamaConfig) -> u32 {
+    config.pad_token_id.unwrap_or(0)
+}
+
+/// Trains a reward model as the recipe says.
+pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
+    let train = &recipe.train;
+    let section = recipe.reward.clone().unwrap_or_default();
+    let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
+    let tokenizer = Tokenizer::from_file(&recipe.model.tokenizer)?;
+    let out = &recipe.output.dir;
+    let resume = trainer::run::check_output(recipe, options)?;
+
+    let data = load_data(&recipe.data, Path::new(""), &tokenizer, train.seed)?;
+    if data.errors() > 0 {
+        eprintln!(
+            "skipped {} malformed records (on_error = \"skip\")",
+            data.errors()
+        );
+    }
+    let train_set = pairs(data.train);
+    let eval_set = pairs(data.eval);
+    if train_set.is_empty() {
+        return Err(TrainError::Invalid(
+            "the training data holds no preference pairs (a reward model needs `chosen` and \
+             `rejected` answers: formats preference or hh-rlhf)"
+                .into(),
+        ));
+    }
+    if train_set.len() < train.batch_size {
+        return Err(TrainError::Invalid(format!(
+            "the training data has {} pairs, fewer than one batch of {}",
+            train_set.len(),
+            train.batch_size
+        )));
+    }
+    let (mut config, mut model, state) =
+        trainer::run::load_or_resume(recipe, &device, Head::Score, resume.as_deref())?;
+    if model.head() != Head::Score {
+        return Err(TrainError::Invalid(format!(
+            "{}: not a reward model checkpoint",
+            resume.as_deref().unwrap_or(Path::new("")).display()
+        )));
+    }
+    trainer::run::check_vocab(&tokenizer, &config, &recipe.model.tokenizer)?;
+    let pad = reward_pad_id(&config);
+    config.pad_token_id = Some(pad);
+    trainer::run::start_output(recipe, resume.is_some())?;
+
+    let total_steps = trainer::run::total_steps(recipe, train_set.len());
+    let start_step = state.as_ref().map_or(0, |s| s.step);
+    if resume.is_some() && start_step >= total_steps {
+        return Err(TrainError::Invalid(format!(
+            "the checkpoint is at step {start_step}; nothing left to train (raise train.max_steps)"
+        )));
+    }
+    let metrics_path = out.join("metrics.jsonl");
+    let mut metrics =
+        trainer::metrics::MetricsLogger::open(out, start_step, total_steps).map_err(io_err(out))?;
+    let lengths = train_set.lengths();
+    let steps_per_epoch = lengths.len().div_ceil(train.batch_size);
+    let warmup = warmup_steps(train.warmup_steps, train.warmup_ratio, total_steps);
+    let micro = recipe.micro_batch_size();
+    let mut optimizer = adamw(train);
+    if let Some(dir) = &resume {
+        optimizer = trainer::run::load_optimizer(optimizer, dir, trainer::run::OPTIMIZER_FILE)?;
+        eprintln!("resuming from {} at step {start_step}", dir.display());
+    }
+    let mut order: Vec<Vec<usize>> = Vec::new();
+    let mut order_epoch = usize::MAX;
+    let mut last_eval: Option<PairEval> = None;
+    let started = Instant::now();
+    let mut window_pairs = 0usize;
+    let mut window_tokens = 0usize;
+    let mut window_start = Instant::now();
+
+    for step in start_step..total_steps {
+        let epoch = step / steps_per_epoch;
+        if epoch != order_epoch {
+            order = batch_order(
+                &lengths,
+                train.batch_size,
+                train.seed,
+                epoch as u64,
+                recipe.data.bucket_by_length,
+            );
+            order_epoch = epoch;
+        }
+        let items = get_all(&train_set, &order[step % steps_per_epoch]);
+        let global_pairs = items.len();
+        let mut accumulator = GradientsAccumulator::<Llama>::new();
+        let mut step_loss: Option<Tensor<1>> = None;
+        let mut step_accuracy: Option<Tensor<1>> = None;
+        for chunk in items.chunks(micro) {
+            let batch = PairBatch::new(chunk, pad);
+            let margins = pair_margins(&batch, &section);
+            let scores = batch_scores(&model, &batch);
+            let n = chunk.len();
+            let right = scores
+                .clone()
+                .detach()
+                .slice(0..n)
+                .greater(scores.clone().detach().slice(n..2 * n))
+                .float()
+                .sum();
+            let loss = pair_loss(scores, &margins, section.centering, global_pairs);
+            let detached = loss.clone().detach();
+            step_loss = Some(match step_loss.take() {
+                Some(sum) => sum + detached,
+                None => detached,
+            });
+            step_accuracy = Some(match step_accuracy.take() {
+                Some(sum) => sum + right,
+                None => right,
+            });
+            accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+            window_pairs += n;
+            window_tokens += batch.valid.iter().flatten().filter(|&&v| v).count();
+        }
+        let loss_value = step_loss.map_or(0.0, |l| l.into_scalar::<f32>() as f64);
+        let accuracy = step_accuracy.map_or(0.0, |a| a.into_scalar::<f32>() as f64)
+            / global_pairs.max(1) as f64;
+        let mut grads = accumulator.grads();
+        let grad_norm = clip_grad_norm(&model, &mut grads, train.grad_clip);
+        if !loss_value.is_finite() || !grad_norm.is_finite() {
+            return Err(TrainError::Invalid(format!(
+                "step {}: loss {loss_value}, gradient norm {grad_norm}: training diverged; \
+                 the last checkpoint in {} is kept",
+                step + 1,
+                out.display()
+            )));
+        }
+        let lr = learning_rate(
+            train.schedule,
+            train.lr,
+            train.min_lr_ratio,
+            warmup,
+            step,
+            total_steps,
+        );
+        model = optimizer.step(lr, model, grads);
+
+        let done = step + 1;
+        metrics.progress(done);
+        if done % train.log_every.max(1) == 0 || done == total_steps {
+            let seconds = window_start.elapsed().as_secs_f64().max(1e-9);
+            metrics
+                .log(
+                    "train",
+                    done,
+                    &[
+                        ("loss", loss_value),
+                        ("accuracy", accuracy),
+                        ("lr", lr),
+                        ("grad_norm", grad_norm),
+                        ("pairs_per_sec", window_pairs as f64 / seconds),
+                        ("tokens_per_sec", window_tokens as f64 / seconds),
+                        ("epoch", epoch as f64),
+                    ],
+                )
+                .map_err(io_err(&metrics_path))?;
+            window_pairs = 0;
+            window_tokens = 0;
+            window_start = Instant::now();
+        }
+        let eval_now = !eval_set.is_empty()
+            && ((train.eval_every > 0 && done % train.eval_every == 0) || done == total_steps);
+        if eval_now {
+            let eval = evaluate(&model, &eval_set, micro, pad, &section);
+            let mut values = vec![
+                ("eval_loss", eval.loss),
+                ("eval_accuracy", eval.accuracy),
+                ("eval_mean_margin", eval.mean_margin),
+                ("eval_reward_mean", eval.reward_mean),
+                ("eval_reward_std", eval.reward_std),
+            ];
+            let bucket_keys: Vec<String> = eval
+                .per_bucket
+                .keys()
+                .map(|k| format!("eval_accuracy/{k}"))
+                .collect();
+            for (key, bucket) in bucket_keys.iter().zip(eval.per_bucket.values()) {
+                values.push((key.as_str(), bucket.accuracy));
+            }
+            metrics
+                .log("eval", done, &values)
+                .map_err(io_err(&metrics_path))?;
+            last_eval = Some(eval);
+        }
+        let last = done == total_steps;
+        if last || (train.save_every > 0 && done % train.save_every == 0) {
+            let stats = match &last_eval {
+                Some(eval) => Some(RewardStats {
+                    mean: eval.reward_mean,
+                    std: eval.reward_std,
+                    count: 2 * eval.pairs,
+                }),
+                // Without an eval split, the final checkpoint measures on training pairs.
+                None if last => {
+                    Some(evaluate(&model, &train_set, micro, pad, &section)).map(|e| RewardStats {
+                        mean: e.reward_mean,
+                        std: e.reward_std,
+                        count: 2 * e.pairs,
+                    })
+                }
+                None => None,
+            };
+            let dir = save(
+                &model,
+                &optimizer,
+                &config,
+                recipe,
+                done,
+                total_steps,
+                stats,
+            )?;
+            if last {
+                metrics.finish();
+                eprintln!(
+                    "finished {total_steps} steps in {:.1} s; checkpoint {}",
+                    started.elapsed().as_secs_f64(),
+                    dir.display()
+                );
+                return Ok(Summary {
+                    steps: total_steps,
+                    final_loss: loss_value,
+                    eval: last_eval,
+                    checkpoint: dir,
+                });
+            }
+        }
+    }
+    unreachable!("the loop returns at its last step")
+}
+
+fn evaluate(
+    model: &Llama,
+    dataset: &PairDataset,
+    batch_pairs: usize,
+    pad: u32,
+    section: &RewardSection,
+) -> PairEval {
+    PairEval::from_scores(&score_dataset(
+        &model.valid(),
+        dataset,
+        batch_pairs,
+        pad,
+        section,
+    ))
+}
+
+fn save(
+    model: &Llama,
+    optimizer: &burn::optim::ModuleOptimizer,
+    config: &LlamaConfig,
+    recipe: &Recipe,
+    step: usize,
+    total_steps: usize,
+    stats: Option<RewardStats>,
+) -> Result<PathBuf> {
+    trainer::run::save_checkpoint(recipe, step, |dir| {
+        trainer::run::write_model(model, config, recipe, dir)?;
+        if let Some(stats) = stats {
+            stats.save(dir)?;
+        }
+        let state = TrainerState {
+            step,
+            total_steps,
+            seed: recipe.train.seed,
+            param_ids: llama::model::param_ids(model),
+            extra: serde_json::Value::Null,
+        };
+        trainer::run::write_training_state(dir, optimizer, &state)
+    })
+}
+
+/// Pairs/s of reward training steps (forward of both answers, loss, backward, clipping, AdamW)
+/// and of scoring without gradients, on random full-length pairs of the recipe's batch shape,
+/// each after one warm-up step. A benchmark, not a test.
+pub fn bench(recipe: &Recipe, steps: usize) -> Result<(f64, f64)> {
+    use rand::{Rng, SeedableRng};
+    let train = &recipe.train;
+    let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
+    let (config, mut model) = trainer::run::load_model(recipe, &device, Head::Score)?;
+    let mut optimizer = adamw(train);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(train.seed);
+    let len = recipe.data.max_seq_len;
+    let mut random = || -> Vec<u32> {
+        (0..len)
+            .map(|_| rng.random_range(3..config.vocab_size as u32))
+            .collect()
+    };
+    let items: Vec<PairItem> = (0..train.batch_size)
+        .map(|_| PairItem {
+            chosen: random(),
+            rejected: random(),
+            prompt_len: 0,
+            rating: None,
+            margin: None,
+        })
+        .collect();
+    let batches: Vec<PairBatch> = items
+        .chunks(recipe.micro_batch_size())
+        .map(|c| PairBatch::new(c, 0))
+        .collect();
+    let section = RewardSection::default();
+    let mut train_time = 0.0;
+    for step in 0..=steps {
+        let start = Instant::now();
+        let mut accumulator = GradientsAccumulator::<Llama>::new();
+        for batch in &batches {
+            let margins = pair_margins(batch, &section);
+            let loss = pair_loss(batch_scores(&model, batch), &margins, 0.0, items.len());
+            accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+        }
+        let mut grads = accumulator.grads();
+        clip_grad_norm(&model, &mut grads, train.grad_clip);
+        model = optimizer.step(train.lr, model, grads);
+        // Reading a parameter back waits for the step to finish on asynchronous backends.
+        let _ = llama::model::to_host(model.norm.gamma.val());
+        if step > 0 {
+            train_time += start.elapsed().as_secs_f64();
+        }
+    }
+    let frozen = model.valid();
+    let mut score_time = 0.0;
+    for step in 0..=steps {
+        let start = Instant::now();
+        for batch in &batches {
+            let _ = llama::model::to_host(batch_scores(&frozen, batch));
+        }
+        if step > 0 {
+            score_time += start.elapsed().as_secs_f64();
+        }
+    }
+    let pairs = (steps * items.len()) as f64;
+    Ok((pairs / train_time.max(1e-9), pairs / score_time.max(1e-9)))
+}
