@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
     ap.add_argument("--modes", default="cache,nocache", help="comma list of: cache, nocache")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tied", action="store_true", help="tie the LM head (configs/tiny-15m.toml)")
+    ap.add_argument("--sample", action="store_true",
+                    help="sample at temperature 1 over the whole vocabulary (as PPO rollouts) instead of greedy")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -46,7 +49,7 @@ def main() -> None:
     cfg = LlamaConfig(
         vocab_size=32000, hidden_size=288, num_hidden_layers=6, num_attention_heads=6,
         num_key_value_heads=6, intermediate_size=768, max_position_embeddings=512,
-        tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=args.tied, rms_norm_eps=1e-5, rope_theta=10000.0,
         bos_token_id=1, eos_token_id=2,
     )
     cfg._attn_implementation = args.attn
@@ -64,7 +67,8 @@ def main() -> None:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(
-                input_ids=prompt, attention_mask=mask, do_sample=False, num_beams=1,
+                input_ids=prompt, attention_mask=mask, do_sample=args.sample, num_beams=1,
+                temperature=1.0, top_p=1.0, top_k=0,
                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                 eos_token_id=2, pad_token_id=0, use_cache=use_cache,
             )
@@ -87,6 +91,8 @@ def main() -> None:
             "new_tokens": args.new_tokens,
             "threads": args.threads,
             "attn": args.attn,
+            "tied": args.tied,
+            "sample": args.sample,
             "params": n_params,
             "torch": torch.__version__,
             "transformers": transformers.__version__,

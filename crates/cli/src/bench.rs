@@ -15,6 +15,8 @@ pub enum BenchCommand {
     Sft(RecipeBench),
     /// Reward models: pairs/s of training steps and of scoring, on the recipe's batch shape
     Reward(RecipeBench),
+    /// PPO: time per iteration split into generation, scoring and update (random models)
+    Ppo(RecipeBench),
 }
 
 #[derive(Args)]
@@ -96,6 +98,47 @@ pub fn run(command: BenchCommand) -> Result<()> {
                     t.batch_size,
                     recipe.data.max_seq_len,
                     recipe.micro_batch_size()
+                );
+            }
+            Ok(())
+        }
+        BenchCommand::Ppo(args) => {
+            let recipe = trainer::Recipe::load(&args.recipe, &args.set)?;
+            let reports = ppo::train::bench(&recipe, args.steps.max(1))?;
+            let mean = |f: &dyn Fn(&ppo::train::IterationReport) -> f64| {
+                reports.iter().map(f).sum::<f64>() / reports.len() as f64
+            };
+            let generation = mean(&|r| r.generation_s);
+            let scoring = mean(&|r| r.scoring_s);
+            let update = mean(&|r| r.update_s);
+            let rollout_rate = mean(&|r| r.get("rollout_tokens_per_sec").unwrap_or(0.0));
+            let prompts = recipe.train.batch_size;
+            let new_tokens = recipe.ppo.as_ref().map_or(0, |p| p.max_new_tokens);
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "device": recipe.runtime.device, "prompts": prompts,
+                        "prompt_len": recipe.data.max_seq_len, "new_tokens": new_tokens,
+                        "iterations": reports.len(), "generation_s": generation,
+                        "scoring_s": scoring, "update_s": update,
+                        "iteration_s": generation + scoring + update,
+                        "rollout_tokens_per_sec": rollout_rate,
+                    })
+                );
+            } else {
+                println!(
+                    "{}: {:.1} s per iteration = generation {:.1} s ({:.0} tokens/s) + scoring \
+                     {:.1} s + update {:.1} s ({} prompts of {} tokens, {} new tokens)",
+                    recipe.runtime.device,
+                    generation + scoring + update,
+                    generation,
+                    rollout_rate,
+                    scoring,
+                    update,
+                    prompts,
+                    recipe.data.max_seq_len,
+                    new_tokens
                 );
             }
             Ok(())

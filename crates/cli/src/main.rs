@@ -28,6 +28,8 @@ enum Command {
     Sft(train_cmd::TrainArgs),
     /// Train a reward model on preference pairs from a recipe
     Reward(train_cmd::TrainArgs),
+    /// RLHF with PPO against one or two reward models, from a recipe
+    Ppo(train_cmd::TrainArgs),
     /// Score preference pairs (accuracy) or {prompt, response} records with a reward model
     Score(score::ScoreArgs),
     /// Parameter count and full fine-tuning memory of an architecture, without building it
@@ -49,6 +51,7 @@ fn main() {
     let result = match cli.command {
         Command::Sft(args) => train_cmd::run_sft(args),
         Command::Reward(args) => train_cmd::run_reward(args),
+        Command::Ppo(args) => train_cmd::run_ppo(args),
         Command::Score(args) => score::run(args),
         Command::Info(args) => info::run(args),
         Command::Generate(args) => generate::run(args),

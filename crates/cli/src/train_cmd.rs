@@ -61,3 +61,20 @@ pub fn run_reward(args: TrainArgs) -> Result<()> {
     );
     Ok(())
 }
+
+pub fn run_ppo(args: TrainArgs) -> Result<()> {
+    let (recipe, options) = args.load()?;
+    let summary = ppo::train::run(&recipe, &options)
+        .with_context(|| format!("train ppo --recipe {}", args.recipe.display()))?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "iterations": summary.iterations,
+            "first_reward_mean": summary.first_reward_mean,
+            "final_reward_mean": summary.final_reward_mean,
+            "final_kl": summary.final_kl,
+            "checkpoint": summary.checkpoint,
+        })
+    );
+    Ok(())
+}

@@ -46,6 +46,14 @@ impl Tokenizer {
     }
 
     /// Number of ids the tokenizer can produce (base vocabulary plus added tokens).
+    /// Whether two tokenizers map the same strings to the same ids (so one model's token ids
+    /// mean the same to the other).
+    pub fn same_vocabulary(&self, other: &Tokenizer) -> bool {
+        self.bos_id == other.bos_id
+            && self.eos_id == other.eos_id
+            && self.inner.get_vocab(true) == other.inner.get_vocab(true)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

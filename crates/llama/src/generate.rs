@@ -183,6 +183,17 @@ pub fn sample_top_p(logits: &[f32], temperature: f32, top_p: f32, uniform: f32) 
         .map(|(i, &l)| (i, (((l - max) / temperature) as f64).exp()))
         .collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
+    if top_p >= 1.0 {
+        // The nucleus is the whole vocabulary: no need to sort.
+        let mut target = uniform as f64 * total;
+        for &(index, p) in &probs {
+            if target < p {
+                return index as u32;
+            }
+            target -= p;
+        }
+        return probs.last().map_or(0, |p| p.0 as u32);
+    }
     // Stable sort: equal probabilities keep index order, so sampling is reproducible.
     probs.sort_by(|a, b| b.1.total_cmp(&a.1));
     let mut kept = 0;
@@ -204,4 +215,23 @@ pub fn sample_top_p(logits: &[f32], temperature: f32, top_p: f32, uniform: f32) 
         target -= p;
     }
     nucleus[kept - 1].0 as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample_top_p;
+
+    #[test]
+    fn sampling_follows_the_probabilities_and_the_nucleus() {
+        // Probabilities 0.25 and 0.75.
+        let logits = [0.0, 3.0f32.ln()];
+        assert_eq!(sample_top_p(&logits, 1.0, 1.0, 0.2), 0);
+        assert_eq!(sample_top_p(&logits, 1.0, 1.0, 0.3), 1);
+        // A nucleus of 0.5 keeps only the likelier token.
+        assert_eq!(sample_top_p(&logits, 1.0, 0.5, 0.0), 1);
+        assert_eq!(sample_top_p(&logits, 1.0, 0.5, 0.99), 1);
+        // A low temperature sharpens: 0.25^2 / (0.25^2 + 0.75^2) = 0.1.
+        assert_eq!(sample_top_p(&logits, 0.5, 1.0, 0.09), 0);
+        assert_eq!(sample_top_p(&logits, 0.5, 1.0, 0.11), 1);
+    }
 }

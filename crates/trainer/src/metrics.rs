@@ -7,12 +7,12 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tensorboard_rs::summary_writer::SummaryWriter;
+use tensorboard_rs::summary_writer::FileWriter;
 
 pub struct MetricsLogger {
     jsonl: File,
     path: PathBuf,
-    tensorboard: SummaryWriter,
+    tensorboard: FileWriter,
     bar: Option<ProgressBar>,
 }
 
@@ -38,7 +38,7 @@ impl MetricsLogger {
         };
         std::fs::write(&path, kept)?;
         let jsonl = std::fs::OpenOptions::new().append(true).open(&path)?;
-        let tensorboard = SummaryWriter::new(dir.join("tensorboard"));
+        let tensorboard = FileWriter::new(dir.join("tensorboard"));
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total_steps as u64);
             bar.set_style(
@@ -69,8 +69,10 @@ impl MetricsLogger {
         object.insert("step".into(), step.into());
         for (name, value) in values {
             object.insert((*name).into(), serde_json::json!(value));
-            self.tensorboard
-                .add_scalar(&format!("{group}/{name}"), *value as f32, step);
+            self.tensorboard.add_summary(
+                tensorboard_rs::summary::scalar(&format!("{group}/{name}"), *value as f32),
+                step,
+            );
         }
         writeln!(self.jsonl, "{}", serde_json::Value::Object(object))?;
         self.jsonl.flush()?;
@@ -86,6 +88,13 @@ impl MetricsLogger {
             None => eprintln!("step {step}  {text}"),
         }
         Ok(())
+    }
+
+    /// Writes a text summary (TensorBoard's Text tab, markdown) under `tag`.
+    pub fn text(&mut self, tag: &str, step: usize, markdown: &str) {
+        self.tensorboard
+            .add_summary(text_summary(tag, markdown), step);
+        self.tensorboard.flush();
     }
 
     /// Moves the progress bar to `step` optimizer steps done.
@@ -110,4 +119,32 @@ fn short(value: f64) -> String {
     } else {
         format!("{value:.4}")
     }
+}
+
+/// A summary TensorBoard's text plugin reads: a scalar string tensor tagged with plugin "text".
+fn text_summary(tag: &str, markdown: &str) -> tensorboard_proto::summary::Summary {
+    use tensorboard_proto::summary::{
+        Summary, SummaryMetadata, SummaryMetadata_PluginData, Summary_Value,
+    };
+    use tensorboard_proto::tensor::TensorProto;
+    use tensorboard_proto::tensor_shape::TensorShapeProto;
+    use tensorboard_proto::types::DataType;
+
+    let mut plugin = SummaryMetadata_PluginData::new();
+    plugin.set_plugin_name("text".into());
+    let mut metadata = SummaryMetadata::new();
+    metadata.set_plugin_data(plugin);
+    let mut tensor = TensorProto::new();
+    tensor.set_dtype(DataType::DT_STRING);
+    tensor.set_tensor_shape(TensorShapeProto::new());
+    tensor.set_string_val(protobuf::RepeatedField::from_vec(vec![markdown
+        .as_bytes()
+        .to_vec()]));
+    let mut value = Summary_Value::new();
+    value.set_tag(tag.into());
+    value.set_metadata(metadata);
+    value.set_tensor(tensor);
+    let mut summary = Summary::new();
+    summary.set_value(protobuf::RepeatedField::from_vec(vec![value]));
+    summary
 }

@@ -187,6 +187,114 @@ impl RewardSection {
     }
 }
 
+/// `[ppo]`: RLHF with PPO (Llama 2, section 3.2.3). `[train]` holds the optimizer settings,
+/// `batch_size` = prompts per iteration, `micro_batch_size` = prompts per PPO mini-batch (one
+/// gradient step each), `max_steps` = iterations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PpoSection {
+    /// The helpfulness reward model (or the only one).
+    #[serde(default)]
+    pub reward_model: Option<PathBuf>,
+    /// The safety reward model; with both, the Llama 2 rule picks one score per prompt.
+    #[serde(default)]
+    pub safety_reward_model: Option<PathBuf>,
+    /// Use the safety score when sigmoid(safety score) is below this, or the prompt's category
+    /// is `safety`.
+    #[serde(default = "default_safety_threshold")]
+    pub safety_threshold: f64,
+    /// Initial value model; by default the (helpfulness, else safety) reward model.
+    #[serde(default)]
+    pub value_model: Option<PathBuf>,
+    /// Learning rate of the value model (default: `train.lr`).
+    #[serde(default)]
+    pub value_lr: Option<f64>,
+    /// Normalise each reward model's score with the mean and std saved with it.
+    #[serde(default)]
+    pub normalize_reward: bool,
+    /// Whiten the combined reward over the batch, as the paper does.
+    #[serde(default = "yes")]
+    pub whiten_reward: bool,
+    /// Clip the (whitened) reward to `[-reward_clip, reward_clip]`.
+    #[serde(default)]
+    pub reward_clip: Option<f64>,
+    /// Subtracted from the reward of responses that hit `max_new_tokens` without EOS.
+    #[serde(default)]
+    pub no_eos_penalty: f64,
+    /// Re-tokenize text for reward models whose tokenizer differs from the policy's.
+    #[serde(default)]
+    pub retokenize: bool,
+    #[serde(default = "default_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default = "one_f64")]
+    pub temperature: f64,
+    #[serde(default = "one_f64")]
+    pub top_p: f64,
+    /// β of the per-token KL penalty (the initial β when adaptive).
+    #[serde(default = "default_kl_coef")]
+    pub kl_coef: f64,
+    /// Adapt β toward this KL per sequence (Ziegler et al.); fixed β when absent.
+    #[serde(default)]
+    pub target_kl: Option<f64>,
+    #[serde(default = "default_kl_horizon")]
+    pub kl_horizon: usize,
+    /// Stop the run when the mean KL per sequence exceeds this.
+    #[serde(default = "default_max_kl")]
+    pub max_kl: f64,
+    #[serde(default = "one_f64")]
+    pub gamma: f64,
+    #[serde(default = "default_lambda")]
+    pub lam: f64,
+    #[serde(default = "default_clip")]
+    pub clip_range: f64,
+    #[serde(default = "default_clip")]
+    pub value_clip_range: f64,
+    #[serde(default = "default_value_coef")]
+    pub value_coef: f64,
+    /// Passes over each rollout batch.
+    #[serde(default = "one")]
+    pub ppo_epochs: usize,
+    /// Write sampled prompt/response pairs every this many iterations (0: never).
+    #[serde(default = "one")]
+    pub sample_every: usize,
+    #[serde(default = "default_samples")]
+    pub samples: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one_f64() -> f64 {
+    1.0
+}
+fn default_safety_threshold() -> f64 {
+    0.15
+}
+fn default_new_tokens() -> usize {
+    64
+}
+fn default_kl_coef() -> f64 {
+    0.01
+}
+fn default_kl_horizon() -> usize {
+    10_000
+}
+fn default_max_kl() -> f64 {
+    100.0
+}
+fn default_lambda() -> f64 {
+    0.95
+}
+fn default_clip() -> f64 {
+    0.2
+}
+fn default_value_coef() -> f64 {
+    0.1
+}
+fn default_samples() -> usize {
+    4
+}
+
 /// A whole recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -200,6 +308,9 @@ pub struct Recipe {
     /// Only read by `train reward`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward: Option<RewardSection>,
+    /// Only read by `train ppo`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ppo: Option<PpoSection>,
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> RecipeError {
@@ -290,6 +401,18 @@ impl Recipe {
             fix(&mut source.path);
         }
         fix(&mut self.output.dir);
+        if let Some(ppo) = &mut self.ppo {
+            for p in [
+                &mut ppo.reward_model,
+                &mut ppo.safety_reward_model,
+                &mut ppo.value_model,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                fix(p);
+            }
+        }
     }
 
     fn validate(&self, path: &Path) -> Result<(), RecipeError> {
@@ -380,6 +503,39 @@ impl Recipe {
             }
             if !(reward.centering >= 0.0 && reward.centering.is_finite()) {
                 return Err(invalid(path, "[reward] `centering` must be >= 0"));
+            }
+        }
+        if let Some(ppo) = &self.ppo {
+            if ppo.reward_model.is_none() && ppo.safety_reward_model.is_none() {
+                return Err(invalid(
+                    path,
+                    "[ppo] needs `reward_model` or `safety_reward_model`",
+                ));
+            }
+            let unit = |v: f64| (0.0..=1.0).contains(&v);
+            if !(unit(ppo.gamma) && unit(ppo.lam) && unit(ppo.safety_threshold)) {
+                return Err(invalid(
+                    path,
+                    "[ppo] `gamma`, `lam` and `safety_threshold` must be within [0, 1]",
+                ));
+            }
+            if !(ppo.clip_range > 0.0 && ppo.value_clip_range > 0.0 && ppo.kl_coef >= 0.0) {
+                return Err(invalid(
+                    path,
+                    "[ppo] `clip_range` and `value_clip_range` must be positive, `kl_coef` >= 0",
+                ));
+            }
+            if ppo.max_new_tokens == 0 || ppo.ppo_epochs == 0 {
+                return Err(invalid(
+                    path,
+                    "[ppo] `max_new_tokens` and `ppo_epochs` must be positive",
+                ));
+            }
+            if !(ppo.top_p > 0.0 && ppo.top_p <= 1.0 && ppo.temperature >= 0.0) {
+                return Err(invalid(
+                    path,
+                    "[ppo] `top_p` must be in (0, 1] and `temperature` >= 0",
+                ));
             }
         }
         if !["f32", "bf16"].contains(&self.runtime.dtype.as_str()) {

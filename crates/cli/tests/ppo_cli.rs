@@ -1,0 +1,217 @@
+//! `train ppo` end to end: metrics, samples, checkpoints with the value model, exact resume,
+//! export to transformers, and its errors.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::*;
+
+const RECIPE: &str = "tests/fixtures/recipes/ppo-test.toml";
+
+/// Trains the small reward model the PPO tests use.
+fn reward_model(dir: &Path) -> PathBuf {
+    let (run, _) = run_recipe(
+        "reward",
+        "tests/fixtures/recipes/reward-test.toml",
+        dir,
+        &["--set", "train.max_steps=4"],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    dir.join("checkpoint-4")
+}
+
+fn ppo(out: &Path, rm: &Path, extra: &[&str]) -> (Output, Vec<serde_json::Value>) {
+    let rm = format!("ppo.reward_model=\"{}\"", rm.display());
+    let mut args = vec!["--set", rm.as_str()];
+    args.extend_from_slice(extra);
+    run_recipe("ppo", RECIPE, out, &args)
+}
+
+fn series(metrics: &[serde_json::Value], key: &str) -> Vec<f64> {
+    metrics.iter().filter_map(|v| v[key].as_f64()).collect()
+}
+
+#[test]
+fn ppo_runs_resumes_exactly_and_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rm = reward_model(&tmp.path().join("rm"));
+    let safety = format!("ppo.safety_reward_model=\"{}\"", rm.display());
+    let two_models = ["--set", safety.as_str()];
+    let full = tmp.path().join("full");
+    let (run, metrics) = ppo(&full, &rm, &two_models);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(series(&metrics, "reward_mean").len(), 4);
+    for key in [
+        "reward_mean",
+        "reward_std",
+        "helpfulness_score_mean",
+        "safety_score_mean",
+        "safety_fraction",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "clip_fraction",
+        "approx_kl",
+        "value_loss",
+        "explained_variance",
+        "response_length",
+        "eos_fraction",
+        "rollout_tokens_per_sec",
+        "update_tokens_per_sec",
+        "generation_s",
+        "scoring_s",
+        "update_s",
+    ] {
+        assert_eq!(series(&metrics, key).len(), 4, "{key}");
+    }
+    // The first iteration samples from the reference itself: zero KL.
+    assert_eq!(series(&metrics, "kl")[0], 0.0);
+    // Safety prompts (12 of the 40) go to the safety model.
+    assert!(series(&metrics, "safety_fraction").iter().any(|&f| f > 0.0));
+    let samples = std::fs::read_to_string(full.join("samples.jsonl")).unwrap();
+    assert_eq!(samples.lines().count(), 4, "2 samples every 2 iterations");
+    let sample: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+    for key in [
+        "prompt",
+        "response",
+        "reward",
+        "helpfulness_score",
+        "safety_score",
+    ] {
+        assert!(sample.get(key).is_some(), "{key} in {sample}");
+    }
+    let checkpoint = full.join("checkpoint-4");
+    for file in [
+        "model.safetensors",
+        "optimizer.bpk",
+        "value/model.safetensors",
+        "value/optimizer.bpk",
+    ] {
+        assert!(checkpoint.join(file).exists(), "{file}");
+    }
+
+    // Stopped after iteration 2 and resumed: the same numbers afterwards.
+    let stopped = tmp.path().join("stopped");
+    copy_tree(&full, &stopped);
+    std::fs::remove_dir_all(stopped.join("checkpoint-4")).unwrap();
+    let (run, resumed) = ppo(
+        &stopped,
+        &rm,
+        &[&two_models[..], &["--resume", "latest"]].concat(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    for key in ["reward_mean", "kl", "value_loss", "policy_loss"] {
+        let (a, b) = (series(&metrics, key), series(&resumed, key));
+        assert_eq!(a.len(), b.len(), "{key}");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-6,
+                "{key} at iteration {}: {x} vs {y}",
+                i + 1
+            );
+        }
+    }
+    let resumed_samples = std::fs::read_to_string(stopped.join("samples.jsonl")).unwrap();
+    assert_eq!(samples, resumed_samples);
+
+    // The policy is a language model that generate reads and transformers loads.
+    let gen = train(&[
+        "generate",
+        "--model",
+        checkpoint.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(gen.status.success(), "{}", stderr(&gen));
+    let exported = tmp.path().join("policy");
+    let run = train(&[
+        "export",
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+        "--out",
+        exported.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    if let Some(python) = python_with_transformers() {
+        let check = std::process::Command::new(&python)
+            .arg(root().join("scripts/check_export.py"))
+            .args([&checkpoint, &exported])
+            .output()
+            .expect("run python");
+        assert!(
+            check.status.success(),
+            "{} {}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+}
+
+#[test]
+fn ppo_bad_input_gives_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rm = reward_model(&tmp.path().join("rm"));
+    let out = tmp.path().join("x");
+
+    // A reward model whose tokenizer differs from the policy's.
+    let other = tmp.path().join("other-rm");
+    copy_tree(&rm, &other);
+    let text = std::fs::read_to_string(other.join("tokenizer.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+    let (a, b) = ("<unk>", "<s>");
+    let (ia, ib) = (vocab[a].clone(), vocab[b].clone());
+    vocab.insert(a.into(), ib);
+    vocab.insert(b.into(), ia);
+    std::fs::write(other.join("tokenizer.json"), json.to_string()).unwrap();
+    let (run, _) = ppo(&out, &other, &[]);
+    assert_user_error(&run, "tokenizer differs from the policy's");
+
+    // A policy that is not a language model; no reward model at all.
+    let (run, _) = ppo(&out, &tmp.path().join("missing"), &[]);
+    assert_user_error(&run, "model directory not found");
+    let (run, _) = run_recipe(
+        "ppo",
+        "recipes/reward-tiny.toml",
+        &out,
+        &["--set", "model.checkpoint=\"x\""],
+    );
+    assert_user_error(&run, "no [ppo] section");
+    // Prompts longer than the budget are counted and skipped; none left is an error.
+    let (run, _) = ppo(
+        &out,
+        &rm,
+        &[
+            "--set",
+            "data.max_seq_len=4",
+            "--set",
+            "data.truncation=\"drop\"",
+        ],
+    );
+    assert_user_error(&run, "no prompts");
+    let (run, _) = ppo(&out, &rm, &["--set", "ppo.max_new_tokens=200"]);
+    assert_user_error(&run, "exceeds the model's context");
+    assert!(!out.exists(), "nothing written before training starts");
+
+    // A KL that explodes stops the run and keeps the last good checkpoint.
+    let (run, _) = ppo(
+        &out,
+        &rm,
+        &[
+            "--set",
+            "ppo.max_kl=1e-9",
+            "--set",
+            "train.save_every=1",
+            "--set",
+            "train.lr=0.05",
+            "--set",
+            "train.log_every=100",
+        ],
+    );
+    assert_user_error(&run, "above ppo.max_kl");
+    assert!(out.join("checkpoint-1/model.safetensors").exists());
+}

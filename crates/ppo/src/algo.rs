@@ -1,0 +1,145 @@
+//! The arithmetic of PPO, as plain functions tested against hand-computed numbers: the reward
+//! rule, whitening, per-token rewards with the KL penalty, GAE, the clipped losses and the KL
+//! controller.
+
+use burn::prelude::*;
+
+/// Which reward model's score a prompt gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardSource {
+    Helpfulness,
+    Safety,
+}
+
+pub fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// The Llama 2 rule: R_c = R_s if the prompt is a safety prompt or R_s < threshold, else R_h,
+/// where R = sigmoid(score) is a reward model's output as a probability. Returns logit(R_c),
+/// which is the chosen model's raw score (logit undoes the sigmoid), and which model it came
+/// from. With one model, its score.
+pub fn combine_reward(
+    helpfulness: Option<f64>,
+    safety: Option<f64>,
+    is_safety_prompt: bool,
+    threshold: f64,
+) -> (f64, RewardSource) {
+    match (helpfulness, safety) {
+        (Some(h), None) => (h, RewardSource::Helpfulness),
+        (None, Some(s)) => (s, RewardSource::Safety),
+        (Some(h), Some(s)) => {
+            if is_safety_prompt || sigmoid(s) < threshold {
+                (s, RewardSource::Safety)
+            } else {
+                (h, RewardSource::Helpfulness)
+            }
+        }
+        (None, None) => (0.0, RewardSource::Helpfulness),
+    }
+}
+
+/// Mean and (population) standard deviation.
+pub fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+/// Shifts and scales to mean 0 and standard deviation 1 (unchanged spread when constant).
+pub fn whiten(values: &mut [f64]) {
+    let (mean, std) = mean_std(values);
+    for v in values.iter_mut() {
+        *v = (*v - mean) / (std + 1e-8);
+    }
+}
+
+/// Per-token rewards of one response: `-β * kl[t]` at every token, plus the sequence reward at
+/// the last token (the EOS when the response has one).
+pub fn token_rewards(score: f64, kl: &[f64], beta: f64) -> Vec<f64> {
+    let mut rewards: Vec<f64> = kl.iter().map(|k| -beta * k).collect();
+    if let Some(last) = rewards.last_mut() {
+        *last += score;
+    }
+    rewards
+}
+
+/// Generalised advantage estimation over one response: `values[t]` is the value of the state
+/// before token `t`; the state after the last token is terminal (value 0). Returns the
+/// advantages and the returns (advantage + value).
+pub fn gae(rewards: &[f64], values: &[f64], gamma: f64, lam: f64) -> (Vec<f64>, Vec<f64>) {
+    let n = rewards.len();
+    let mut advantages = vec![0.0; n];
+    let mut next_advantage = 0.0;
+    for t in (0..n).rev() {
+        let next_value = if t + 1 < n { values[t + 1] } else { 0.0 };
+        let delta = rewards[t] + gamma * next_value - values[t];
+        next_advantage = delta + gamma * lam * next_advantage;
+        advantages[t] = next_advantage;
+    }
+    let returns = advantages.iter().zip(values).map(|(a, v)| a + v).collect();
+    (advantages, returns)
+}
+
+/// 1 - Var(returns - values) / Var(returns): how much of the returns the value model explains.
+pub fn explained_variance(values: &[f64], returns: &[f64]) -> f64 {
+    let (_, std_r) = mean_std(returns);
+    let residual: Vec<f64> = returns.iter().zip(values).map(|(r, v)| r - v).collect();
+    let (_, std_e) = mean_std(&residual);
+    if std_r == 0.0 {
+        return 0.0;
+    }
+    1.0 - (std_e * std_e) / (std_r * std_r)
+}
+
+/// The clipped PPO policy loss, `mean over masked tokens of max(-A r, -A clip(r, 1-ε, 1+ε))`
+/// with `r = exp(logp - old_logp)`. `mask` is 1 on response tokens; `count` their number.
+pub fn policy_loss(
+    logp: Tensor<2>,
+    old_logp: Tensor<2>,
+    advantages: Tensor<2>,
+    mask: Tensor<2>,
+    clip: f64,
+    count: usize,
+) -> Tensor<1> {
+    let ratio = (logp - old_logp).exp();
+    let unclipped = advantages.clone().neg() * ratio.clone();
+    let clipped = advantages.neg() * ratio.clamp(1.0 - clip, 1.0 + clip);
+    (unclipped.max_pair(clipped) * mask).sum() / (count.max(1) as f64)
+}
+
+/// The clipped value loss, `mean over masked tokens of 0.5 * max((V - R)^2, (V_clip - R)^2)`
+/// with `V_clip = V_old + clip(V - V_old, -ε, ε)`.
+pub fn value_loss(
+    values: Tensor<2>,
+    old_values: Tensor<2>,
+    returns: Tensor<2>,
+    mask: Tensor<2>,
+    clip: f64,
+    count: usize,
+) -> Tensor<1> {
+    let clipped = old_values.clone() + (values.clone() - old_values).clamp(-clip, clip);
+    let a = (values - returns.clone()).square();
+    let b = (clipped - returns).square();
+    (a.max_pair(b) * mask).sum() * 0.5 / (count.max(1) as f64)
+}
+
+/// The adaptive KL controller of Ziegler et al. (2019): β moves toward the value that keeps
+/// the KL per sequence at `target`, by at most 20% of the error per `horizon` samples.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KlController {
+    pub beta: f64,
+    pub target: Option<f64>,
+    pub horizon: usize,
+}
+
+impl KlController {
+    pub fn update(&mut self, kl: f64, samples: usize) {
+        if let Some(target) = self.target {
+            let error = (kl / target - 1.0).clamp(-0.2, 0.2);
+            self.beta *= 1.0 + error * samples as f64 / self.horizon.max(1) as f64;
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! PPO's pieces against hand-computed numbers, and a learning test that can fail: against a
+//! reward model trained here to like a set of tokens, PPO must raise the mean reward while the
+//! KL to the reference stays bounded.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use data::batch::{PairBatch, PairItem};
+use llama::{Head, LlamaConfig};
+use ppo::algo::{
+    combine_reward, gae, policy_loss, token_rewards, value_loss, whiten, KlController, RewardSource,
+};
+use ppo::rollout::{pad_rollouts, response_mask, scatter, Rollout};
+use ppo::train::{Models, Ppo, Prompt, RewardModel};
+use rand::{Rng, SeedableRng};
+use trainer::recipe::{PpoSection, TrainSection};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn test_device() -> Device {
+    let name = std::env::var("LLAMA_TEST_DEVICE").unwrap_or_else(|_| "flex".into());
+    llama::parse_device(&name).unwrap_or_else(|e| panic!("LLAMA_TEST_DEVICE: {e}"))
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-9
+}
+
+#[test]
+fn gae_on_a_known_sequence() {
+    // rewards 1, 0, 2; values 0.5, 1, 1.5; gamma 0.9, lambda 0.8.
+    let (adv, ret) = gae(&[1.0, 0.0, 2.0], &[0.5, 1.0, 1.5], 0.9, 0.8);
+    let d2 = 2.0 - 1.5; // terminal after the last token
+    let d1 = 0.0 + 0.9 * 1.5 - 1.0;
+    let d0 = 1.0 + 0.9 * 1.0 - 0.5;
+    let a2 = d2;
+    let a1 = d1 + 0.72 * a2;
+    let a0 = d0 + 0.72 * a1;
+    for (got, want) in adv.iter().zip([a0, a1, a2]) {
+        assert!(close(*got, want), "{adv:?}");
+    }
+    for (r, (a, v)) in ret.iter().zip(adv.iter().zip([0.5, 1.0, 1.5])) {
+        assert!(close(*r, a + v));
+    }
+    // gamma = lambda = 1: the advantage is the sum of future rewards minus the value.
+    let (adv, _) = gae(&[1.0, 2.0, 3.0], &[0.0, 0.0, 0.0], 1.0, 1.0);
+    assert_eq!(adv, vec![6.0, 5.0, 3.0]);
+}
+
+#[test]
+fn rewards_sit_on_the_last_token_with_the_kl_penalty_on_every_token() {
+    // KL per token: log pi - log pi_ref.
+    let logp = [-1.0, -2.0, -0.5];
+    let ref_logp = [-1.5, -2.0, -0.25];
+    let kl: Vec<f64> = logp.iter().zip(ref_logp).map(|(a, b)| a - b).collect();
+    assert_eq!(kl, vec![0.5, 0.0, -0.25]);
+    let rewards = token_rewards(3.0, &kl, 0.1);
+    assert!(close(rewards[0], -0.05));
+    assert!(close(rewards[1], 0.0));
+    assert!(close(rewards[2], 3.0 + 0.025));
+}
+
+#[test]
+fn clipped_policy_loss_at_the_clip_edges() {
+    let device = Device::flex();
+    let loss = |ratio: f64, advantage: f64| -> f64 {
+        let logp = Tensor::<2>::from_floats([[ratio.ln() as f32]], &device);
+        let old = Tensor::<2>::zeros([1, 1], &device);
+        let adv = Tensor::<2>::from_floats([[advantage as f32]], &device);
+        let mask = Tensor::<2>::ones([1, 1], &device);
+        policy_loss(logp, old, adv, mask, 0.2, 1).into_scalar::<f32>() as f64
+    };
+    let eq = |a: f64, b: f64| (a - b).abs() < 1e-5;
+    // Positive advantage: the gain is capped at ratio 1.2.
+    assert!(eq(loss(1.1, 2.0), -2.2));
+    assert!(eq(loss(1.5, 2.0), -2.4));
+    assert!(eq(loss(0.5, 2.0), -1.0)); // below the range: not clipped (pessimistic side)
+                                       // Negative advantage: capped at ratio 0.8.
+    assert!(eq(loss(0.5, -1.0), 0.8));
+    assert!(eq(loss(1.5, -1.0), 1.5));
+    assert!(eq(loss(1.0, -1.0), 1.0));
+    // The gradient vanishes beyond the edge on the clipped side.
+    let logp = Tensor::<2>::from_floats([[1.5f32.ln()]], &device.clone().autodiff()).require_grad();
+    let l = policy_loss(
+        logp.clone(),
+        Tensor::<2>::zeros([1, 1], &device.clone().autodiff()),
+        Tensor::<2>::from_floats([[2.0]], &device.clone().autodiff()),
+        Tensor::<2>::ones([1, 1], &device.clone().autodiff()),
+        0.2,
+        1,
+    );
+    let grads = l.backward();
+    let g = logp.grad(&grads).unwrap().into_scalar::<f32>();
+    assert_eq!(g, 0.0);
+}
+
+#[test]
+fn clipped_value_loss_takes_the_larger_error() {
+    let device = Device::flex();
+    let t = |v: f32| Tensor::<2>::from_floats([[v]], &device);
+    let one = Tensor::<2>::ones([1, 1], &device);
+    // V moved from 0 to 1 with clip 0.2 toward return 2: unclipped error 1, clipped (0.2) 1.8.
+    let l = value_loss(t(1.0), t(0.0), t(2.0), one.clone(), 0.2, 1).into_scalar::<f32>();
+    assert!((l - 0.5 * 1.8 * 1.8).abs() < 1e-5);
+    // Moving away from the return: the unclipped error is the larger.
+    let l = value_loss(t(-1.0), t(0.0), t(2.0), one, 0.2, 1).into_scalar::<f32>();
+    assert!((l - 0.5 * 9.0).abs() < 1e-5);
+}
+
+#[test]
+fn the_llama2_rule_picks_safety_for_safety_prompts_and_unsafe_answers() {
+    // A safe answer (sigmoid(2) = 0.88) to a helpfulness prompt: the helpfulness score.
+    assert_eq!(
+        combine_reward(Some(0.5), Some(2.0), false, 0.15),
+        (0.5, RewardSource::Helpfulness)
+    );
+    // An unsafe answer (sigmoid(-2) = 0.12 < 0.15): the safety score.
+    let (r, source) = combine_reward(Some(0.5), Some(-2.0), false, 0.15);
+    assert_eq!(source, RewardSource::Safety);
+    assert_eq!(r, -2.0, "logit(sigmoid(s)) = s");
+    // A safety prompt always uses the safety score.
+    assert_eq!(
+        combine_reward(Some(0.5), Some(2.0), true, 0.15).1,
+        RewardSource::Safety
+    );
+    // One model: its score.
+    assert_eq!(combine_reward(Some(1.5), None, true, 0.15).0, 1.5);
+    let mut v = vec![1.0, 2.0, 3.0];
+    whiten(&mut v);
+    assert!(v[1].abs() < 1e-9 && (v[2] - 1.224_744_871).abs() < 1e-6);
+}
+
+#[test]
+fn the_adaptive_kl_controller_moves_beta_toward_the_target() {
+    let mut kl = KlController {
+        beta: 0.1,
+        target: Some(6.0),
+        horizon: 100,
+    };
+    kl.update(12.0, 10); // error clipped to +0.2
+    assert!(close(kl.beta, 0.1 * 1.02));
+    kl.update(5.4, 10); // error -0.1
+    assert!(close(kl.beta, 0.1 * 1.02 * 0.99));
+    let mut fixed = KlController {
+        beta: 0.1,
+        target: None,
+        horizon: 100,
+    };
+    fixed.update(100.0, 10);
+    assert_eq!(fixed.beta, 0.1);
+}
+
+fn rollout(prompt: &[u32], response: &[u32], ended: bool) -> Rollout {
+    Rollout {
+        prompt: prompt.to_vec(),
+        response: response.to_vec(),
+        ended,
+        category: None,
+    }
+}
+
+fn tiny_config() -> LlamaConfig {
+    let mut c = llama::load_config(&root().join("configs/tiny-test.toml")).unwrap();
+    c.pad_token_id = Some(0);
+    c
+}
+
+fn tokenizer() -> data::Tokenizer {
+    data::Tokenizer::from_file(&root().join("tests/fixtures/tokenizer/tokenizer.json")).unwrap()
+}
+
+#[test]
+fn per_token_values_land_on_response_positions_and_scores_on_the_last_token() {
+    let device = Device::flex();
+    let a = rollout(&[1, 5, 6], &[7, 2], true);
+    let b = rollout(&[1, 5], &[9, 9, 9, 9], false);
+    let rows = [&a, &b];
+    let padded = pad_rollouts(&rows, 0);
+    assert_eq!(padded.width, 5);
+    let mask = llama::model::to_host(response_mask(&rows, padded.width, &device));
+    // Row a: tokens 7, 2 are predicted at positions 2 and 3; row b's four at 1..5.
+    assert_eq!(mask, vec![0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
+    let placed = scatter(&rows, &[&[0.5, 3.0], &[1.0, 2.0, 3.0, 4.0]], 5, &device);
+    assert_eq!(
+        llama::model::to_host(placed),
+        vec![0.0, 0.0, 0.5, 3.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+    );
+    // Reward-model scores of padded rollouts equal scores of each rollout alone.
+    let config = tiny_config();
+    let model = llama::init_random_with_head(&config, &device, Head::Score, 4).unwrap();
+    let rm = RewardModel {
+        model,
+        stats: None,
+        tokenizer: None,
+        pad: 0,
+    };
+    let tok = tokenizer();
+    let both = rm.score(&[a.clone(), b.clone()], &tok, 2).unwrap();
+    let alone_a = rm.score(std::slice::from_ref(&a), &tok, 1).unwrap()[0];
+    let alone_b = rm.score(std::slice::from_ref(&b), &tok, 1).unwrap()[0];
+    assert!((both[0] - alone_a).abs() < 1e-5 && (both[1] - alone_b).abs() < 1e-5);
+}
+
+/// Tokens the test's reward model learns to like.
+fn liked(token: u32) -> bool {
+    (100..164).contains(&token)
+}
+
+/// A reward model trained to score a response by how many liked tokens it holds (on the
+/// autodiff device).
+fn train_reward_model(config: &LlamaConfig, ad: &Device) -> llama::Llama {
+    let mut model = llama::init_random_with_head(config, ad, Head::Score, 21).unwrap();
+    let train = train_section(3e-3);
+    let mut optimizer = trainer::optim::adamw(&train);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut response = |n_liked: usize| -> Vec<u32> {
+        let mut r: Vec<u32> = (0..8)
+            .map(|_| loop {
+                let t = rng.random_range(3..512u32);
+                if !liked(t) {
+                    break t;
+                }
+            })
+            .collect();
+        for slot in r.iter_mut().take(n_liked) {
+            *slot = rng.random_range(100..164u32);
+        }
+        r
+    };
+    for _step in 0..60 {
+        let items: Vec<PairItem> = (0..16)
+            .map(|i| {
+                let fewer = i % 3;
+                let mut chosen = vec![1, 10, 11];
+                chosen.extend(response(fewer + 1 + i % 2));
+                let mut rejected = vec![1, 10, 11];
+                rejected.extend(response(fewer));
+                PairItem {
+                    chosen,
+                    rejected,
+                    prompt_len: 3,
+                    rating: None,
+                    margin: None,
+                }
+            })
+            .collect();
+        let batch = PairBatch::new(&items, 0);
+        let loss = reward::pair_loss(
+            reward::loss::batch_scores(&model, &batch),
+            &[0.0; 16],
+            0.0,
+            16,
+        );
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(3e-3, model, grads);
+    }
+    model
+}
+
+fn train_section(lr: f64) -> TrainSection {
+    serde_json::from_value(serde_json::json!({
+        "batch_size": 16, "lr": lr, "betas": [0.9, 0.95], "eps": 1e-5, "grad_clip": 1.0,
+    }))
+    .unwrap()
+}
+
+#[test]
+fn ppo_raises_the_reward_of_a_learned_reward_model_with_bounded_kl() {
+    let device = test_device();
+    let config = tiny_config();
+    let ad = device.clone().autodiff();
+    let rm_trained = train_reward_model(&config, &ad);
+    let rm = RewardModel {
+        model: rm_trained.valid(),
+        stats: None,
+        tokenizer: None,
+        pad: 0,
+    };
+    // The reward model has learned its preference: more liked tokens, higher score.
+    let tok = tokenizer();
+    let plain = rollout(&[1, 10, 11], &[30, 31, 32, 33, 34, 35, 36, 37], false);
+    let rich = rollout(&[1, 10, 11], &[100, 31, 120, 33, 140, 35, 160, 37], false);
+    let scores = rm.score(&[plain, rich], &tok, 2).unwrap();
+    assert!(scores[1] > scores[0] + 1.0, "{scores:?}");
+
+    let models = Models {
+        policy: llama::init_random(&config, &ad, 8).unwrap(),
+        value: rm_trained,
+        reference: llama::init_random(&config, &device, 8).unwrap(),
+        helpfulness: Some(rm),
+        safety: None,
+    };
+    let settings: PpoSection = serde_json::from_value(serde_json::json!({
+        "reward_model": "unused", "max_new_tokens": 8, "kl_coef": 0.05,
+        "whiten_reward": false, "ppo_epochs": 2, "samples": 0,
+    }))
+    .unwrap();
+    let mut ppo = Ppo::new(models, &config, &train_section(1e-2), 8, settings);
+    let prompts: Vec<Prompt> = (0..16)
+        .map(|i| Prompt {
+            ids: vec![1, 10 + (i % 4) as u32, 11],
+            category: None,
+        })
+        .collect();
+    let mut rewards = Vec::new();
+    let mut kls = Vec::new();
+    for iteration in 0..12 {
+        let report = ppo.iteration(&prompts, iteration, &tok).unwrap();
+        for key in [
+            "entropy",
+            "clip_fraction",
+            "approx_kl",
+            "value_loss",
+            "explained_variance",
+            "eos_fraction",
+            "rollout_tokens_per_sec",
+        ] {
+            assert!(report.get(key).unwrap().is_finite(), "{key}");
+        }
+        rewards.push(report.reward_mean);
+        kls.push(report.kl);
+    }
+    let early = (rewards[0] + rewards[1]) / 2.0;
+    let late = (rewards[10] + rewards[11]) / 2.0;
+    eprintln!("rewards {rewards:?}\nkl {kls:?}");
+    assert!(late > early + 1.0, "reward should rise: {rewards:?}");
+    assert!(
+        kls.iter().all(|&k| k.is_finite() && k < 20.0),
+        "KL bounded: {kls:?}"
+    );
+}
