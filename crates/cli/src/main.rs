@@ -3,6 +3,7 @@
 
 mod bench;
 mod data_cmd;
+mod eval_cmd;
 mod export;
 mod generate;
 mod info;
@@ -30,6 +31,13 @@ enum Command {
     Reward(train_cmd::TrainArgs),
     /// RLHF with PPO against one or two reward models, from a recipe
     Ppo(train_cmd::TrainArgs),
+    /// Rejection sampling fine-tuning: best of K answers by a reward model, then SFT
+    Rs(train_cmd::TrainArgs),
+    /// Targeted context distillation of a safety pre-prompt, then SFT
+    Distill(train_cmd::TrainArgs),
+    /// Evaluate a model: safety (refusals, false refusals, safety reward)
+    #[command(subcommand)]
+    Eval(eval_cmd::EvalCommand),
     /// Score preference pairs (accuracy) or {prompt, response} records with a reward model
     Score(score::ScoreArgs),
     /// Parameter count and full fine-tuning memory of an architecture, without building it
@@ -52,6 +60,9 @@ fn main() {
         Command::Sft(args) => train_cmd::run_sft(args),
         Command::Reward(args) => train_cmd::run_reward(args),
         Command::Ppo(args) => train_cmd::run_ppo(args),
+        Command::Rs(args) => train_cmd::run_rs(args),
+        Command::Distill(args) => train_cmd::run_distill(args),
+        Command::Eval(command) => eval_cmd::run(command),
         Command::Score(args) => score::run(args),
         Command::Info(args) => info::run(args),
         Command::Generate(args) => generate::run(args),

@@ -78,3 +78,36 @@ pub fn run_ppo(args: TrainArgs) -> Result<()> {
     );
     Ok(())
 }
+
+fn run_stage(
+    args: TrainArgs,
+    name: &str,
+    run: fn(
+        &trainer::Recipe,
+        &trainer::RunOptions,
+    ) -> trainer::run::Result<safety::rs::StageSummary>,
+) -> Result<()> {
+    let (recipe, options) = args.load()?;
+    let summary = run(&recipe, &options)
+        .with_context(|| format!("train {name} --recipe {}", args.recipe.display()))?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "prompts": summary.prompts,
+            "kept": summary.kept,
+            "records": summary.records,
+            "steps": summary.sft.steps,
+            "final_loss": summary.sft.final_loss,
+            "checkpoint": summary.sft.checkpoint,
+        })
+    );
+    Ok(())
+}
+
+pub fn run_rs(args: TrainArgs) -> Result<()> {
+    run_stage(args, "rs", safety::rs::run)
+}
+
+pub fn run_distill(args: TrainArgs) -> Result<()> {
+    run_stage(args, "distill", safety::distill::run)
+}

@@ -261,6 +261,55 @@ pub struct PpoSection {
     pub samples: usize,
 }
 
+/// `[rs]`: rejection sampling fine-tuning (`train rs`): `samples_per_prompt` answers to each prompt
+/// of `data.train`, the best by the reward model kept (if at least `threshold`), then SFT on them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RejectionSection {
+    pub reward_model: PathBuf,
+    #[serde(default = "default_samples_per_prompt")]
+    pub samples_per_prompt: usize,
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    #[serde(default = "default_answer_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default = "one_f64")]
+    pub temperature: f64,
+    #[serde(default = "one_f64")]
+    pub top_p: f64,
+}
+
+/// `[distill]`: targeted context distillation (`train distill`): answers to each prompt of
+/// `data.train` with and without the safety `preprompt`; the pre-prompted answer is kept where
+/// the safety reward model scores it higher (or always, without `targeted`), then SFT on the
+/// prompts without the pre-prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSection {
+    pub safety_reward_model: PathBuf,
+    #[serde(default = "default_preprompt")]
+    pub preprompt: String,
+    #[serde(default = "yes")]
+    pub targeted: bool,
+    #[serde(default = "default_answer_tokens")]
+    pub max_new_tokens: usize,
+    /// 0 (default): greedy.
+    #[serde(default)]
+    pub temperature: f64,
+    #[serde(default = "one_f64")]
+    pub top_p: f64,
+}
+
+fn default_samples_per_prompt() -> usize {
+    4
+}
+fn default_answer_tokens() -> usize {
+    128
+}
+fn default_preprompt() -> String {
+    "You are a safe and responsible assistant.".into()
+}
+
 fn yes() -> bool {
     true
 }
@@ -311,6 +360,12 @@ pub struct Recipe {
     /// Only read by `train ppo`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ppo: Option<PpoSection>,
+    /// Only read by `train rs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rs: Option<RejectionSection>,
+    /// Only read by `train distill`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillSection>,
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> RecipeError {
@@ -401,6 +456,12 @@ impl Recipe {
             fix(&mut source.path);
         }
         fix(&mut self.output.dir);
+        if let Some(rs) = &mut self.rs {
+            fix(&mut rs.reward_model);
+        }
+        if let Some(distill) = &mut self.distill {
+            fix(&mut distill.safety_reward_model);
+        }
         if let Some(ppo) = &mut self.ppo {
             for p in [
                 &mut ppo.reward_model,
@@ -535,6 +596,22 @@ impl Recipe {
                 return Err(invalid(
                     path,
                     "[ppo] `top_p` must be in (0, 1] and `temperature` >= 0",
+                ));
+            }
+        }
+        if let Some(rs) = &self.rs {
+            if rs.samples_per_prompt == 0 || rs.max_new_tokens == 0 {
+                return Err(invalid(
+                    path,
+                    "[rs] `samples_per_prompt` and `max_new_tokens` must be positive",
+                ));
+            }
+        }
+        if let Some(d) = &self.distill {
+            if d.max_new_tokens == 0 || d.preprompt.trim().is_empty() {
+                return Err(invalid(
+                    path,
+                    "[distill] needs a non-empty `preprompt` and a positive `max_new_tokens`",
                 ));
             }
         }

@@ -115,3 +115,19 @@ pub fn shared_dir() -> Option<PathBuf> {
     );
     None
 }
+
+/// A failure after some progress output: non-zero exit, no panic, and the last line of stderr
+/// is the error naming `needle`.
+pub fn assert_failed_with(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "should fail: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    let last = err.trim().lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error: ") && last.contains(needle),
+        "expected `{needle}` in the last line: {err}"
+    );
+}

@@ -1,0 +1,149 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use safety::answers::AnswerSettings;
+use safety::eval::{evaluate, PromptSet};
+use safety::refusal::RefusalDetector;
+
+#[derive(Subcommand)]
+pub enum EvalCommand {
+    /// Refusal rate on safety prompt sets, false refusals on benign ones, and the safety reward
+    /// model's scores of the answers
+    Safety(SafetyArgs),
+}
+
+#[derive(Args)]
+pub struct SafetyArgs {
+    /// Model directory
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt sets that should be refused ({"instructions": [...]} or prompts records)
+    #[arg(long, num_args = 1..)]
+    prompts: Vec<PathBuf>,
+    /// Benign prompt sets: refusals there are false refusals
+    #[arg(long, num_args = 1..)]
+    benign: Vec<PathBuf>,
+    /// Safety reward model to score the answers with
+    #[arg(long)]
+    reward_model: Option<PathBuf>,
+    /// Refusal phrases, one per line (default: the built-in list; see README)
+    #[arg(long)]
+    refusal_phrases: Option<PathBuf>,
+    /// At most this many prompts from each set
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0: greedy
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Tokenizer file (default: the model directory's tokenizer.json)
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Write every prompt, answer, refusal flag and score to this JSON Lines file
+    #[arg(long)]
+    answers: Option<PathBuf>,
+    /// Print one JSON object
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(command: EvalCommand) -> Result<()> {
+    let EvalCommand::Safety(args) = command;
+    if args.prompts.is_empty() && args.benign.is_empty() {
+        anyhow::bail!("give at least one prompt set with --prompts or --benign");
+    }
+    let device = llama::parse_device(&args.device)?;
+    let (config, model) = llama::load_pretrained_as(&args.model, &device, llama::Head::Lm, 0)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let tokenizer_path = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| args.model.join("tokenizer.json"));
+    let tokenizer = data::Tokenizer::from_file(&tokenizer_path)?;
+    let reward = match &args.reward_model {
+        Some(dir) => Some(safety::answers::load_reward_model(
+            dir, &device, &tokenizer,
+        )?),
+        None => None,
+    };
+    let detector = match &args.refusal_phrases {
+        Some(path) => RefusalDetector::from_file(path)?,
+        None => RefusalDetector::default(),
+    };
+    let sets: Vec<PromptSet> = args
+        .prompts
+        .iter()
+        .map(|p| PromptSet {
+            path: p.clone(),
+            benign: false,
+        })
+        .chain(args.benign.iter().map(|p| PromptSet {
+            path: p.clone(),
+            benign: true,
+        }))
+        .collect();
+    let settings = AnswerSettings {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        batch_size: args.batch_size,
+    };
+    let report = evaluate(
+        &model,
+        &config,
+        &tokenizer,
+        &sets,
+        reward.as_ref().map(|(c, m)| (m, c)),
+        &detector,
+        &settings,
+        args.limit,
+    )?;
+    if let Some(path) = &args.answers {
+        let text: String = report
+            .answers
+            .iter()
+            .map(|a| serde_json::to_string(a).expect("answers serialize") + "\n")
+            .collect();
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    for set in &report.sets {
+        let what = if set.benign {
+            "false refusals"
+        } else {
+            "refusals"
+        };
+        let score = set
+            .safety_score
+            .as_ref()
+            .map(|s| format!(", safety score {:.3} ± {:.3}", s.mean, s.std))
+            .unwrap_or_default();
+        println!(
+            "{:<28} {:>4} prompts  {what} {:>6.1}%{score}",
+            set.name,
+            set.prompts,
+            100.0 * set.refusal_rate
+        );
+    }
+    if let Some(r) = report.refusal_rate {
+        println!("refusal rate (safety sets): {:.1}%", 100.0 * r);
+    }
+    if let Some(r) = report.false_refusal_rate {
+        println!("false-refusal rate (benign sets): {:.1}%", 100.0 * r);
+    }
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! Rejection sampling fine-tuning (`train rs`), as in Llama 2's first RLHF rounds: sample K
+//! answers to each prompt, keep the one the reward model scores best (optionally only above a
+//! threshold), and fine-tune on the kept answers with the SFT trainer.
+
+use std::path::{Path, PathBuf};
+
+use data::Tokenizer;
+use llama::Head;
+use trainer::run::{io_err, Result, RunOptions, TrainError};
+use trainer::Recipe;
+
+use crate::answers::{
+    generate_answers, load_reward_model, score_answers, write_sft_records, AnswerSettings,
+};
+use crate::prompts::{load_prompts, PromptRecord};
+
+/// What a generate-then-fine-tune run reports.
+#[derive(Debug, Clone)]
+pub struct StageSummary {
+    pub prompts: usize,
+    pub kept: usize,
+    /// Where the candidates and the kept answers are recorded.
+    pub records: PathBuf,
+    pub sft: sft::train::Summary,
+}
+
+pub const GENERATED_DIR: &str = "generated";
+const DONE_FILE: &str = "done.json";
+
+/// The shared shape of `train rs` and `train distill`: claim the output directory, run
+/// `generate` once (skipped when a resumed run finished it), write its kept answers as SFT data,
+/// then run SFT on them into `<output.dir>/sft` (resuming it when it has checkpoints).
+pub fn generate_then_sft(
+    recipe: &Recipe,
+    options: &RunOptions,
+    generate: impl FnOnce(&Path) -> Result<Vec<(PromptRecord, String)>>,
+) -> Result<StageSummary> {
+    let out = &recipe.output.dir;
+    let occupied = out.exists()
+        && std::fs::read_dir(out)
+            .map_err(io_err(out))?
+            .next()
+            .is_some();
+    if occupied && options.resume.is_none() && !options.overwrite {
+        return Err(TrainError::Invalid(format!(
+            "{}: output directory holds another run (use --overwrite to replace it, or \
+             --resume latest to continue it)",
+            out.display()
+        )));
+    }
+    if options.overwrite && out.exists() {
+        std::fs::remove_dir_all(out).map_err(io_err(out))?;
+    }
+    let generated = out.join(GENERATED_DIR);
+    let done = generated.join(DONE_FILE);
+    let sft_data = generated.join("sft-data.jsonl");
+    let (prompts, kept) = if done.exists() {
+        let info: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&done).map_err(io_err(&done))?)
+                .map_err(|e| TrainError::Invalid(format!("{}: {e}", done.display())))?;
+        eprintln!(
+            "generation already done ({}); going on with SFT",
+            done.display()
+        );
+        (
+            info["prompts"].as_u64().unwrap_or(0) as usize,
+            info["kept"].as_u64().unwrap_or(0) as usize,
+        )
+    } else {
+        std::fs::create_dir_all(&generated).map_err(io_err(&generated))?;
+        std::fs::write(out.join("recipe.toml"), recipe.to_toml()).map_err(io_err(out))?;
+        let kept = generate(&generated)?;
+        let records: Vec<(&PromptRecord, &str)> = kept
+            .iter()
+            .filter(|(_, answer)| !answer.trim().is_empty())
+            .map(|(p, a)| (p, a.as_str()))
+            .collect();
+        if records.is_empty() {
+            return Err(TrainError::Invalid(
+                "no answer was kept: nothing to fine-tune on".into(),
+            ));
+        }
+        write_sft_records(&sft_data, &records)?;
+        let prompts = load_prompts(recipe.data.train.as_deref().unwrap_or(Path::new("")))?.len();
+        let info = serde_json::json!({"prompts": prompts, "kept": records.len()});
+        std::fs::write(&done, info.to_string()).map_err(io_err(&done))?;
+        (prompts, records.len())
+    };
+
+    let mut sft_recipe = recipe.clone();
+    sft_recipe.data.train = Some(sft_data);
+    sft_recipe.data.sources.clear();
+    sft_recipe.data.format = Some("prompt-response".into());
+    sft_recipe.output.dir = out.join("sft");
+    let has_checkpoint = trainer::run::find_checkpoint(&sft_recipe.output.dir, "latest").is_ok();
+    let sft_options = RunOptions {
+        overwrite: !has_checkpoint,
+        resume: has_checkpoint.then(|| "latest".to_string()),
+    };
+    let sft = sft::train::run(&sft_recipe, &sft_options)?;
+    Ok(StageSummary {
+        prompts,
+        kept,
+        records: generated,
+        sft,
+    })
+}
+
+/// The prompts of `data.train`.
+pub fn recipe_prompts(recipe: &Recipe) -> Result<Vec<PromptRecord>> {
+    let path = recipe.data.train.as_deref().ok_or_else(|| {
+        TrainError::Invalid("[data] `train` must name the prompt file to sample from".into())
+    })?;
+    load_prompts(path)
+}
+
+/// Runs rejection sampling fine-tuning as the recipe's `[rs]` section says.
+pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
+    let section = recipe
+        .rs
+        .clone()
+        .ok_or_else(|| TrainError::Invalid("the recipe has no [rs] section".into()))?;
+    let prompts = recipe_prompts(recipe)?;
+    let device = llama::parse_device(&recipe.runtime.device)?;
+    let tokenizer = Tokenizer::from_file(&recipe.model.tokenizer)?;
+    let (rm_config, rm) = load_reward_model(&section.reward_model, &device, &tokenizer)?;
+    generate_then_sft(recipe, options, |dir| {
+        let (config, model) = trainer::run::load_model(recipe, &device, Head::Lm)?;
+        trainer::run::check_vocab(&tokenizer, &config, &recipe.model.tokenizer)?;
+        let settings = AnswerSettings {
+            max_new_tokens: section.max_new_tokens,
+            temperature: section.temperature,
+            top_p: section.top_p,
+            seed: recipe.train.seed,
+            batch_size: recipe.micro_batch_size().max(section.samples_per_prompt),
+        };
+        let k = section.samples_per_prompt;
+        eprintln!("sampling {k} answers to each of {} prompts", prompts.len());
+        let answers = generate_answers(&model, &config, &tokenizer, &prompts, None, &settings, k)?;
+        let scores = score_answers(
+            &rm,
+            &rm_config,
+            &tokenizer,
+            &prompts,
+            &answers,
+            settings.batch_size,
+        )?;
+        let mut candidates = String::new();
+        let mut kept = Vec::new();
+        for (p, prompt) in prompts.iter().enumerate() {
+            let group: Vec<usize> = (p * k..(p + 1) * k).collect();
+            let best = group
+                .iter()
+                .copied()
+                .filter(|&i| !answers[i].text.is_empty())
+                .max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+            let keep = best.filter(|&i| section.threshold.is_none_or(|t| scores[i] >= t));
+            for &i in &group {
+                candidates.push_str(
+                    &(serde_json::json!({
+                        "prompt": prompt.text(),
+                        "answer": answers[i].text,
+                        "score": scores[i],
+                        "kept": Some(i) == keep,
+                    })
+                    .to_string()
+                        + "\n"),
+                );
+            }
+            if let Some(i) = keep {
+                kept.push((prompt.clone(), answers[i].text.clone()));
+            }
+        }
+        let path = dir.join("candidates.jsonl");
+        std::fs::write(&path, candidates).map_err(io_err(&path))?;
+        eprintln!(
+            "kept {} of {} prompts' best answers",
+            kept.len(),
+            prompts.len()
+        );
+        Ok(kept)
+    })
+}
