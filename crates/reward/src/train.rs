@@ -7,14 +7,13 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::prelude::*;
-use data::batch::{batch_order, Dataset, PairBatch, PairDataset, PairItem};
+use data::batch::{Dataset, PairBatch, PairDataset, PairItem};
 use data::{load_data, Tokenized, Tokenizer};
 use llama::{Head, Llama, LlamaConfig};
 use trainer::optim::{adamw, clip_grad_norm};
 use trainer::recipe::RewardSection;
 use trainer::run::{io_err, Result, RunOptions, TrainError, TrainerState};
-use trainer::schedule::{learning_rate, warmup_steps};
+use trainer::step::{due, optimizer_step, DeviceSum, EpochBatches};
 use trainer::Recipe;
 
 use crate::eval::{score_dataset, PairEval, RewardStats};
@@ -103,17 +102,13 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics =
         trainer::metrics::MetricsLogger::open(out, start_step, total_steps).map_err(io_err(out))?;
-    let lengths = train_set.lengths();
-    let steps_per_epoch = lengths.len().div_ceil(train.batch_size);
-    let warmup = warmup_steps(train.warmup_steps, train.warmup_ratio, total_steps);
+    let mut batches = EpochBatches::new(train_set.lengths(), recipe);
     let micro = recipe.micro_batch_size();
     let mut optimizer = adamw(train);
     if let Some(dir) = &resume {
         optimizer = trainer::run::load_optimizer(optimizer, dir, trainer::run::OPTIMIZER_FILE)?;
         eprintln!("resuming from {} at step {start_step}", dir.display());
     }
-    let mut order: Vec<Vec<usize>> = Vec::new();
-    let mut order_epoch = usize::MAX;
     let mut last_eval: Option<PairEval> = None;
     let started = Instant::now();
     let mut window_pairs = 0usize;
@@ -121,74 +116,49 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let mut window_start = Instant::now();
 
     for step in start_step..total_steps {
-        let epoch = step / steps_per_epoch;
-        if epoch != order_epoch {
-            order = batch_order(
-                &lengths,
-                train.batch_size,
-                train.seed,
-                epoch as u64,
-                recipe.data.bucket_by_length,
-            );
-            order_epoch = epoch;
-        }
-        let items = get_all(&train_set, &order[step % steps_per_epoch]);
+        let (epoch, indices) = batches.batch(step);
+        let items = get_all(&train_set, &indices);
         let global_pairs = items.len();
         let mut accumulator = GradientsAccumulator::<Llama>::new();
-        let mut step_loss: Option<Tensor<1>> = None;
-        let mut step_accuracy: Option<Tensor<1>> = None;
+        let mut step_loss = DeviceSum::default();
+        let mut step_right = DeviceSum::default();
         for chunk in items.chunks(micro) {
             let batch = PairBatch::new(chunk, pad);
             let margins = pair_margins(&batch, &section);
             let scores = batch_scores(&model, &batch);
             let n = chunk.len();
-            let right = scores
-                .clone()
-                .detach()
-                .slice(0..n)
-                .greater(scores.clone().detach().slice(n..2 * n))
-                .float()
-                .sum();
+            let detached = scores.clone().detach();
+            step_right.add(
+                detached
+                    .clone()
+                    .slice(0..n)
+                    .greater(detached.slice(n..2 * n))
+                    .float()
+                    .sum(),
+            );
             let loss = pair_loss(scores, &margins, section.centering, global_pairs);
-            let detached = loss.clone().detach();
-            step_loss = Some(match step_loss.take() {
-                Some(sum) => sum + detached,
-                None => detached,
-            });
-            step_accuracy = Some(match step_accuracy.take() {
-                Some(sum) => sum + right,
-                None => right,
-            });
+            step_loss.add(loss.clone());
             accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
             window_pairs += n;
             window_tokens += batch.valid.iter().flatten().filter(|&&v| v).count();
         }
-        let loss_value = step_loss.map_or(0.0, |l| l.into_scalar::<f32>() as f64);
-        let accuracy = step_accuracy.map_or(0.0, |a| a.into_scalar::<f32>() as f64)
-            / global_pairs.max(1) as f64;
-        let mut grads = accumulator.grads();
-        let grad_norm = clip_grad_norm(&model, &mut grads, train.grad_clip);
-        if !loss_value.is_finite() || !grad_norm.is_finite() {
-            return Err(TrainError::Invalid(format!(
-                "step {}: loss {loss_value}, gradient norm {grad_norm}: training diverged; \
-                 the last checkpoint in {} is kept",
-                step + 1,
-                out.display()
-            )));
-        }
-        let lr = learning_rate(
-            train.schedule,
-            train.lr,
-            train.min_lr_ratio,
-            warmup,
+        let loss_value = step_loss.read();
+        let accuracy = step_right.read() / global_pairs.max(1) as f64;
+        let stepped = optimizer_step(
+            recipe,
+            &mut optimizer,
+            model,
+            accumulator,
             step,
             total_steps,
-        );
-        model = optimizer.step(lr, model, grads);
+            loss_value,
+        )?;
+        model = stepped.model;
+        let (lr, grad_norm) = (stepped.lr, stepped.grad_norm);
 
         let done = step + 1;
         metrics.progress(done);
-        if done % train.log_every.max(1) == 0 || done == total_steps {
+        if due(done, train.log_every.max(1), total_steps) {
             let seconds = window_start.elapsed().as_secs_f64().max(1e-9);
             metrics
                 .log(
@@ -209,9 +179,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             window_tokens = 0;
             window_start = Instant::now();
         }
-        let eval_now = !eval_set.is_empty()
-            && ((train.eval_every > 0 && done % train.eval_every == 0) || done == total_steps);
-        if eval_now {
+        if !eval_set.is_empty() && due(done, train.eval_every, total_steps) {
             let eval = evaluate(&model, &eval_set, micro, pad, &section);
             let mut values = vec![
                 ("eval_loss", eval.loss),
@@ -234,7 +202,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             last_eval = Some(eval);
         }
         let last = done == total_steps;
-        if last || (train.save_every > 0 && done % train.save_every == 0) {
+        if due(done, train.save_every, total_steps) {
             let stats = match &last_eval {
                 Some(eval) => Some(RewardStats {
                     mean: eval.reward_mean,

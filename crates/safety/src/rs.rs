@@ -106,12 +106,52 @@ pub fn generate_then_sft(
     })
 }
 
-/// The prompts of `data.train`.
-pub fn recipe_prompts(recipe: &Recipe) -> Result<Vec<PromptRecord>> {
-    let path = recipe.data.train.as_deref().ok_or_else(|| {
-        TrainError::Invalid("[data] `train` must name the prompt file to sample from".into())
-    })?;
-    load_prompts(path)
+/// What both methods start from: the prompts of `data.train`, the tokenizer, and the frozen
+/// reward model that judges the answers.
+pub struct Inputs {
+    pub prompts: Vec<PromptRecord>,
+    pub device: burn::prelude::Device,
+    pub tokenizer: Tokenizer,
+    pub reward_config: llama::LlamaConfig,
+    pub reward_model: llama::Llama,
+}
+
+impl Inputs {
+    pub fn load(recipe: &Recipe, reward_model: &Path) -> Result<Self> {
+        let path = recipe.data.train.as_deref().ok_or_else(|| {
+            TrainError::Invalid("[data] `train` must name the prompt file to sample from".into())
+        })?;
+        let prompts = load_prompts(path)?;
+        let device = llama::parse_device(&recipe.runtime.device)?;
+        let tokenizer = Tokenizer::from_file(&recipe.model.tokenizer)?;
+        let (reward_config, reward_model) = load_reward_model(reward_model, &device, &tokenizer)?;
+        Ok(Self {
+            prompts,
+            device,
+            tokenizer,
+            reward_config,
+            reward_model,
+        })
+    }
+
+    /// The model to sample from, as `[model]` names it.
+    pub fn policy(&self, recipe: &Recipe) -> Result<(llama::LlamaConfig, llama::Llama)> {
+        let (config, model) = trainer::run::load_model(recipe, &self.device, Head::Lm)?;
+        trainer::run::check_vocab(&self.tokenizer, &config, &recipe.model.tokenizer)?;
+        Ok((config, model))
+    }
+
+    /// Reward-model scores of answers to these prompts.
+    pub fn score(&self, answers: &[crate::answers::Answer], batch: usize) -> Result<Vec<f64>> {
+        score_answers(
+            &self.reward_model,
+            &self.reward_config,
+            &self.tokenizer,
+            &self.prompts,
+            answers,
+            batch,
+        )
+    }
 }
 
 /// Runs rejection sampling fine-tuning as the recipe's `[rs]` section says.
@@ -120,13 +160,10 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
         .rs
         .clone()
         .ok_or_else(|| TrainError::Invalid("the recipe has no [rs] section".into()))?;
-    let prompts = recipe_prompts(recipe)?;
-    let device = llama::parse_device(&recipe.runtime.device)?;
-    let tokenizer = Tokenizer::from_file(&recipe.model.tokenizer)?;
-    let (rm_config, rm) = load_reward_model(&section.reward_model, &device, &tokenizer)?;
+    let inputs = Inputs::load(recipe, &section.reward_model)?;
+    let prompts = &inputs.prompts;
     generate_then_sft(recipe, options, |dir| {
-        let (config, model) = trainer::run::load_model(recipe, &device, Head::Lm)?;
-        trainer::run::check_vocab(&tokenizer, &config, &recipe.model.tokenizer)?;
+        let (config, model) = inputs.policy(recipe)?;
         let settings = AnswerSettings {
             max_new_tokens: section.max_new_tokens,
             temperature: section.temperature,
@@ -136,15 +173,16 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
         };
         let k = section.samples_per_prompt;
         eprintln!("sampling {k} answers to each of {} prompts", prompts.len());
-        let answers = generate_answers(&model, &config, &tokenizer, &prompts, None, &settings, k)?;
-        let scores = score_answers(
-            &rm,
-            &rm_config,
-            &tokenizer,
-            &prompts,
-            &answers,
-            settings.batch_size,
+        let answers = generate_answers(
+            &model,
+            &config,
+            &inputs.tokenizer,
+            prompts,
+            None,
+            &settings,
+            k,
         )?;
+        let scores = inputs.score(&answers, settings.batch_size)?;
         let mut candidates = String::new();
         let mut kept = Vec::new();
         for (p, prompt) in prompts.iter().enumerate() {

@@ -6,12 +6,11 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::prelude::*;
-use data::batch::{batch_order, Dataset, SequenceBatch, SequenceDataset, SequenceItem};
+use data::batch::{Dataset, SequenceBatch, SequenceDataset, SequenceItem};
 use data::{load_data, Tokenized, Tokenizer};
 use llama::{Head, Llama, LlamaConfig};
 use trainer::optim::{adamw, clip_grad_norm};
-use trainer::schedule::{learning_rate, warmup_steps};
+use trainer::step::{due, optimizer_step, DeviceSum, EpochBatches};
 use trainer::Recipe;
 
 use crate::loss::sft_loss;
@@ -99,10 +98,8 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     )
     .map_err(io_err(out))?;
 
-    let lengths = train_set.lengths();
-    let steps_per_epoch = lengths.len().div_ceil(train.batch_size);
     let total_steps = trainer::run::total_steps(recipe, train_set.len());
-    let warmup = warmup_steps(train.warmup_steps, train.warmup_ratio, total_steps);
+    let mut batches = EpochBatches::new(train_set.lengths(), recipe);
     let micro = recipe.micro_batch_size();
     let pad = config.pad_token_id.unwrap_or(0);
     let mut optimizer = adamw(train);
@@ -110,8 +107,6 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
         optimizer = trainer::run::load_optimizer(optimizer, dir, trainer::run::OPTIMIZER_FILE)?;
         eprintln!("resuming from {} at step {start_step}", dir.display());
     }
-    let mut order: Vec<Vec<usize>> = Vec::new();
-    let mut order_epoch = usize::MAX;
     let mut last_loss = f64::NAN;
     let mut eval_loss = None;
     let started = Instant::now();
@@ -119,18 +114,8 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let mut window_start = Instant::now();
 
     for step in start_step..total_steps {
-        let epoch = step / steps_per_epoch;
-        if epoch != order_epoch {
-            order = batch_order(
-                &lengths,
-                train.batch_size,
-                train.seed,
-                epoch as u64,
-                recipe.data.bucket_by_length,
-            );
-            order_epoch = epoch;
-        }
-        let items = get_all(&train_set, &order[step % steps_per_epoch]);
+        let (epoch, indices) = batches.batch(step);
+        let items = get_all(&train_set, &indices);
         let micro_batches: Vec<SequenceBatch> = items
             .chunks(micro)
             .map(|chunk| SequenceBatch::new(chunk, pad))
@@ -140,43 +125,29 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             .map(SequenceBatch::trained_tokens)
             .sum();
         let mut accumulator = GradientsAccumulator::<Llama>::new();
-        // Summed on the device and read once per step, not once per micro-batch.
-        let mut step_loss: Option<Tensor<1>> = None;
+        let mut step_loss = DeviceSum::default();
         for batch in &micro_batches {
             let loss = sft_loss(&model, batch, trained);
-            let detached = loss.clone().detach();
-            step_loss = Some(match step_loss.take() {
-                Some(sum) => sum + detached,
-                None => detached,
-            });
+            step_loss.add(loss.clone());
             accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
             window_tokens += batch.tokens.iter().map(Vec::len).sum::<usize>();
         }
-        let loss_value = step_loss.map_or(0.0, |l| l.into_scalar::<f32>() as f64);
-        let mut grads = accumulator.grads();
-        let grad_norm = clip_grad_norm(&model, &mut grads, train.grad_clip);
-        if !loss_value.is_finite() || !grad_norm.is_finite() {
-            return Err(SftError::Invalid(format!(
-                "step {}: loss {loss_value}, gradient norm {grad_norm}: training diverged; \
-                 the last checkpoint in {} is kept",
-                step + 1,
-                out.display()
-            )));
-        }
-        let lr = learning_rate(
-            train.schedule,
-            train.lr,
-            train.min_lr_ratio,
-            warmup,
+        let loss_value = step_loss.read();
+        let stepped = optimizer_step(
+            recipe,
+            &mut optimizer,
+            model,
+            accumulator,
             step,
             total_steps,
-        );
-        model = optimizer.step(lr, model, grads);
+            loss_value,
+        )?;
+        model = stepped.model;
         last_loss = loss_value;
 
         let done = step + 1;
         metrics.progress(done);
-        if done % train.log_every.max(1) == 0 || done == total_steps {
+        if due(done, train.log_every.max(1), total_steps) {
             let seconds = window_start.elapsed().as_secs_f64().max(1e-9);
             metrics
                 .log(
@@ -184,8 +155,8 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
                     done,
                     &[
                         ("loss", loss_value),
-                        ("lr", lr),
-                        ("grad_norm", grad_norm),
+                        ("lr", stepped.lr),
+                        ("grad_norm", stepped.grad_norm),
                         ("tokens_per_sec", window_tokens as f64 / seconds),
                         ("trained_tokens", trained as f64),
                         ("epoch", epoch as f64),
@@ -195,9 +166,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             window_tokens = 0;
             window_start = Instant::now();
         }
-        let eval_now = !eval_set.is_empty()
-            && ((train.eval_every > 0 && done % train.eval_every == 0) || done == total_steps);
-        if eval_now {
+        if !eval_set.is_empty() && due(done, train.eval_every, total_steps) {
             let loss = evaluate(&model.valid(), &eval_set, micro, pad);
             metrics
                 .log(
@@ -208,7 +177,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
                 .map_err(io_err(metrics_file(out).as_path()))?;
             eval_loss = Some(loss);
         }
-        if train.save_every > 0 && done % train.save_every == 0 && done != total_steps {
+        if due(done, train.save_every, total_steps) && done != total_steps {
             save(&model, &optimizer, &config, recipe, done, total_steps)?;
         }
     }

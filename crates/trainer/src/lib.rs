@@ -7,6 +7,7 @@ pub mod optim;
 pub mod recipe;
 pub mod run;
 pub mod schedule;
+pub mod step;
 
 pub use recipe::{Recipe, RecipeError};
 pub use run::{RunOptions, TrainError, TrainerState};

@@ -1,0 +1,95 @@
+# Shared by the experiments' run.sh scripts: data paths, the `train` binary, and stages that
+# are skipped once finished, so an interrupted experiment resumes from its last finished stage.
+#
+# Environment:
+#   DATA    folder with data/ and tokenizers/ as in ../shared (default: ../shared beside the repo)
+#   WORK    where models and intermediate files go (default: runs/experiments in the repo)
+#   TRAIN   the train binary (default: target/release/train, built on first use)
+#   DEVICE  flex (default), tch:cpu, cuda:0, ...
+
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DATA="${DATA:-$ROOT/../shared}"
+WORK="${WORK:-$ROOT/runs/experiments}"
+DEVICE="${DEVICE:-flex}"
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python3
+  [ -x "$ROOT/.venv/bin/python" ] && PYTHON="$ROOT/.venv/bin/python"
+fi
+mkdir -p "$WORK"
+
+TOKENIZER="$DATA/tokenizers/llama2/tokenizer.json"
+HH="$DATA/data/hh-rlhf/harmless-base-test.jsonl.gz"
+SAFETY="$DATA/data/safety-tuned-llamas/safety_only_data_Instructions.json"
+EVAL="$DATA/data/safety-tuned-llamas/evaluation"
+SEEDS="$DATA/data/alpaca-seed-tasks/seed_tasks.jsonl"
+
+# Fails with where to get a missing input.
+require() {
+  local file="$1" source="$2"
+  if [ ! -e "$file" ]; then
+    echo "missing $file" >&2
+    echo "  get it from $source and set DATA to the folder holding data/ and tokenizers/ (see experiments/README.md)" >&2
+    exit 1
+  fi
+}
+
+require_data() {
+  require "$TOKENIZER" "the Llama 2 tokenizer.json of meta-llama/Llama-2-7b-hf (Hugging Face), saved as tokenizers/llama2/tokenizer.json"
+  require "$HH" "github.com/anthropics/hh-rlhf: harmless-base/test.jsonl.gz, saved as data/hh-rlhf/harmless-base-test.jsonl.gz"
+  require "$SAFETY" "github.com/vinid/safety-tuned-llamas: data/training/safety_only_data_Instructions.json, saved under data/safety-tuned-llamas/"
+  for set in I-MaliciousInstructions Q-Harm I-Alpaca; do
+    require "$EVAL/$set.json" "github.com/vinid/safety-tuned-llamas: data/evaluation/$set.json, saved under data/safety-tuned-llamas/evaluation/"
+  done
+  require "$SEEDS" "github.com/tatsu-lab/stanford_alpaca: seed_tasks.jsonl, saved as data/alpaca-seed-tasks/seed_tasks.jsonl"
+}
+
+if [ -z "${TRAIN:-}" ]; then
+  TRAIN="$ROOT/target/release/train"
+  if [ ! -x "$TRAIN" ]; then
+    (cd "$ROOT" && cargo build --release -p cli)
+  fi
+fi
+
+# stage NAME COMMAND...: runs COMMAND unless NAME finished before; records it when it succeeds.
+stage() {
+  local name="$1"
+  shift
+  local marker="$WORK/.done/$name"
+  if [ -e "$marker" ]; then
+    echo "== $name: done before, skipped"
+    return 0
+  fi
+  echo "== $name"
+  local started=$SECONDS
+  "$@"
+  mkdir -p "$WORK/.done"
+  echo "$((SECONDS - started)) s" > "$marker"
+}
+
+# The benign instruction data: Alpaca's 175 seed tasks as alpaca records, the first 150 for
+# training and the last 25 held out as benign evaluation prompts.
+prepare_benign() {
+  "$PYTHON" "$ROOT/experiments/tools/split_seed_tasks.py" "$SEEDS" "$WORK/data"
+}
+
+# The shared safety reward model: a tiny model trained on 90% of the HH-RLHF harmless pairs
+# (experiment 2); the other experiments score answers with it.
+safety_reward_model() {
+  "$TRAIN" reward --recipe "$ROOT/experiments/recipes/safety-rm.toml" \
+    --set "model.tokenizer=\"$TOKENIZER\"" --set "data.train=\"$HH\"" \
+    --set "output.dir=\"$WORK/safety-rm\"" --set "runtime.device=\"$DEVICE\"" --overwrite
+}
+# The newest checkpoint of a run directory.
+checkpoint() {
+  ls -d "$1"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1
+}
+
+# evaluate MODEL OUT.json: refusal rates and safety scores on the evaluation sets.
+evaluate() {
+  "$TRAIN" eval safety --model "$1" --tokenizer "$TOKENIZER" --reward-model "$(checkpoint "$WORK/safety-rm")" \
+    --prompts "$EVAL/I-MaliciousInstructions.json" "$EVAL/Q-Harm.json" \
+    --benign "$EVAL/I-Alpaca.json" "$WORK/data/seed-heldout.jsonl" \
+    --max-new-tokens 64 --batch-size 32 --device "$DEVICE" \
+    --answers "${2%.json}.answers.jsonl" --json > "$2"
+}
