@@ -7,7 +7,7 @@ base_policy() {
   stage data prepare_benign
   stage safety-rm safety_reward_model
   local sources="[{path = \"$WORK/data/seed-train.jsonl\"}, {path = \"$SAFETY\", count = $BASE_N}]"
-  stage "scaling-sft-$BASE_N" "$TRAIN" sft --recipe "$ROOT/experiments/recipes/safety-sft.toml" \
+  stage "scaling-sft-$BASE_N" "$TRAIN" sft --recipe "$ROOT/experiments/01-safety-data-scaling/safety-sft.toml" \
     --set "model.tokenizer=\"$TOKENIZER\"" --set "data.sources=$sources" \
     --set "output.dir=\"$WORK/scaling/sft-$BASE_N\"" --set "runtime.device=\"$DEVICE\"" --overwrite
   stage method-prompts "$PYTHON" "$ROOT/experiments/tools/make_prompts.py" "$WORK/data/method-prompts.jsonl" \

@@ -42,14 +42,18 @@ require_data() {
     require "$EVAL/$set.json" "github.com/vinid/safety-tuned-llamas: data/evaluation/$set.json, saved under data/safety-tuned-llamas/evaluation/"
   done
   require "$SEEDS" "github.com/tatsu-lab/stanford_alpaca: seed_tasks.jsonl, saved as data/alpaca-seed-tasks/seed_tasks.jsonl"
+  ensure_train
 }
 
-if [ -z "${TRAIN:-}" ]; then
-  TRAIN="$ROOT/target/release/train"
-  if [ ! -x "$TRAIN" ]; then
-    (cd "$ROOT" && cargo build --release -p cli)
+# The binary: TRAIN, or a release build made on first use (after the data checks pass).
+ensure_train() {
+  if [ -z "${TRAIN:-}" ]; then
+    TRAIN="$ROOT/target/release/train"
+    if [ ! -x "$TRAIN" ]; then
+      (cd "$ROOT" && cargo build --release -p cli)
+    fi
   fi
-fi
+}
 
 # stage NAME COMMAND...: runs COMMAND unless NAME finished before; records it when it succeeds.
 stage() {
@@ -76,7 +80,7 @@ prepare_benign() {
 # The shared safety reward model: a tiny model trained on 90% of the HH-RLHF harmless pairs
 # (experiment 2); the other experiments score answers with it.
 safety_reward_model() {
-  "$TRAIN" reward --recipe "$ROOT/experiments/recipes/safety-rm.toml" \
+  "$TRAIN" reward --recipe "$ROOT/experiments/02-safety-reward-model/safety-rm.toml" \
     --set "model.tokenizer=\"$TOKENIZER\"" --set "data.train=\"$HH\"" \
     --set "output.dir=\"$WORK/safety-rm\"" --set "runtime.device=\"$DEVICE\"" --overwrite
 }

@@ -15,7 +15,7 @@ for n in 0 100 300 1000 2483; do
   else
     sources="[{path = \"$WORK/data/seed-train.jsonl\"}, {path = \"$SAFETY\", count = $n}]"
   fi
-  stage "scaling-sft-$n" "$TRAIN" sft --recipe "$ROOT/experiments/recipes/safety-sft.toml" \
+  stage "scaling-sft-$n" "$TRAIN" sft --recipe "$ROOT/experiments/01-safety-data-scaling/safety-sft.toml" \
     --set "model.tokenizer=\"$TOKENIZER\"" --set "data.sources=$sources" \
     --set "output.dir=\"$WORK/scaling/sft-$n\"" --set "runtime.device=\"$DEVICE\"" --overwrite
   stage "scaling-eval-$n" evaluate "$(checkpoint "$WORK/scaling/sft-$n")" "$WORK/scaling/eval-$n.json"

@@ -9,7 +9,7 @@ require_data
 base_policy
 mkdir -p "$WORK/rlhf"
 stage rlhf-eval-before evaluate "$BASE" "$WORK/rlhf/eval-before.json"
-stage rlhf-ppo "$TRAIN" ppo --recipe "$ROOT/experiments/recipes/safety-ppo.toml" \
+stage rlhf-ppo "$TRAIN" ppo --recipe "$ROOT/experiments/03-safety-rlhf/safety-ppo.toml" \
   --set "model.checkpoint=\"$BASE\"" --set "model.tokenizer=\"$TOKENIZER\"" \
   --set "data.train=\"$WORK/data/method-prompts.jsonl\"" \
   --set "ppo.safety_reward_model=\"$(checkpoint "$WORK/safety-rm")\"" \
