@@ -208,3 +208,41 @@ fn rejection_sampling_and_context_distillation_fine_tune_on_kept_answers() {
     // Fine-tuned without the pre-prompt: the prompt has no system turn.
     assert_eq!(first["prompt"][0]["role"], "user");
 }
+
+/// The experiments' scripts: a missing input names the file and where to get it, and a finished
+/// stage is skipped when a script runs again.
+#[test]
+fn experiment_scripts_check_their_data_and_resume_by_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = root().join("experiments/02-safety-reward-model/run.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .env("DATA", tmp.path().join("nowhere"))
+        .env("WORK", tmp.path().join("work"))
+        .env("TRAIN", "/bin/false")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("missing") && err.contains("tokenizers/llama2/tokenizer.json"),
+        "{err}"
+    );
+    assert!(err.contains("get it from"), "{err}");
+
+    let snippet = format!(
+        "source {}; stage demo echo ran; stage demo echo ran",
+        root().join("experiments/lib.sh").display()
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &snippet])
+        .env("DATA", tmp.path())
+        .env("WORK", tmp.path().join("work"))
+        .env("TRAIN", "/bin/true")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.matches("ran").count(), 1, "{text}");
+    assert!(text.contains("demo: done before, skipped"), "{text}");
+}
