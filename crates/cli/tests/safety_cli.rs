@@ -172,6 +172,24 @@ fn rejection_sampling_and_context_distillation_fine_tune_on_kept_answers() {
     assert!(stderr(&run).contains("generation already done"));
     assert!(out.join("sft/checkpoint-4").exists());
 
+    // By default, answers cut off at max_new_tokens are never kept.
+    let strict = tmp.path().join("strict");
+    let (run, _) = run_recipe(
+        "rs",
+        "tests/fixtures/recipes/rs-test.toml",
+        &strict,
+        &[&extra[..], &["--set", "rs.keep_unfinished=false"]].concat(),
+    );
+    if run.status.success() {
+        let text = std::fs::read_to_string(strict.join("generated/candidates.jsonl")).unwrap();
+        for line in text.lines() {
+            let c: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert!(c["kept"] == false || c["ended_with_eos"] == true, "{c}");
+        }
+    } else {
+        assert_failed_with(&run, "no answer was kept");
+    }
+
     // Threshold above every score: nothing kept, a clear error.
     let (run, _) = run_recipe(
         "rs",
@@ -202,6 +220,7 @@ fn rejection_sampling_and_context_distillation_fine_tune_on_kept_answers() {
         let better = r["score_with"].as_f64().unwrap() > r["score_without"].as_f64().unwrap();
         let empty = r["with_preprompt"].as_str().unwrap().is_empty();
         assert_eq!(r["kept"], better && !empty, "{r}");
+        assert!(r.get("ended_with_eos").is_some());
     }
     let sft_data = std::fs::read_to_string(out.join("generated/sft-data.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(sft_data.lines().next().unwrap()).unwrap();

@@ -107,11 +107,14 @@ pub fn gather_rows(rollouts: &[&Rollout], flat: &[f32], width: usize) -> Vec<Vec
         .collect()
 }
 
-/// Log-probability of each next token under the policy, `[rows, width]`, and (when asked) the
-/// entropy of each next-token distribution, detached.
+/// Log-probability of each next token under `softmax(logits / temperature)`, the distribution
+/// the rollouts were sampled from (over the whole vocabulary, as TRL does: the top-p cut is not
+/// part of it), `[rows, width]`; and (when asked) the entropy of each next-token distribution,
+/// detached.
 pub fn token_logprobs(
     model: &Llama,
     padded: &Padded,
+    temperature: f64,
     with_entropy: bool,
 ) -> (Tensor<2>, Option<Tensor<2>>) {
     let device = model.device();
@@ -119,7 +122,7 @@ pub fn token_logprobs(
     let width = padded.width;
     let logits = model.forward(&padded.input, None);
     let vocab = logits.dims()[2];
-    let log_probs = log_softmax(logits.slice([0..rows, 0..width, 0..vocab]), 2);
+    let log_probs = log_softmax(logits.slice([0..rows, 0..width, 0..vocab]) / temperature, 2);
     let targets: Vec<i64> = padded
         .input
         .tokens

@@ -50,6 +50,9 @@ impl RewardModel {
         need_stats: bool,
     ) -> Result<Self> {
         let (config, model) = reward::score::load_reward_model(dir, device)?;
+        if !retokenize {
+            trainer::run::check_vocab(policy_tokenizer, &config, dir)?;
+        }
         let stats = RewardStats::load(dir)?;
         if need_stats && stats.is_none() {
             return Err(TrainError::Invalid(format!(
@@ -269,13 +272,13 @@ impl Ppo {
         let all: Vec<&Rollout> = rollouts.iter().collect();
         for chunk in all.chunks(mini) {
             let padded = pad_rollouts(chunk, self.pad);
-            let (logp, _) = token_logprobs(&sampler, &padded, false);
+            let (logp, _) = token_logprobs(&sampler, &padded, s.temperature, false);
             old_logp.extend(gather_rows(
                 chunk,
                 &llama::model::to_host(logp),
                 padded.width,
             ));
-            let (logp, _) = token_logprobs(&self.reference, &padded, false);
+            let (logp, _) = token_logprobs(&self.reference, &padded, s.temperature, false);
             ref_logp.extend(gather_rows(
                 chunk,
                 &llama::model::to_host(logp),
@@ -405,7 +408,7 @@ impl Ppo {
                     .map(|r| r.prompt.len() + r.response.len())
                     .sum::<usize>();
 
-                let (logp, entropy) = token_logprobs(&self.policy, &padded, true);
+                let (logp, entropy) = token_logprobs(&self.policy, &padded, s.temperature, true);
                 let old_t = tensor(&old);
                 let log_ratio = (logp.clone().detach() - old_t.clone()) * mask.clone();
                 let ratios = llama::model::to_host(log_ratio.clone());
@@ -631,9 +634,14 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
         .expect("the recipe check requires a reward model");
     let (mut value_config, value) = match (&resume, &state) {
         (Some(dir), Some(state)) => {
-            let ids: Option<std::collections::HashMap<String, u64>> =
-                serde_json::from_value(state.extra["value_param_ids"].clone()).ok();
-            llama::load_pretrained_with_ids(&dir.join(VALUE_DIR), &device, ids.as_ref())?
+            let ids: std::collections::HashMap<String, u64> =
+                serde_json::from_value(state.extra["value_param_ids"].clone()).map_err(|e| {
+                    TrainError::Invalid(format!(
+                        "{}: value model parameter ids: {e}",
+                        dir.join(trainer::run::STATE_FILE).display()
+                    ))
+                })?;
+            llama::load_pretrained_with_ids(&dir.join(VALUE_DIR), &device, Some(&ids))?
         }
         _ => llama::load_pretrained_as(&value_source, &device, Head::Score, train.seed)?,
     };

@@ -154,6 +154,15 @@ impl RewardStats {
         }
     }
 
+    /// The score statistics of an evaluation (both answers of every pair).
+    pub fn from_eval(eval: &PairEval) -> Self {
+        Self {
+            mean: eval.reward_mean,
+            std: eval.reward_std,
+            count: 2 * eval.pairs,
+        }
+    }
+
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join(STATS_FILE);
         let text = serde_json::to_string_pretty(self).expect("stats serialize");

@@ -109,7 +109,8 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
         optimizer = trainer::run::load_optimizer(optimizer, dir, trainer::run::OPTIMIZER_FILE)?;
         eprintln!("resuming from {} at step {start_step}", dir.display());
     }
-    let mut last_eval: Option<PairEval> = None;
+    // The latest evaluation and the step it measured.
+    let mut last_eval: Option<(usize, PairEval)> = None;
     let started = Instant::now();
     let mut window_pairs = 0usize;
     let mut window_tokens = 0usize;
@@ -199,25 +200,22 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             metrics
                 .log("eval", done, &values)
                 .map_err(io_err(&metrics_path))?;
-            last_eval = Some(eval);
+            last_eval = Some((done, eval));
         }
         let last = done == total_steps;
         if due(done, train.save_every, total_steps) {
+            // The statistics of exactly these weights: the evaluation of this step, else a
+            // fresh one (on the eval split, or on the training pairs without one).
             let stats = match &last_eval {
-                Some(eval) => Some(RewardStats {
-                    mean: eval.reward_mean,
-                    std: eval.reward_std,
-                    count: 2 * eval.pairs,
-                }),
-                // Without an eval split, the final checkpoint measures on training pairs.
-                None if last => {
-                    Some(evaluate(&model, &train_set, micro, pad, &section)).map(|e| RewardStats {
-                        mean: e.reward_mean,
-                        std: e.reward_std,
-                        count: 2 * e.pairs,
-                    })
+                Some((step, eval)) if *step == done => RewardStats::from_eval(eval),
+                _ => {
+                    let pairs = if eval_set.is_empty() {
+                        &train_set
+                    } else {
+                        &eval_set
+                    };
+                    RewardStats::from_eval(&evaluate(&model, pairs, micro, pad, &section))
                 }
-                None => None,
             };
             let dir = save(
                 &model,
@@ -238,7 +236,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
                 return Ok(Summary {
                     steps: total_steps,
                     final_loss: loss_value,
-                    eval: last_eval,
+                    eval: last_eval.map(|(_, eval)| eval),
                     checkpoint: dir,
                 });
             }
@@ -270,13 +268,11 @@ fn save(
     recipe: &Recipe,
     step: usize,
     total_steps: usize,
-    stats: Option<RewardStats>,
+    stats: RewardStats,
 ) -> Result<PathBuf> {
     trainer::run::save_checkpoint(recipe, step, |dir| {
         trainer::run::write_model(model, config, recipe, dir)?;
-        if let Some(stats) = stats {
-            stats.save(dir)?;
-        }
+        stats.save(dir)?;
         let state = TrainerState {
             step,
             total_steps,

@@ -150,6 +150,7 @@ pub fn load_reward_model(
     tokenizer: &Tokenizer,
 ) -> Result<(LlamaConfig, Llama)> {
     let loaded = reward::score::load_reward_model(dir, device)?;
+    trainer::run::check_vocab(tokenizer, &loaded.0, dir)?;
     let own = dir.join("tokenizer.json");
     if own.exists() && !Tokenizer::from_file(&own)?.same_vocabulary(tokenizer) {
         return Err(TrainError::Invalid(format!(

@@ -43,6 +43,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
                     "without_preprompt": without[i].text,
                     "score_with": score_with[i],
                     "score_without": score_without[i],
+                    "ended_with_eos": with[i].ended,
                     "kept": keep,
                 })
                 .to_string()

@@ -191,6 +191,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
                 .iter()
                 .copied()
                 .filter(|&i| !answers[i].text.is_empty())
+                .filter(|&i| answers[i].ended || section.keep_unfinished)
                 .max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
             let keep = best.filter(|&i| section.threshold.is_none_or(|t| scores[i] >= t));
             for &i in &group {
@@ -199,6 +200,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
                         "prompt": prompt.text(),
                         "answer": answers[i].text,
                         "score": scores[i],
+                        "ended_with_eos": answers[i].ended,
                         "kept": Some(i) == keep,
                     })
                     .to_string()

@@ -277,6 +277,10 @@ pub struct RejectionSection {
     pub temperature: f64,
     #[serde(default = "one_f64")]
     pub top_p: f64,
+    /// Also keep answers cut off at `max_new_tokens` (without EOS); SFT would then teach the
+    /// model to stop mid-answer, so they are skipped by default.
+    #[serde(default)]
+    pub keep_unfinished: bool,
 }
 
 /// `[distill]`: targeted context distillation (`train distill`): answers to each prompt of
@@ -298,6 +302,9 @@ pub struct DistillSection {
     pub temperature: f64,
     #[serde(default = "one_f64")]
     pub top_p: f64,
+    /// Also keep pre-prompted answers cut off at `max_new_tokens` (without EOS).
+    #[serde(default)]
+    pub keep_unfinished: bool,
 }
 
 fn default_samples_per_prompt() -> usize {
@@ -592,11 +599,14 @@ impl Recipe {
                     "[ppo] `max_new_tokens` and `ppo_epochs` must be positive",
                 ));
             }
-            if !(ppo.top_p > 0.0 && ppo.top_p <= 1.0 && ppo.temperature >= 0.0) {
+            if !(ppo.top_p > 0.0 && ppo.top_p <= 1.0 && ppo.temperature > 0.0) {
                 return Err(invalid(
                     path,
-                    "[ppo] `top_p` must be in (0, 1] and `temperature` >= 0",
+                    "[ppo] `top_p` must be in (0, 1] and `temperature` > 0 (PPO samples)",
                 ));
+            }
+            if ppo.target_kl.is_some_and(|t| !(t > 0.0 && t.is_finite())) {
+                return Err(invalid(path, "[ppo] `target_kl` must be positive"));
             }
         }
         if let Some(rs) = &self.rs {
