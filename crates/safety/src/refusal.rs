@@ -47,7 +47,7 @@ impl RefusalDetector {
         Self {
             phrases: phrases
                 .into_iter()
-                .map(|p| normalise(&p))
+                .map(|p| normalise(p.trim()))
                 .filter(|p| !p.is_empty())
                 .collect(),
         }
