@@ -230,36 +230,7 @@ impl Ppo {
         // 1. Rollouts: KV-cached sampling from the current policy, without autodiff.
         let started = Instant::now();
         let sampler = self.policy.valid();
-        let params = SamplingParams {
-            max_new_tokens: s.max_new_tokens,
-            temperature: s.temperature as f32,
-            top_p: s.top_p as f32,
-            seed: self
-                .seed
-                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                .wrapping_add(iteration as u64),
-            eos_token_id: Some(self.eos),
-            pad_token_id: self.pad,
-            use_cache: true,
-            max_positions: self.max_positions,
-        };
-        let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-        let generated = llama::generate(&sampler, &prompt_ids, &params);
-        let rollouts: Vec<Rollout> = prompts
-            .iter()
-            .zip(generated)
-            .map(|(p, g)| Rollout {
-                prompt: p.ids.clone(),
-                ended: g.stopped_at_eos,
-                response: g.tokens,
-                category: p.category.clone(),
-            })
-            .collect();
-        if rollouts.iter().any(|r| r.response.is_empty()) {
-            return Err(TrainError::Invalid(
-                "a prompt left no room for a response within the model's context".into(),
-            ));
-        }
+        let rollouts = self.rollout(&sampler, prompts, iteration)?;
         let generation_s = started.elapsed().as_secs_f64();
         let generated_tokens: usize = rollouts.iter().map(|r| r.response.len()).sum();
 
@@ -373,104 +344,32 @@ impl Ppo {
 
         // 3. Update: `ppo_epochs` passes, one gradient step per mini-batch for each model.
         let started = Instant::now();
-        let device = self.policy.device();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(
-            self.seed ^ (iteration as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
-        );
-        let (mut policy_losses, mut value_losses, mut entropies) = (Vec::new(), Vec::new(), 0.0);
-        let (mut clipped, mut approx_kl, mut tokens_seen) = (0.0, 0.0, 0usize);
-        let (mut grad_norm, mut value_grad_norm) = (0.0, 0.0);
-        let mut update_tokens = 0usize;
-        for _epoch in 0..s.ppo_epochs {
-            let mut order: Vec<usize> = (0..rollouts.len()).collect();
-            order.shuffle(&mut rng);
-            for chunk in order.chunks(mini) {
-                let batch: Vec<&Rollout> = chunk.iter().map(|&i| &rollouts[i]).collect();
-                let pick = |field: &[Vec<f64>]| -> Vec<Vec<f64>> {
-                    chunk.iter().map(|&i| field[i].clone()).collect()
-                };
-                let (adv, old, ret, old_v) = (
-                    pick(&advantages),
-                    pick(&old_logp),
-                    pick(&returns),
-                    pick(&old_values),
-                );
-                let padded = pad_rollouts(&batch, self.pad);
-                let width = padded.width;
-                let tensor = |v: &[Vec<f64>]| {
-                    let refs: Vec<&[f64]> = v.iter().map(Vec::as_slice).collect();
-                    scatter(&batch, &refs, width, &device)
-                };
-                let mask = response_mask(&batch, width, &device);
-                let count: usize = batch.iter().map(|r| r.response.len()).sum();
-                update_tokens += batch
-                    .iter()
-                    .map(|r| r.prompt.len() + r.response.len())
-                    .sum::<usize>();
-
-                let (logp, entropy) = token_logprobs(&self.policy, &padded, s.temperature, true);
-                let old_t = tensor(&old);
-                let log_ratio = (logp.clone().detach() - old_t.clone()) * mask.clone();
-                let ratios = llama::model::to_host(log_ratio.clone());
-                let masks = llama::model::to_host(mask.clone());
-                for (lr, m) in ratios.iter().zip(&masks) {
-                    if *m > 0.0 {
-                        let lr = *lr as f64;
-                        approx_kl += 0.5 * lr * lr;
-                        if (lr.exp() - 1.0).abs() > s.clip_range {
-                            clipped += 1.0;
-                        }
-                    }
-                }
-                tokens_seen += count;
-                if let Some(entropy) = entropy {
-                    entropies += (entropy * mask.clone()).sum().into_scalar::<f32>() as f64;
-                }
-                let loss =
-                    policy_loss(logp, old_t, tensor(&adv), mask.clone(), s.clip_range, count);
-                policy_losses.push(loss.clone().detach().into_scalar::<f32>() as f64);
-                let mut grads = GradientsParams::from_grads(loss.backward(), &self.policy);
-                grad_norm = clip_grad_norm(&self.policy, &mut grads, self.grad_clip);
-                self.policy = self
-                    .policy_optimizer
-                    .step(self.lr, self.policy.clone(), grads);
-
-                let values = token_values(&self.value, &padded);
-                let vloss = value_loss(
-                    values,
-                    tensor(&old_v),
-                    tensor(&ret),
-                    mask,
-                    s.value_clip_range,
-                    count,
-                ) * s.value_coef;
-                value_losses.push(vloss.clone().detach().into_scalar::<f32>() as f64);
-                let mut grads = GradientsParams::from_grads(vloss.backward(), &self.value);
-                value_grad_norm = clip_grad_norm(&self.value, &mut grads, self.grad_clip);
-                self.value = self
-                    .value_optimizer
-                    .step(self.value_lr, self.value.clone(), grads);
-            }
-        }
+        let targets = Targets {
+            old_logp: &old_logp,
+            old_values: &old_values,
+            advantages: &advantages,
+            returns: &returns,
+        };
+        let u = self.update(&rollouts, &targets, iteration);
         let update_s = started.elapsed().as_secs_f64();
         let beta = self.kl.beta;
         self.kl.update(kl_mean, rollouts.len());
 
         let lengths: Vec<f64> = rollouts.iter().map(|r| r.response.len() as f64).collect();
-        let seen = tokens_seen.max(1) as f64;
+        let seen = u.tokens.max(1) as f64;
         let mut values = vec![
             ("reward_mean", reward_mean),
             ("reward_std", reward_std),
             ("kl", kl_mean),
             ("kl_coef", beta),
-            ("entropy", entropies / seen),
-            ("clip_fraction", clipped / seen),
-            ("approx_kl", approx_kl / seen),
-            ("policy_loss", mean_std(&policy_losses).0),
-            ("value_loss", mean_std(&value_losses).0),
+            ("entropy", u.entropy / seen),
+            ("clip_fraction", u.clipped / seen),
+            ("approx_kl", u.approx_kl / seen),
+            ("policy_loss", mean_std(&u.policy_losses).0),
+            ("value_loss", mean_std(&u.value_losses).0),
             ("explained_variance", explained),
-            ("grad_norm", grad_norm),
-            ("value_grad_norm", value_grad_norm),
+            ("grad_norm", u.grad_norm),
+            ("value_grad_norm", u.value_grad_norm),
             ("response_length", mean_std(&lengths).0),
             (
                 "eos_fraction",
@@ -490,7 +389,7 @@ impl Ppo {
             ),
             (
                 "update_tokens_per_sec",
-                update_tokens as f64 / update_s.max(1e-9),
+                u.sequence_tokens as f64 / update_s.max(1e-9),
             ),
             ("generation_s", generation_s),
             ("scoring_s", scoring_s),
@@ -534,6 +433,148 @@ impl Ppo {
             update_s,
         })
     }
+
+    /// Samples one answer to every prompt from `sampler` (the policy without autodiff).
+    fn rollout(
+        &self,
+        sampler: &Llama,
+        prompts: &[Prompt],
+        iteration: usize,
+    ) -> Result<Vec<Rollout>> {
+        let s = &self.settings;
+        let params = SamplingParams {
+            max_new_tokens: s.max_new_tokens,
+            temperature: s.temperature as f32,
+            top_p: s.top_p as f32,
+            seed: self
+                .seed
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .wrapping_add(iteration as u64),
+            eos_token_id: Some(self.eos),
+            pad_token_id: self.pad,
+            use_cache: true,
+            max_positions: self.max_positions,
+        };
+        let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+        let generated = llama::generate(sampler, &prompt_ids, &params);
+        let rollouts: Vec<Rollout> = prompts
+            .iter()
+            .zip(generated)
+            .map(|(p, g)| Rollout {
+                prompt: p.ids.clone(),
+                ended: g.stopped_at_eos,
+                response: g.tokens,
+                category: p.category.clone(),
+            })
+            .collect();
+        if rollouts.iter().any(|r| r.response.is_empty()) {
+            return Err(TrainError::Invalid(
+                "a prompt left no room for a response within the model's context".into(),
+            ));
+        }
+        Ok(rollouts)
+    }
+
+    /// `ppo_epochs` passes over the rollouts in shuffled mini-batches: one clipped policy step
+    /// and one clipped value step per mini-batch.
+    fn update(&mut self, rollouts: &[Rollout], t: &Targets<'_>, iteration: usize) -> UpdateStats {
+        let s = self.settings.clone();
+        let mini = self.mini_batch.max(1);
+        let device = self.policy.device();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            self.seed ^ (iteration as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
+        );
+        let mut u = UpdateStats::default();
+        for _epoch in 0..s.ppo_epochs {
+            let mut order: Vec<usize> = (0..rollouts.len()).collect();
+            order.shuffle(&mut rng);
+            for chunk in order.chunks(mini) {
+                let batch: Vec<&Rollout> = chunk.iter().map(|&i| &rollouts[i]).collect();
+                let padded = pad_rollouts(&batch, self.pad);
+                let width = padded.width;
+                let tensor = |field: &[Vec<f64>]| {
+                    let rows: Vec<&[f64]> = chunk.iter().map(|&i| field[i].as_slice()).collect();
+                    scatter(&batch, &rows, width, &device)
+                };
+                let mask = response_mask(&batch, width, &device);
+                let count: usize = batch.iter().map(|r| r.response.len()).sum();
+                u.sequence_tokens += batch
+                    .iter()
+                    .map(|r| r.prompt.len() + r.response.len())
+                    .sum::<usize>();
+
+                let (logp, entropy) = token_logprobs(&self.policy, &padded, s.temperature, true);
+                let old_t = tensor(t.old_logp);
+                let log_ratio = (logp.clone().detach() - old_t.clone()) * mask.clone();
+                let ratios = llama::model::to_host(log_ratio);
+                let masks = llama::model::to_host(mask.clone());
+                for (lr, m) in ratios.iter().zip(&masks) {
+                    if *m > 0.0 {
+                        let lr = *lr as f64;
+                        u.approx_kl += 0.5 * lr * lr;
+                        if (lr.exp() - 1.0).abs() > s.clip_range {
+                            u.clipped += 1.0;
+                        }
+                    }
+                }
+                u.tokens += count;
+                if let Some(entropy) = entropy {
+                    u.entropy += (entropy * mask.clone()).sum().into_scalar::<f32>() as f64;
+                }
+                let advantages = tensor(t.advantages);
+                let loss = policy_loss(logp, old_t, advantages, mask.clone(), s.clip_range, count);
+                u.policy_losses
+                    .push(loss.clone().detach().into_scalar::<f32>() as f64);
+                let mut grads = GradientsParams::from_grads(loss.backward(), &self.policy);
+                u.grad_norm = clip_grad_norm(&self.policy, &mut grads, self.grad_clip);
+                self.policy = self
+                    .policy_optimizer
+                    .step(self.lr, self.policy.clone(), grads);
+
+                let values = token_values(&self.value, &padded);
+                let vloss = value_loss(
+                    values,
+                    tensor(t.old_values),
+                    tensor(t.returns),
+                    mask,
+                    s.value_clip_range,
+                    count,
+                ) * s.value_coef;
+                u.value_losses
+                    .push(vloss.clone().detach().into_scalar::<f32>() as f64);
+                let mut grads = GradientsParams::from_grads(vloss.backward(), &self.value);
+                u.value_grad_norm = clip_grad_norm(&self.value, &mut grads, self.grad_clip);
+                self.value = self
+                    .value_optimizer
+                    .step(self.value_lr, self.value.clone(), grads);
+            }
+        }
+        u
+    }
+}
+
+/// Per-token quantities of each rollout (at its response positions) that the update fits.
+struct Targets<'a> {
+    old_logp: &'a [Vec<f64>],
+    old_values: &'a [Vec<f64>],
+    advantages: &'a [Vec<f64>],
+    returns: &'a [Vec<f64>],
+}
+
+/// What the update measured.
+#[derive(Default)]
+struct UpdateStats {
+    policy_losses: Vec<f64>,
+    value_losses: Vec<f64>,
+    /// Sums over response tokens; divided by `tokens` for the metrics.
+    entropy: f64,
+    clipped: f64,
+    approx_kl: f64,
+    tokens: usize,
+    /// Prompt and response tokens through the models (for update tokens/s).
+    sequence_tokens: usize,
+    grad_norm: f64,
+    value_grad_norm: f64,
 }
 
 /// What a finished run reports.
