@@ -38,7 +38,7 @@ require_data() {
   require "$TOKENIZER" "the Llama 2 tokenizer.json of meta-llama/Llama-2-7b-hf (Hugging Face), saved as tokenizers/llama2/tokenizer.json"
   require "$HH" "github.com/anthropics/hh-rlhf: harmless-base/test.jsonl.gz, saved as data/hh-rlhf/harmless-base-test.jsonl.gz"
   require "$SAFETY" "github.com/vinid/safety-tuned-llamas: data/training/safety_only_data_Instructions.json, saved under data/safety-tuned-llamas/"
-  for set in I-MaliciousInstructions Q-Harm I-Alpaca; do
+  for set in I-MaliciousInstructions Q-Harm I-Alpaca I-CoNa I-Controversial; do
     require "$EVAL/$set.json" "github.com/vinid/safety-tuned-llamas: data/evaluation/$set.json, saved under data/safety-tuned-llamas/evaluation/"
   done
   require "$SEEDS" "github.com/tatsu-lab/stanford_alpaca: seed_tasks.jsonl, saved as data/alpaca-seed-tasks/seed_tasks.jsonl"

@@ -85,6 +85,19 @@ fn reward_trains_resumes_exactly_scores_and_exports() {
             "{bucket}: {scored}"
         );
     }
+    // The overall accuracy is the pair-weighted mean of the buckets', which all add up to 40.
+    let buckets = scored["per_bucket"].as_object().unwrap();
+    let total: u64 = buckets.values().map(|b| b["pairs"].as_u64().unwrap()).sum();
+    assert_eq!(total, 40);
+    let weighted: f64 = buckets
+        .values()
+        .map(|b| b["accuracy"].as_f64().unwrap() * b["pairs"].as_f64().unwrap())
+        .sum::<f64>()
+        / 40.0;
+    assert!(
+        (weighted - accuracy).abs() < 1e-9,
+        "{weighted} vs {accuracy}"
+    );
     // Single records: one score each, in file order, equal to scoring them one at a time.
     let records = json_of(&train(&[
         "score",

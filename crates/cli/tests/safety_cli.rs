@@ -62,11 +62,23 @@ fn eval_safety_reports_refusals_false_refusals_and_scores() {
     assert_eq!(report["sets"][1]["prompts"], 5);
     assert_eq!(report["sets"][1]["benign"], true);
     assert!(report["safety_score"]["mean"].as_f64().unwrap().is_finite());
-    assert!(report["refusal_rate"].as_f64().is_some());
-    assert!(report["false_refusal_rate"].as_f64().is_some());
+    let dumped: Vec<serde_json::Value> = std::fs::read_to_string(&answers)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(dumped.len(), 7);
+    // The rates are the refused shares of the answers written out: 2 unsafe, then 5 benign.
+    let refused = |rows: &[serde_json::Value]| {
+        rows.iter().filter(|a| a["refused"] == true).count() as f64 / rows.len() as f64
+    };
     assert_eq!(
-        std::fs::read_to_string(&answers).unwrap().lines().count(),
-        7
+        report["refusal_rate"].as_f64().unwrap(),
+        refused(&dumped[..2])
+    );
+    assert_eq!(
+        report["false_refusal_rate"].as_f64().unwrap(),
+        refused(&dumped[2..])
     );
 
     let dump = tmp.path().join("dump.jsonl");
@@ -172,22 +184,43 @@ fn rejection_sampling_and_context_distillation_fine_tune_on_kept_answers() {
     assert!(stderr(&run).contains("generation already done"));
     assert!(out.join("sft/checkpoint-4").exists());
 
-    // By default, answers cut off at max_new_tokens are never kept.
-    let strict = tmp.path().join("strict");
-    let (run, _) = run_recipe(
-        "rs",
-        "tests/fixtures/recipes/rs-test.toml",
-        &strict,
-        &[&extra[..], &["--set", "rs.keep_unfinished=false"]].concat(),
-    );
-    if run.status.success() {
+    // By default, answers cut off at max_new_tokens are never kept, by either method; every
+    // candidate is recorded even when nothing is kept.
+    for (command, key) in [("rs", "rs"), ("distill", "distill")] {
+        let strict = tmp.path().join(format!("strict-{command}"));
+        let unset = format!("{key}.keep_unfinished=false");
+        let (run, _) = run_recipe(
+            command,
+            "tests/fixtures/recipes/rs-test.toml",
+            &strict,
+            &[
+                &extra[..],
+                &[
+                    "--set",
+                    &unset,
+                    "--set",
+                    "distill.temperature=1.0",
+                    "--set",
+                    "train.batch_size=1",
+                ],
+            ]
+            .concat(),
+        );
         let text = std::fs::read_to_string(strict.join("generated/candidates.jsonl")).unwrap();
-        for line in text.lines() {
-            let c: serde_json::Value = serde_json::from_str(line).unwrap();
+        let candidates: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(!candidates.is_empty());
+        for c in &candidates {
             assert!(c["kept"] == false || c["ended_with_eos"] == true, "{c}");
         }
-    } else {
-        assert_failed_with(&run, "no answer was kept");
+        let kept = candidates.iter().filter(|c| c["kept"] == true).count();
+        if kept == 0 {
+            assert_failed_with(&run, "no answer was kept");
+        } else {
+            assert!(run.status.success(), "{}", stderr(&run));
+        }
     }
 
     // Threshold above every score: nothing kept, a clear error.

@@ -322,6 +322,13 @@ pub fn batch_order(
     batches
 }
 
+/// The items at `indices` (positions from `batch_order` or `0..len`, so always in range).
+pub fn items_at<I>(dataset: &impl Dataset<I>, indices: &[usize]) -> Vec<I> {
+    dataset
+        .get_many(indices.to_vec())
+        .expect("batch indices are taken from the dataset's own length")
+}
+
 fn out_of_range(index: usize, len: usize) -> DatasetError {
     DatasetError::new(crate::DataError::Config(format!(
         "dataset index {index} out of range (length {len})"

@@ -92,13 +92,7 @@ pub fn render_dialog(tokenizer: &Tokenizer, messages: &[Message]) -> Result<Rend
                     answer.role
                 )));
             }
-            // " {answer} " after "[/INST]": the separating space becomes the answer's first
-            // piece's prefix, exactly as in one joint encoding.
-            out.push(
-                &tokenizer.encode(&format!("{} ", answer.content.trim()))?,
-                true,
-            );
-            out.push(&[tokenizer.eos_id], true);
+            out.push(&encode_answer(tokenizer, &answer.content)?, true);
         }
     }
     Ok(out)

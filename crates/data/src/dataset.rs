@@ -42,6 +42,18 @@ pub struct SourceConfig {
     pub fraction: Option<f64>,
 }
 
+impl SourceConfig {
+    /// The whole of one file, in the given format (detected when `None`).
+    pub fn file(path: impl Into<PathBuf>, format: Option<&str>) -> Self {
+        Self {
+            path: path.into(),
+            format: format.map(str::to_string),
+            count: None,
+            fraction: None,
+        }
+    }
+}
+
 /// The `[data]` section of a recipe.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -112,12 +124,7 @@ impl DataConfig {
         Self {
             sources: files
                 .iter()
-                .map(|path| SourceConfig {
-                    path: path.clone(),
-                    format: format.map(str::to_string),
-                    count: None,
-                    fraction: None,
-                })
+                .map(|path| SourceConfig::file(path, format))
                 .collect(),
             max_seq_len,
             truncation,
@@ -131,12 +138,7 @@ impl DataConfig {
     pub fn resolved_sources(&self, base: &Path) -> Result<Vec<SourceConfig>> {
         let mut sources = Vec::new();
         if let Some(train) = &self.train {
-            sources.push(SourceConfig {
-                path: train.clone(),
-                format: self.format.clone(),
-                count: None,
-                fraction: None,
-            });
+            sources.push(SourceConfig::file(train, self.format.as_deref()));
         }
         sources.extend(self.sources.iter().cloned());
         if sources.is_empty() {
@@ -393,12 +395,7 @@ pub fn load_data(
         } else {
             eval.clone()
         };
-        let source = SourceConfig {
-            path,
-            format: config.format.clone(),
-            count: None,
-            fraction: None,
-        };
+        let source = SourceConfig::file(path, config.format.as_deref());
         let (mut items, mut stats) = load_source(&source, tokenizer, &policy, config.on_error)?;
         let index = loaded.sources.len();
         for item in &mut items {

@@ -58,17 +58,6 @@ impl Tokenized {
             Tokenized::Prompt { ids, .. } => ids.len(),
         }
     }
-
-    /// The longest sequence this example puts in a batch.
-    pub fn max_len(&self) -> usize {
-        match self {
-            Tokenized::Sequence(r) => r.ids.len(),
-            Tokenized::Pair {
-                chosen, rejected, ..
-            } => chosen.ids.len().max(rejected.ids.len()),
-            Tokenized::Prompt { ids, .. } => ids.len(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -45,7 +45,6 @@ impl Tokenizer {
         })
     }
 
-    /// Number of ids the tokenizer can produce (base vocabulary plus added tokens).
     /// Whether two tokenizers map the same strings to the same ids (so one model's token ids
     /// mean the same to the other).
     pub fn same_vocabulary(&self, other: &Tokenizer) -> bool {
@@ -54,6 +53,7 @@ impl Tokenizer {
             && self.inner.get_vocab(true) == other.inner.get_vocab(true)
     }
 
+    /// Number of ids the tokenizer can produce (base vocabulary plus added tokens).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -67,12 +67,7 @@ fn real_hh_rlhf_pairs_reproduce_their_transcripts() {
     }
     // Through the whole pipeline with the real tokenizer: every pair is kept.
     let tok = Tokenizer::from_file(&shared.join("tokenizers/llama2/tokenizer.json")).unwrap();
-    let source = SourceConfig {
-        path,
-        format: None,
-        count: None,
-        fraction: None,
-    };
+    let source = SourceConfig::file(path, None);
     let (items, stats) = load_source(
         &source,
         &tok,
@@ -90,12 +85,7 @@ fn real_hh_rlhf_pairs_reproduce_their_transcripts() {
 fn real_safety_instructions_parse() {
     let Some(shared) = shared_dir() else { return };
     let path = shared.join("data/safety-tuned-llamas/safety_only_data_Instructions.json");
-    let source = SourceConfig {
-        path,
-        format: None,
-        count: None,
-        fraction: None,
-    };
+    let source = SourceConfig::file(path, None);
     let (items, stats) = load_source(
         &source,
         &tokenizer(),
@@ -121,12 +111,7 @@ fn example_datasets_parse_with_detected_formats() {
         ("text-tiny.jsonl", "text", 50),
         ("safety-tiny.jsonl", "alpaca", 40),
     ] {
-        let source = SourceConfig {
-            path: root().join("datasets").join(file),
-            format: None,
-            count: None,
-            fraction: None,
-        };
+        let source = SourceConfig::file(root().join("datasets").join(file), None);
         let (items, stats) = load_source(
             &source,
             &tok,
@@ -154,12 +139,7 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 }
 
 fn first_error(path: &Path, format: Option<&str>) -> String {
-    let source = SourceConfig {
-        path: path.to_path_buf(),
-        format: format.map(str::to_string),
-        count: None,
-        fraction: None,
-    };
+    let source = SourceConfig::file(path, format);
     match load_source(
         &source,
         &tokenizer(),
@@ -206,12 +186,7 @@ fn skip_counts_every_bad_record() {
         "mixed.jsonl",
         b"{\"instruction\": \"a\", \"output\": \"b\"}\nnot json\n{\"instruction\": \"c\"}\n\n{\"instruction\": \"d\", \"output\": \"e\"}\n",
     );
-    let source = SourceConfig {
-        path,
-        format: None,
-        count: None,
-        fraction: None,
-    };
+    let source = SourceConfig::file(path, None);
     let (items, stats) = load_source(
         &source,
         &tokenizer(),
@@ -306,12 +281,7 @@ fn length_policy_truncates_or_drops_and_says_so() {
 #[test]
 fn packing_fills_sequences_without_splitting_examples() {
     let tok = tokenizer();
-    let source = SourceConfig {
-        path: root().join("datasets/alpaca-tiny.jsonl"),
-        format: None,
-        count: None,
-        fraction: None,
-    };
+    let source = SourceConfig::file(root().join("datasets/alpaca-tiny.jsonl"), None);
     let (items, _) =
         load_source(&source, &tok, &policy(256, Truncation::Drop), OnError::Stop).unwrap();
     let examples: Vec<Tokenized> = items.into_iter().map(|i| i.tokens).collect();
@@ -396,12 +366,7 @@ fn sequence_batches_shift_targets_within_examples() {
 #[test]
 fn pair_batches_read_rewards_at_the_last_real_token() {
     let tok = tokenizer();
-    let source = SourceConfig {
-        path: root().join("datasets/preference-tiny.json"),
-        format: None,
-        count: None,
-        fraction: None,
-    };
+    let source = SourceConfig::file(root().join("datasets/preference-tiny.json"), None);
     let (items, _) =
         load_source(&source, &tok, &policy(512, Truncation::Drop), OnError::Stop).unwrap();
     let examples: Vec<Tokenized> = items.into_iter().map(|i| i.tokens).collect();

@@ -118,6 +118,7 @@ pub fn generate(model: &Llama, prompts: &[Vec<u32>], params: &SamplingParams) ->
             tokens: step_tokens.iter().map(|&t| vec![t]).collect(),
             positions: next_position.iter().map(|&p| vec![p]).collect(),
             valid: step_valid.iter().map(|&v| vec![v]).collect(),
+            segments: None,
         };
         for (row, &v) in step_valid.iter().enumerate() {
             if v {

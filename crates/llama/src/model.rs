@@ -91,12 +91,15 @@ impl KvCache {
 }
 
 /// One forward step's input: token ids, their positions (for RoPE) and which slots are real.
-/// All three are `[batch][time]`; `valid[b][t] == false` marks padding.
+/// All are `[batch][time]`; `valid[b][t] == false` marks padding.
 #[derive(Debug, Clone)]
 pub struct StepInput {
     pub tokens: Vec<Vec<u32>>,
     pub positions: Vec<Vec<usize>>,
     pub valid: Vec<Vec<bool>>,
+    /// Packed sequences: the example each slot belongs to. A token attends only to earlier
+    /// tokens of its own example, as if it were alone. `None`: one example per row.
+    pub segments: Option<Vec<Vec<u32>>>,
 }
 
 impl StepInput {
@@ -124,6 +127,7 @@ impl StepInput {
             tokens,
             positions,
             valid,
+            segments: None,
         }
     }
 
@@ -268,13 +272,13 @@ impl Llama {
                 for (row, valid) in cache.key_valid.iter_mut().zip(&input.valid) {
                     row.extend_from_slice(valid);
                 }
-                let bias = attention_bias(&cache.key_valid, time, &device);
+                let bias = attention_bias(&cache.key_valid, None, time, &device);
                 for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
                     x = layer.forward(x, &rope, bias.clone(), Some(slot));
                 }
             }
             None => {
-                let bias = attention_bias(&input.valid, time, &device);
+                let bias = attention_bias(&input.valid, input.segments.as_deref(), time, &device);
                 for layer in &self.layers {
                     x = layer.forward(x, &rope, bias.clone(), None);
                 }
@@ -387,16 +391,23 @@ fn rope_tables(
 }
 
 /// Additive attention bias `[batch, 1, queries, keys]`: the last `queries` slots attend to every
-/// earlier real slot (causal) and never to padding.
-fn attention_bias(key_valid: &[Vec<bool>], queries: usize, device: &Device) -> Tensor<4> {
+/// earlier real slot (causal) of the same segment, and never to padding.
+fn attention_bias(
+    key_valid: &[Vec<bool>],
+    segments: Option<&[Vec<u32>]>,
+    queries: usize,
+    device: &Device,
+) -> Tensor<4> {
     let batch = key_valid.len();
     let keys = key_valid.first().map_or(0, |r| r.len());
     let offset = keys - queries;
     let mut bias = Vec::with_capacity(batch * queries * keys);
-    for row in key_valid {
+    for (b, row) in key_valid.iter().enumerate() {
+        let segment = segments.map(|s| &s[b]);
         for q in 0..queries {
             for (k, &real) in row.iter().enumerate() {
-                let allowed = real && k <= offset + q;
+                let same = segment.is_none_or(|s| s[k] == s[offset + q]);
+                let allowed = real && same && k <= offset + q;
                 bias.push(if allowed { 0.0f32 } else { MASKED });
             }
         }

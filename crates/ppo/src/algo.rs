@@ -42,10 +42,13 @@ pub fn combine_reward(
 
 /// Mean and (population) standard deviation.
 pub fn mean_std(values: &[f64]) -> (f64, f64) {
-    let n = values.len().max(1) as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
-    (mean, var.sqrt())
+    let stats = reward::RewardStats::of(values);
+    (stats.mean, stats.std)
+}
+
+/// The KL penalty's per-token estimate, `log π(t) - log π_ref(t)` for each sampled token.
+pub fn token_kl(logp: &[f64], ref_logp: &[f64]) -> Vec<f64> {
+    logp.iter().zip(ref_logp).map(|(a, b)| a - b).collect()
 }
 
 /// Shifts and scales to mean 0 and standard deviation 1 (unchanged spread when constant).

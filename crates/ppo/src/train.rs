@@ -18,11 +18,12 @@ use reward::RewardStats;
 use trainer::optim::{adamw, clip_grad_norm};
 use trainer::recipe::PpoSection;
 use trainer::run::{io_err, Result, RunOptions, TrainError, TrainerState};
+use trainer::step::due;
 use trainer::Recipe;
 
 use crate::algo::{
-    combine_reward, explained_variance, gae, mean_std, policy_loss, token_rewards, value_loss,
-    whiten, KlController, RewardSource,
+    combine_reward, explained_variance, gae, mean_std, policy_loss, token_kl, token_rewards,
+    value_loss, whiten, KlController, RewardSource,
 };
 use crate::rollout::{
     gather_rows, pad_rollouts, response_mask, scatter, token_logprobs, token_values, Rollout,
@@ -239,16 +240,23 @@ impl Ppo {
         let mut old_logp = Vec::with_capacity(rollouts.len());
         let mut ref_logp = Vec::with_capacity(rollouts.len());
         let mut old_values = Vec::with_capacity(rollouts.len());
+        // Entropy of the sampling policy, summed over response tokens (a metric only, so it is
+        // taken here once, without autodiff, not in every update pass).
+        let mut entropy_sum = 0.0;
         let frozen_value = self.value.valid();
         let all: Vec<&Rollout> = rollouts.iter().collect();
         for chunk in all.chunks(mini) {
             let padded = pad_rollouts(chunk, self.pad);
-            let (logp, _) = token_logprobs(&sampler, &padded, s.temperature, false);
+            let (logp, entropy) = token_logprobs(&sampler, &padded, s.temperature, true);
             old_logp.extend(gather_rows(
                 chunk,
                 &llama::model::to_host(logp),
                 padded.width,
             ));
+            if let Some(entropy) = entropy {
+                let rows = gather_rows(chunk, &llama::model::to_host(entropy), padded.width);
+                entropy_sum += rows.iter().flatten().sum::<f64>();
+            }
             let (logp, _) = token_logprobs(&self.reference, &padded, s.temperature, false);
             ref_logp.extend(gather_rows(
                 chunk,
@@ -316,7 +324,7 @@ impl Ppo {
         let kl_tokens: Vec<Vec<f64>> = old_logp
             .iter()
             .zip(&ref_logp)
-            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x - y).collect())
+            .map(|(a, b)| token_kl(a, b))
             .collect();
         let kl_per_sequence: Vec<f64> = kl_tokens.iter().map(|k| k.iter().sum()).collect();
         let (kl_mean, _) = mean_std(&kl_per_sequence);
@@ -362,7 +370,7 @@ impl Ppo {
             ("reward_std", reward_std),
             ("kl", kl_mean),
             ("kl_coef", beta),
-            ("entropy", u.entropy / seen),
+            ("entropy", entropy_sum / generated_tokens.max(1) as f64),
             ("clip_fraction", u.clipped / seen),
             ("approx_kl", u.approx_kl / seen),
             ("policy_loss", mean_std(&u.policy_losses).0),
@@ -503,24 +511,16 @@ impl Ppo {
                     .map(|r| r.prompt.len() + r.response.len())
                     .sum::<usize>();
 
-                let (logp, entropy) = token_logprobs(&self.policy, &padded, s.temperature, true);
+                let (logp, _) = token_logprobs(&self.policy, &padded, s.temperature, false);
                 let old_t = tensor(t.old_logp);
-                let log_ratio = (logp.clone().detach() - old_t.clone()) * mask.clone();
-                let ratios = llama::model::to_host(log_ratio);
-                let masks = llama::model::to_host(mask.clone());
-                for (lr, m) in ratios.iter().zip(&masks) {
-                    if *m > 0.0 {
-                        let lr = *lr as f64;
-                        u.approx_kl += 0.5 * lr * lr;
-                        if (lr.exp() - 1.0).abs() > s.clip_range {
-                            u.clipped += 1.0;
-                        }
+                let log_ratio = llama::model::to_host(logp.clone().detach() - old_t.clone());
+                for lr in gather_rows(&batch, &log_ratio, width).iter().flatten() {
+                    u.approx_kl += 0.5 * lr * lr;
+                    if (lr.exp() - 1.0).abs() > s.clip_range {
+                        u.clipped += 1.0;
                     }
                 }
                 u.tokens += count;
-                if let Some(entropy) = entropy {
-                    u.entropy += (entropy * mask.clone()).sum().into_scalar::<f32>() as f64;
-                }
                 let advantages = tensor(t.advantages);
                 let loss = policy_loss(logp, old_t, advantages, mask.clone(), s.clip_range, count);
                 u.policy_losses
@@ -567,7 +567,6 @@ struct UpdateStats {
     policy_losses: Vec<f64>,
     value_losses: Vec<f64>,
     /// Sums over response tokens; divided by `tokens` for the metrics.
-    entropy: f64,
     clipped: f64,
     approx_kl: f64,
     tokens: usize,
@@ -747,27 +746,12 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let samples_path = out.join("samples.jsonl");
     let mut samples_file = open_samples(&samples_path, start)?;
     let lengths: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
-    let per_epoch = lengths.len().div_ceil(train.batch_size);
-    let mut order = Vec::new();
-    let mut order_epoch = usize::MAX;
+    let mut batches = trainer::step::EpochBatches::new(lengths, recipe);
     let mut first_reward = None;
     let started = Instant::now();
     for iteration in start..total {
-        let epoch = iteration / per_epoch;
-        if epoch != order_epoch {
-            order = data::batch::batch_order(
-                &lengths,
-                train.batch_size,
-                train.seed,
-                epoch as u64,
-                recipe.data.bucket_by_length,
-            );
-            order_epoch = epoch;
-        }
-        let batch: Vec<Prompt> = order[iteration % per_epoch]
-            .iter()
-            .map(|&i| prompts[i].clone())
-            .collect();
+        let (_, indices) = batches.batch(iteration);
+        let batch: Vec<Prompt> = indices.iter().map(|&i| prompts[i].clone()).collect();
         let report = ppo.iteration(&batch, iteration, &tokenizer)?;
         let done = iteration + 1;
         let bad = report.values.iter().find(|(_, v)| !v.is_finite());
@@ -789,7 +773,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
         }
         first_reward.get_or_insert(report.reward_mean);
         metrics.progress(done);
-        if done % train.log_every.max(1) == 0 || done == total {
+        if due(done, train.log_every.max(1), total) {
             let mut values = report.values.clone();
             values.push(("lr", train.lr));
             metrics
@@ -810,8 +794,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             samples_file.flush().map_err(io_err(&samples_path))?;
             metrics.text("samples", done, &markdown);
         }
-        let save_now = done == total || (train.save_every > 0 && done % train.save_every == 0);
-        if save_now {
+        if due(done, train.save_every, total) {
             let checkpoint = save(&ppo, &config, &value_config, recipe, done, total)?;
             if done == total {
                 metrics.finish();

@@ -10,7 +10,8 @@ use burn::prelude::*;
 use data::batch::{PairBatch, PairItem};
 use llama::{Head, LlamaConfig};
 use ppo::algo::{
-    combine_reward, gae, policy_loss, token_rewards, value_loss, whiten, KlController, RewardSource,
+    combine_reward, gae, policy_loss, token_kl, token_rewards, value_loss, whiten, KlController,
+    RewardSource,
 };
 use ppo::rollout::{pad_rollouts, response_mask, scatter, Rollout};
 use ppo::train::{Models, Ppo, Prompt, RewardModel};
@@ -56,7 +57,7 @@ fn rewards_sit_on_the_last_token_with_the_kl_penalty_on_every_token() {
     // KL per token: log pi - log pi_ref.
     let logp = [-1.0, -2.0, -0.5];
     let ref_logp = [-1.5, -2.0, -0.25];
-    let kl: Vec<f64> = logp.iter().zip(ref_logp).map(|(a, b)| a - b).collect();
+    let kl = token_kl(&logp, &ref_logp);
     assert_eq!(kl, vec![0.5, 0.0, -0.25]);
     let rewards = token_rewards(3.0, &kl, 0.1);
     assert!(close(rewards[0], -0.05));

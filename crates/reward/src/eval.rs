@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use data::batch::{Dataset, PairBatch, PairDataset};
+use data::batch::{items_at, Dataset, PairBatch, PairDataset};
 use data::Rating;
 use llama::Llama;
 use serde::{Deserialize, Serialize};
@@ -115,7 +115,7 @@ pub fn score_dataset(
     let all: Vec<usize> = (0..dataset.len()).collect();
     let mut scored = Vec::with_capacity(dataset.len());
     for chunk in all.chunks(batch_pairs.max(1)) {
-        let items: Vec<_> = chunk.iter().filter_map(|&i| dataset.get(i).ok()).collect();
+        let items = items_at(dataset, chunk);
         let batch = PairBatch::new(&items, pad);
         let margins = pair_margins(&batch, section);
         let scores = llama::model::to_host(batch_scores(model, &batch));

@@ -46,12 +46,7 @@ pub fn score_file(
     batch_size: usize,
     max_seq_len: usize,
 ) -> Result<ScoreReport> {
-    let source = SourceConfig {
-        path: data.to_path_buf(),
-        format: None,
-        count: None,
-        fraction: None,
-    };
+    let source = SourceConfig::file(data, None);
     let policy = LengthPolicy {
         max_seq_len,
         truncation: Truncation::TruncatePrompt,

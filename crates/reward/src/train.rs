@@ -2,13 +2,13 @@
 //! global batch, global-norm clipping, AdamW, schedule, atomic checkpoints, exact resume), with
 //! pairs instead of sequences. `train.batch_size` counts pairs; each pair is two sequences.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use data::batch::{Dataset, PairBatch, PairDataset, PairItem};
-use data::{load_data, Tokenized, Tokenizer};
+use data::batch::{items_at, Dataset, PairBatch, PairDataset, PairItem};
+use data::{Tokenized, Tokenizer};
 use llama::{Head, Llama, LlamaConfig};
 use trainer::optim::{adamw, clip_grad_norm};
 use trainer::recipe::RewardSection;
@@ -33,13 +33,6 @@ fn pairs(items: Vec<data::Item>) -> PairDataset {
     PairDataset::new(&examples)
 }
 
-fn get_all(dataset: &PairDataset, indices: &[usize]) -> Vec<PairItem> {
-    indices
-        .iter()
-        .filter_map(|&i| dataset.get(i).ok())
-        .collect()
-}
-
 /// The pad id of reward batches: the config's, else 0 (`<unk>` in Llama 2's vocabulary, never
 /// produced by its byte-fallback tokenizer). Transformers finds the last real token by it, so
 /// it must not be EOS, which ends every answer.
@@ -56,13 +49,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let out = &recipe.output.dir;
     let resume = trainer::run::check_output(recipe, options)?;
 
-    let data = load_data(&recipe.data, Path::new(""), &tokenizer, train.seed)?;
-    if data.errors() > 0 {
-        eprintln!(
-            "skipped {} malformed records (on_error = \"skip\")",
-            data.errors()
-        );
-    }
+    let data = trainer::run::load_recipe_data(recipe, &tokenizer)?;
     let train_set = pairs(data.train);
     let eval_set = pairs(data.eval);
     if train_set.is_empty() {
@@ -72,41 +59,23 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
                 .into(),
         ));
     }
-    if train_set.len() < train.batch_size {
-        return Err(TrainError::Invalid(format!(
-            "the training data has {} pairs, fewer than one batch of {}",
-            train_set.len(),
-            train.batch_size
-        )));
-    }
+    trainer::run::check_one_batch(train_set.len(), recipe, "pairs")?;
     let (mut config, mut model, state) =
         trainer::run::load_or_resume(recipe, &device, Head::Score, resume.as_deref())?;
-    if model.head() != Head::Score {
-        return Err(TrainError::Invalid(format!(
-            "{}: not a reward model checkpoint",
-            resume.as_deref().unwrap_or(Path::new("")).display()
-        )));
-    }
     trainer::run::check_vocab(&tokenizer, &config, &recipe.model.tokenizer)?;
     let pad = reward_pad_id(&config);
     config.pad_token_id = Some(pad);
     trainer::run::start_output(recipe, resume.is_some())?;
 
     let total_steps = trainer::run::total_steps(recipe, train_set.len());
-    let start_step = state.as_ref().map_or(0, |s| s.step);
-    if resume.is_some() && start_step >= total_steps {
-        return Err(TrainError::Invalid(format!(
-            "the checkpoint is at step {start_step}; nothing left to train (raise train.max_steps)"
-        )));
-    }
+    let start_step = trainer::run::start_step(state.as_ref(), total_steps)?;
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics =
         trainer::metrics::MetricsLogger::open(out, start_step, total_steps).map_err(io_err(out))?;
     let mut batches = EpochBatches::new(train_set.lengths(), recipe);
     let micro = recipe.micro_batch_size();
-    let mut optimizer = adamw(train);
+    let mut optimizer = trainer::run::optimizer(recipe, resume.as_deref())?;
     if let Some(dir) = &resume {
-        optimizer = trainer::run::load_optimizer(optimizer, dir, trainer::run::OPTIMIZER_FILE)?;
         eprintln!("resuming from {} at step {start_step}", dir.display());
     }
     // The latest evaluation and the step it measured.
@@ -118,7 +87,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
 
     for step in start_step..total_steps {
         let (epoch, indices) = batches.batch(step);
-        let items = get_all(&train_set, &indices);
+        let items = items_at(&train_set, &indices);
         let global_pairs = items.len();
         let mut accumulator = GradientsAccumulator::<Llama>::new();
         let mut step_loss = DeviceSum::default();

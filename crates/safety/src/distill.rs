@@ -3,11 +3,11 @@
 //! answer higher (always, when not `targeted`), keep it as the answer to the prompt *without*
 //! the pre-prompt, and fine-tune on those pairs.
 
-use trainer::run::{io_err, Result, RunOptions, TrainError};
+use trainer::run::{Result, RunOptions, TrainError};
 use trainer::Recipe;
 
 use crate::answers::{generate_answers, AnswerSettings};
-use crate::rs::{generate_then_sft, Inputs, StageSummary};
+use crate::rs::{generate_then_sft, Inputs, Selection, StageSummary};
 
 pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
     let section = recipe
@@ -16,7 +16,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
         .ok_or_else(|| TrainError::Invalid("the recipe has no [distill] section".into()))?;
     let inputs = Inputs::load(recipe, &section.safety_reward_model)?;
     let (prompts, tokenizer) = (&inputs.prompts, &inputs.tokenizer);
-    generate_then_sft(recipe, options, |dir| {
+    generate_then_sft(recipe, options, || {
         let (config, model) = inputs.policy(recipe)?;
         let settings = AnswerSettings {
             max_new_tokens: section.max_new_tokens,
@@ -31,35 +31,29 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
         // Both answers are scored as answers to the prompt without the pre-prompt.
         let score_with = inputs.score(&with, settings.batch_size)?;
         let score_without = inputs.score(&without, settings.batch_size)?;
-        let mut records = String::new();
+        let mut candidates = Vec::with_capacity(prompts.len());
         let mut kept = Vec::new();
         for (i, prompt) in prompts.iter().enumerate() {
-            let keep =
-                !with[i].text.is_empty() && (!section.targeted || score_with[i] > score_without[i]);
-            records.push_str(
-                &(serde_json::json!({
-                    "prompt": prompt.text(),
-                    "with_preprompt": with[i].text,
-                    "without_preprompt": without[i].text,
-                    "score_with": score_with[i],
-                    "score_without": score_without[i],
-                    "ended_with_eos": with[i].ended,
-                    "kept": keep,
-                })
-                .to_string()
-                    + "\n"),
-            );
+            let keep = !with[i].text.is_empty()
+                && (with[i].ended || section.keep_unfinished)
+                && (!section.targeted || score_with[i] > score_without[i]);
+            candidates.push(serde_json::json!({
+                "prompt": prompt.text(),
+                "with_preprompt": with[i].text,
+                "without_preprompt": without[i].text,
+                "score_with": score_with[i],
+                "score_without": score_without[i],
+                "ended_with_eos": with[i].ended,
+                "kept": keep,
+            }));
             if keep {
                 kept.push((prompt.clone(), with[i].text.clone()));
             }
         }
-        let path = dir.join("candidates.jsonl");
-        std::fs::write(&path, records).map_err(io_err(&path))?;
-        eprintln!(
-            "kept {} of {} pre-prompted answers",
-            kept.len(),
-            prompts.len()
-        );
-        Ok(kept)
+        Ok(Selection {
+            prompts: prompts.len(),
+            kept,
+            candidates,
+        })
     })
 }

@@ -34,9 +34,7 @@ impl ScoreSummary {
         if scores.is_empty() {
             return None;
         }
-        let n = scores.len() as f64;
-        let mean = scores.iter().sum::<f64>() / n;
-        let std = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let reward::RewardStats { mean, std, .. } = reward::RewardStats::of(scores);
         let mut sorted = scores.to_vec();
         sorted.sort_by(f64::total_cmp);
         let q = |p: f64| sorted[((p * (sorted.len() - 1) as f64).round()) as usize];

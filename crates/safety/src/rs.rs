@@ -27,13 +27,23 @@ pub struct StageSummary {
 pub const GENERATED_DIR: &str = "generated";
 const DONE_FILE: &str = "done.json";
 
+/// What a method's generation stage chose.
+pub struct Selection {
+    pub prompts: usize,
+    /// Prompts with the (non-empty) answer to fine-tune on.
+    pub kept: Vec<(PromptRecord, String)>,
+    /// Every candidate with its scores and whether it was kept, for `candidates.jsonl`.
+    pub candidates: Vec<serde_json::Value>,
+}
+
 /// The shared shape of `train rs` and `train distill`: claim the output directory, run
-/// `generate` once (skipped when a resumed run finished it), write its kept answers as SFT data,
-/// then run SFT on them into `<output.dir>/sft` (resuming it when it has checkpoints).
+/// `generate` once (skipped when a resumed run finished it), record its candidates, write its
+/// kept answers as SFT data, then run SFT on them into `<output.dir>/sft` (resuming it when it
+/// has checkpoints).
 pub fn generate_then_sft(
     recipe: &Recipe,
     options: &RunOptions,
-    generate: impl FnOnce(&Path) -> Result<Vec<(PromptRecord, String)>>,
+    generate: impl FnOnce() -> Result<Selection>,
 ) -> Result<StageSummary> {
     let out = &recipe.output.dir;
     let occupied = out.exists()
@@ -69,22 +79,33 @@ pub fn generate_then_sft(
     } else {
         std::fs::create_dir_all(&generated).map_err(io_err(&generated))?;
         std::fs::write(out.join("recipe.toml"), recipe.to_toml()).map_err(io_err(out))?;
-        let kept = generate(&generated)?;
-        let records: Vec<(&PromptRecord, &str)> = kept
+        let selection = generate()?;
+        let path = generated.join("candidates.jsonl");
+        let lines: String = selection
+            .candidates
             .iter()
-            .filter(|(_, answer)| !answer.trim().is_empty())
-            .map(|(p, a)| (p, a.as_str()))
+            .map(|c| c.to_string() + "\n")
             .collect();
-        if records.is_empty() {
+        std::fs::write(&path, lines).map_err(io_err(&path))?;
+        eprintln!(
+            "kept answers for {} of {} prompts",
+            selection.kept.len(),
+            selection.prompts
+        );
+        if selection.kept.is_empty() {
             return Err(TrainError::Invalid(
                 "no answer was kept: nothing to fine-tune on".into(),
             ));
         }
+        let records: Vec<(&PromptRecord, &str)> = selection
+            .kept
+            .iter()
+            .map(|(p, a)| (p, a.as_str()))
+            .collect();
         write_sft_records(&sft_data, &records)?;
-        let prompts = load_prompts(recipe.data.train.as_deref().unwrap_or(Path::new("")))?.len();
-        let info = serde_json::json!({"prompts": prompts, "kept": records.len()});
+        let info = serde_json::json!({"prompts": selection.prompts, "kept": records.len()});
         std::fs::write(&done, info.to_string()).map_err(io_err(&done))?;
-        (prompts, records.len())
+        (selection.prompts, records.len())
     };
 
     let mut sft_recipe = recipe.clone();
@@ -162,7 +183,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
         .ok_or_else(|| TrainError::Invalid("the recipe has no [rs] section".into()))?;
     let inputs = Inputs::load(recipe, &section.reward_model)?;
     let prompts = &inputs.prompts;
-    generate_then_sft(recipe, options, |dir| {
+    generate_then_sft(recipe, options, || {
         let (config, model) = inputs.policy(recipe)?;
         let settings = AnswerSettings {
             max_new_tokens: section.max_new_tokens,
@@ -183,7 +204,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
             k,
         )?;
         let scores = inputs.score(&answers, settings.batch_size)?;
-        let mut candidates = String::new();
+        let mut candidates = Vec::with_capacity(answers.len());
         let mut kept = Vec::new();
         for (p, prompt) in prompts.iter().enumerate() {
             let group: Vec<usize> = (p * k..(p + 1) * k).collect();
@@ -195,29 +216,22 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
                 .max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
             let keep = best.filter(|&i| section.threshold.is_none_or(|t| scores[i] >= t));
             for &i in &group {
-                candidates.push_str(
-                    &(serde_json::json!({
-                        "prompt": prompt.text(),
-                        "answer": answers[i].text,
-                        "score": scores[i],
-                        "ended_with_eos": answers[i].ended,
-                        "kept": Some(i) == keep,
-                    })
-                    .to_string()
-                        + "\n"),
-                );
+                candidates.push(serde_json::json!({
+                    "prompt": prompt.text(),
+                    "answer": answers[i].text,
+                    "score": scores[i],
+                    "ended_with_eos": answers[i].ended,
+                    "kept": Some(i) == keep,
+                }));
             }
             if let Some(i) = keep {
                 kept.push((prompt.clone(), answers[i].text.clone()));
             }
         }
-        let path = dir.join("candidates.jsonl");
-        std::fs::write(&path, candidates).map_err(io_err(&path))?;
-        eprintln!(
-            "kept {} of {} prompts' best answers",
-            kept.len(),
-            prompts.len()
-        );
-        Ok(kept)
+        Ok(Selection {
+            prompts: prompts.len(),
+            kept,
+            candidates,
+        })
     })
 }

@@ -19,6 +19,7 @@ pub fn sft_loss(model: &Llama, batch: &SequenceBatch, global_trained_tokens: usi
         tokens: batch.tokens.clone(),
         positions: batch.positions.clone(),
         valid: batch.valid.clone(),
+        segments: Some(batch.segments.clone()),
     };
     let logits = model.forward(&input, None);
     let log_probs = log_softmax(logits, 2);

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use data::batch::{Dataset, SequenceBatch, SequenceDataset, SequenceItem};
-use data::{load_data, Tokenized, Tokenizer};
+use data::batch::{items_at, Dataset, SequenceBatch, SequenceDataset, SequenceItem};
+use data::{Tokenized, Tokenizer};
 use llama::{Head, Llama, LlamaConfig};
 use trainer::optim::{adamw, clip_grad_norm};
 use trainer::step::{due, optimizer_step, DeviceSum, EpochBatches};
@@ -32,19 +32,12 @@ fn sequences(items: Vec<data::Item>, recipe: &Recipe) -> SequenceDataset {
     SequenceDataset::new(&examples, recipe.data.max_seq_len, recipe.data.packing)
 }
 
-fn get_all(dataset: &SequenceDataset, indices: &[usize]) -> Vec<SequenceItem> {
-    indices
-        .iter()
-        .filter_map(|&i| dataset.get(i).ok())
-        .collect()
-}
-
 /// Mean token loss over a dataset, without gradients.
 fn evaluate(model: &Llama, dataset: &SequenceDataset, batch_size: usize, pad: u32) -> f64 {
     let all: Vec<usize> = (0..dataset.len()).collect();
     let batches: Vec<SequenceBatch> = all
         .chunks(batch_size.max(1))
-        .map(|chunk| SequenceBatch::new(&get_all(dataset, chunk), pad))
+        .map(|chunk| SequenceBatch::new(&items_at(dataset, chunk), pad))
         .collect();
     let total: usize = batches.iter().map(SequenceBatch::trained_tokens).sum();
     batches
@@ -65,46 +58,24 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let out = &recipe.output.dir;
     let resume = trainer::run::check_output(recipe, options)?;
 
-    let data = load_data(&recipe.data, Path::new(""), &tokenizer, train.seed)?;
-    if data.errors() > 0 {
-        eprintln!(
-            "skipped {} malformed records (on_error = \"skip\")",
-            data.errors()
-        );
-    }
+    let data = trainer::run::load_recipe_data(recipe, &tokenizer)?;
     let train_set = sequences(data.train, recipe);
     let eval_set = sequences(data.eval, recipe);
-    if train_set.len() < train.batch_size {
-        return Err(SftError::Invalid(format!(
-            "the training data has {} sequences, fewer than one batch of {}",
-            train_set.len(),
-            train.batch_size
-        )));
-    }
+    trainer::run::check_one_batch(train_set.len(), recipe, "sequences")?;
     let (config, mut model, state) =
         trainer::run::load_or_resume(recipe, &device, Head::Lm, resume.as_deref())?;
     trainer::run::check_vocab(&tokenizer, &config, &recipe.model.tokenizer)?;
     trainer::run::start_output(recipe, resume.is_some())?;
-    let start_step = state.as_ref().map_or(0, |s| s.step);
-    if start_step >= trainer::run::total_steps(recipe, train_set.len()) && resume.is_some() {
-        return Err(SftError::Invalid(format!(
-            "the checkpoint is at step {start_step}; nothing left to train (raise train.max_steps)"
-        )));
-    }
-    let mut metrics = trainer::metrics::MetricsLogger::open(
-        out,
-        start_step,
-        trainer::run::total_steps(recipe, train_set.len()),
-    )
-    .map_err(io_err(out))?;
-
     let total_steps = trainer::run::total_steps(recipe, train_set.len());
+    let start_step = trainer::run::start_step(state.as_ref(), total_steps)?;
+    let mut metrics =
+        trainer::metrics::MetricsLogger::open(out, start_step, total_steps).map_err(io_err(out))?;
+
     let mut batches = EpochBatches::new(train_set.lengths(), recipe);
     let micro = recipe.micro_batch_size();
     let pad = config.pad_token_id.unwrap_or(0);
-    let mut optimizer = adamw(train);
+    let mut optimizer = trainer::run::optimizer(recipe, resume.as_deref())?;
     if let Some(dir) = &resume {
-        optimizer = trainer::run::load_optimizer(optimizer, dir, trainer::run::OPTIMIZER_FILE)?;
         eprintln!("resuming from {} at step {start_step}", dir.display());
     }
     let mut last_loss = f64::NAN;
@@ -115,7 +86,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
 
     for step in start_step..total_steps {
         let (epoch, indices) = batches.batch(step);
-        let items = get_all(&train_set, &indices);
+        let items = items_at(&train_set, &indices);
         let micro_batches: Vec<SequenceBatch> = items
             .chunks(micro)
             .map(|chunk| SequenceBatch::new(chunk, pad))

@@ -39,12 +39,7 @@ fn gradient_accumulation_matches_one_large_batch() {
     let model = llama::init_random(&config, &device, 11).unwrap();
     let tokenizer =
         Tokenizer::from_file(&root().join("tests/fixtures/tokenizer/tokenizer.json")).unwrap();
-    let source = SourceConfig {
-        path: root().join("datasets/chat-tiny.jsonl"),
-        format: None,
-        count: None,
-        fraction: None,
-    };
+    let source = SourceConfig::file(root().join("datasets/chat-tiny.jsonl"), None);
     let policy = LengthPolicy {
         max_seq_len: 256,
         truncation: Truncation::TruncatePrompt,

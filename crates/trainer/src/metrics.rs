@@ -4,14 +4,13 @@
 
 use std::fs::File;
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use tensorboard_rs::summary_writer::FileWriter;
 
 pub struct MetricsLogger {
     jsonl: File,
-    path: PathBuf,
     tensorboard: FileWriter,
     bar: Option<ProgressBar>,
 }
@@ -52,14 +51,9 @@ impl MetricsLogger {
         });
         Ok(Self {
             jsonl,
-            path,
             tensorboard,
             bar,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Writes one metrics line (`step` plus the values) and the TensorBoard scalars

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use burn::optim::ModuleOptimizer;
 use burn::prelude::Device;
 use data::Tokenizer;
 use llama::{Head, Llama, LlamaConfig, SaveOptions};
@@ -174,6 +175,13 @@ pub fn load_or_resume(
             let state = read_state(dir)?;
             let (config, model) =
                 llama::load_pretrained_with_ids(dir, device, Some(&state.param_ids))?;
+            if model.head() != head {
+                return Err(TrainError::Invalid(format!(
+                    "{}: the checkpoint has a {:?} head, this trainer needs a {head:?} head",
+                    dir.display(),
+                    model.head()
+                )));
+            }
             Ok((config, model, Some(state)))
         }
         None => {
@@ -270,4 +278,48 @@ pub fn total_steps(recipe: &Recipe, items: usize) -> usize {
         .train
         .max_steps
         .unwrap_or(recipe.train.epochs * steps_per_epoch)
+}
+
+/// The recipe's `[data]`, tokenized; malformed records skipped under `on_error = "skip"` are
+/// counted on stderr.
+pub fn load_recipe_data(recipe: &Recipe, tokenizer: &Tokenizer) -> Result<data::LoadedData> {
+    let data = data::load_data(&recipe.data, Path::new(""), tokenizer, recipe.train.seed)?;
+    if data.errors() > 0 {
+        eprintln!(
+            "skipped {} malformed records (on_error = \"skip\")",
+            data.errors()
+        );
+    }
+    Ok(data)
+}
+
+/// Refuses training data smaller than one global batch; `what` names the items ("sequences").
+pub fn check_one_batch(items: usize, recipe: &Recipe, what: &str) -> Result<()> {
+    if items < recipe.train.batch_size {
+        return Err(TrainError::Invalid(format!(
+            "the training data has {items} {what}, fewer than one batch of {}",
+            recipe.train.batch_size
+        )));
+    }
+    Ok(())
+}
+
+/// The step a run starts at: 0, or the resumed checkpoint's step, which must leave work to do.
+pub fn start_step(state: Option<&TrainerState>, total_steps: usize) -> Result<usize> {
+    let start = state.map_or(0, |s| s.step);
+    if state.is_some() && start >= total_steps {
+        return Err(TrainError::Invalid(format!(
+            "the checkpoint is at step {start}; nothing left to train (raise train.max_steps)"
+        )));
+    }
+    Ok(start)
+}
+
+/// AdamW as the recipe says, with the state saved in the checkpoint being resumed.
+pub fn optimizer(recipe: &Recipe, resume: Option<&Path>) -> Result<ModuleOptimizer> {
+    let optimizer = crate::optim::adamw(&recipe.train);
+    match resume {
+        Some(dir) => load_optimizer(optimizer, dir, OPTIMIZER_FILE),
+        None => Ok(optimizer),
+    }
 }

@@ -60,9 +60,10 @@ fn global_norm_clipping_scales_every_gradient_together() {
             "{a} -> {b}"
         );
     }
-    // Under the limit nothing changes.
+    // Under the limit nothing changes: the norm reported and every gradient.
     let untouched = clip_grad_norm(&model, &mut grads, Some(norm));
     assert!((untouched - norm / 4.0).abs() <= 1e-4 * norm);
+    assert_eq!(host_grads(&model, &grads), after);
 }
 
 struct Zeros(GradientsParams);
