@@ -1,6 +1,7 @@
 //! `train`: the command-line entry point. Each subcommand is a thin layer over the library
 //! crates; errors are reported on one line with their context.
 
+mod allocator;
 mod bench;
 mod data_cmd;
 mod eval_cmd;
@@ -55,6 +56,7 @@ enum Command {
 }
 
 fn main() {
+    allocator::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sft(args) => train_cmd::run_sft(args),
