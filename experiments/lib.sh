@@ -5,7 +5,7 @@
 #   DATA    folder with data/ and tokenizers/ as in ../shared (default: ../shared beside the repo)
 #   WORK    where models and intermediate files go (default: runs/experiments in the repo)
 #   TRAIN   the train binary (default: target/release/train, built on first use)
-#   DEVICE  flex (default), tch:cpu, cuda:0, ...
+#   DEVICE  flex (default), tch:cpu, cuda:0, ... (all but flex need a build with --features cli/tch)
 
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -86,7 +86,8 @@ safety_reward_model() {
 }
 # The newest checkpoint of a run directory.
 checkpoint() {
-  ls -d "$1"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1
+  # Sort on the step after the last "checkpoint-": other hyphens in the path do not count.
+  ls -d "$1"/checkpoint-* 2>/dev/null | sed 's/.*checkpoint-\([0-9]*\)$/\1 &/' | sort -n | tail -1 | cut -d' ' -f2-
 }
 
 # evaluate MODEL OUT.json: refusal rates and safety scores on the evaluation sets.

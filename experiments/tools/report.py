@@ -76,7 +76,7 @@ def scaling(work, out):
         b.set_xscale("symlog", linthresh=100)
         b.set_xlabel("safety examples in SFT")
         b.set_ylabel("mean safety reward-model score")
-        fig.suptitle("Safety data scaling (tiny-32k, 2.6M parameters)")
+        fig.suptitle("Safety data scaling (tiny-32k, 2.1M parameters)")
         fig.tight_layout()
         fig.savefig(os.path.join(out, "scaling.png"), dpi=100)
 
@@ -90,7 +90,7 @@ def rm(work, out):
     if p:
         fig, a = p.subplots(figsize=(6, 4))
         a.plot([e["step"] for e in evals], [100 * e["eval_accuracy"] for e in evals], marker="o",
-               label="this repo, 2.6M, held-out 10%")
+               label="this repo, 2.1M, held-out 10%")
         a.axhline(74.7, color="C3", linestyle="--", label="Llama 2 Safety RM 70B (Table 7)")
         a.axhline(50, color="gray", linestyle=":", label="chance")
         a.set_xlabel("step")

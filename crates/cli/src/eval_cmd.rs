@@ -62,6 +62,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
     if args.prompts.is_empty() && args.benign.is_empty() {
         anyhow::bail!("give at least one prompt set with --prompts or --benign");
     }
+    crate::generate::check_sampling(args.temperature, args.top_p)?;
     let device = llama::parse_device(&args.device)?;
     let (config, model) = llama::load_pretrained_as(&args.model, &device, llama::Head::Lm, 0)
         .with_context(|| format!("loading model {}", args.model.display()))?;

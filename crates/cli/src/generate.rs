@@ -43,13 +43,20 @@ pub struct GenerateArgs {
     json: bool,
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
-    if args.temperature.is_nan() || args.temperature < 0.0 {
+/// Refuses sampling settings that would not sample: a negative or NaN temperature, a top-p
+/// outside (0, 1].
+pub fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {
+    if temperature.is_nan() || temperature < 0.0 {
         bail!("--temperature must be >= 0");
     }
-    if args.top_p.is_nan() || args.top_p <= 0.0 || args.top_p > 1.0 {
+    if top_p.is_nan() || top_p <= 0.0 || top_p > 1.0 {
         bail!("--top-p must be in (0, 1]");
     }
+    Ok(())
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    check_sampling(args.temperature.into(), args.top_p.into())?;
     let device = parse_device(&args.device)?;
     let tokenizer_path = args
         .tokenizer

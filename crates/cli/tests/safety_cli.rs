@@ -131,6 +131,37 @@ fn eval_safety_reports_refusals_false_refusals_and_scores() {
         "no/such/file.json",
     ]);
     assert_user_error(&missing, "prompt file not found");
+
+    let not_sampling = train(&[
+        "eval",
+        "safety",
+        "--model",
+        policy.to_str().unwrap(),
+        "--prompts",
+        "no/such/file.json",
+        "--temperature",
+        "nan",
+    ]);
+    assert_user_error(&not_sampling, "--temperature must be >= 0");
+    let greedy_rs = train(&[
+        "rs",
+        "--recipe",
+        "tests/fixtures/recipes/rs-test.toml",
+        "--set",
+        "rs.temperature=0.0",
+    ]);
+    assert_user_error(
+        &greedy_rs,
+        "[rs] `top_p` must be in (0, 1] and `temperature` > 0",
+    );
+    let resume_elsewhere = train(&[
+        "rs",
+        "--recipe",
+        "tests/fixtures/recipes/rs-test.toml",
+        "--resume",
+        "runs/some-other-run/checkpoint-3",
+    ]);
+    assert_user_error(&resume_elsewhere, "use --resume latest");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
-use data::{load_data, Tokenized, Tokenizer};
+use data::{Tokenized, Tokenizer};
 use llama::{Head, Llama, LlamaConfig, SamplingParams};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -18,7 +18,7 @@ use reward::RewardStats;
 use trainer::optim::{adamw, clip_grad_norm};
 use trainer::recipe::PpoSection;
 use trainer::run::{io_err, Result, RunOptions, TrainError, TrainerState};
-use trainer::step::due;
+use trainer::step::{due, DeviceSum};
 use trainer::Recipe;
 
 use crate::algo::{
@@ -365,16 +365,17 @@ impl Ppo {
 
         let lengths: Vec<f64> = rollouts.iter().map(|r| r.response.len() as f64).collect();
         let seen = u.tokens.max(1) as f64;
+        let steps = u.steps.max(1) as f64;
         let mut values = vec![
             ("reward_mean", reward_mean),
             ("reward_std", reward_std),
             ("kl", kl_mean),
             ("kl_coef", beta),
             ("entropy", entropy_sum / generated_tokens.max(1) as f64),
-            ("clip_fraction", u.clipped / seen),
-            ("approx_kl", u.approx_kl / seen),
-            ("policy_loss", mean_std(&u.policy_losses).0),
-            ("value_loss", mean_std(&u.value_losses).0),
+            ("clip_fraction", u.clipped.read() / seen),
+            ("approx_kl", u.approx_kl.read() / seen),
+            ("policy_loss", u.policy_loss.read() / steps),
+            ("value_loss", u.value_loss.read() / steps),
             ("explained_variance", explained),
             ("grad_norm", u.grad_norm),
             ("value_grad_norm", u.value_grad_norm),
@@ -486,7 +487,7 @@ impl Ppo {
     /// `ppo_epochs` passes over the rollouts in shuffled mini-batches: one clipped policy step
     /// and one clipped value step per mini-batch.
     fn update(&mut self, rollouts: &[Rollout], t: &Targets<'_>, iteration: usize) -> UpdateStats {
-        let s = self.settings.clone();
+        let s = &self.settings;
         let mini = self.mini_batch.max(1);
         let device = self.policy.device();
         let mut rng = rand::rngs::StdRng::seed_from_u64(
@@ -513,23 +514,27 @@ impl Ppo {
 
                 let (logp, _) = token_logprobs(&self.policy, &padded, s.temperature, false);
                 let old_t = tensor(t.old_logp);
-                let log_ratio = llama::model::to_host(logp.clone().detach() - old_t.clone());
-                for lr in gather_rows(&batch, &log_ratio, width).iter().flatten() {
-                    u.approx_kl += 0.5 * lr * lr;
-                    if (lr.exp() - 1.0).abs() > s.clip_range {
-                        u.clipped += 1.0;
-                    }
-                }
+                // Losses and clip statistics are summed on the device; the gradient norms are the only
+                // host reads of a mini-batch.
+                let log_ratio = logp.clone().detach() - old_t.clone();
+                u.approx_kl
+                    .add((log_ratio.clone().square() * mask.clone()).sum() * 0.5);
+                let outside = (log_ratio.exp() - 1.0).abs().greater_elem(s.clip_range);
+                u.clipped.add((outside.float() * mask.clone()).sum());
                 u.tokens += count;
+                u.steps += 1;
                 let advantages = tensor(t.advantages);
                 let loss = policy_loss(logp, old_t, advantages, mask.clone(), s.clip_range, count);
-                u.policy_losses
-                    .push(loss.clone().detach().into_scalar::<f32>() as f64);
-                let mut grads = GradientsParams::from_grads(loss.backward(), &self.policy);
-                u.grad_norm = clip_grad_norm(&self.policy, &mut grads, self.grad_clip);
-                self.policy = self
-                    .policy_optimizer
-                    .step(self.lr, self.policy.clone(), grads);
+                u.policy_loss.add(loss.clone());
+                let (policy, grad_norm) = clipped_step(
+                    &mut self.policy_optimizer,
+                    self.policy.clone(),
+                    loss,
+                    self.lr,
+                    self.grad_clip,
+                );
+                self.policy = policy;
+                u.grad_norm = grad_norm;
 
                 let values = token_values(&self.value, &padded);
                 let vloss = value_loss(
@@ -540,17 +545,34 @@ impl Ppo {
                     s.value_clip_range,
                     count,
                 ) * s.value_coef;
-                u.value_losses
-                    .push(vloss.clone().detach().into_scalar::<f32>() as f64);
-                let mut grads = GradientsParams::from_grads(vloss.backward(), &self.value);
-                u.value_grad_norm = clip_grad_norm(&self.value, &mut grads, self.grad_clip);
-                self.value = self
-                    .value_optimizer
-                    .step(self.value_lr, self.value.clone(), grads);
+                u.value_loss.add(vloss.clone());
+                let (value, grad_norm) = clipped_step(
+                    &mut self.value_optimizer,
+                    self.value.clone(),
+                    vloss,
+                    self.value_lr,
+                    self.grad_clip,
+                );
+                self.value = value;
+                u.value_grad_norm = grad_norm;
             }
         }
         u
     }
+}
+
+/// One AdamW step of `model` on `loss`, its gradients clipped by their global norm (returned,
+/// before clipping).
+fn clipped_step(
+    optimizer: &mut ModuleOptimizer,
+    model: Llama,
+    loss: Tensor<1>,
+    lr: f64,
+    grad_clip: Option<f64>,
+) -> (Llama, f64) {
+    let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+    let grad_norm = clip_grad_norm(&model, &mut grads, grad_clip);
+    (optimizer.step(lr, model, grads), grad_norm)
 }
 
 /// Per-token quantities of each rollout (at its response positions) that the update fits.
@@ -564,11 +586,13 @@ struct Targets<'a> {
 /// What the update measured.
 #[derive(Default)]
 struct UpdateStats {
-    policy_losses: Vec<f64>,
-    value_losses: Vec<f64>,
+    /// Sums over mini-batches; divided by `steps` for the metrics.
+    policy_loss: DeviceSum,
+    value_loss: DeviceSum,
+    steps: usize,
     /// Sums over response tokens; divided by `tokens` for the metrics.
-    clipped: f64,
-    approx_kl: f64,
+    clipped: DeviceSum,
+    approx_kl: DeviceSum,
     tokens: usize,
     /// Prompt and response tokens through the models (for update tokens/s).
     sequence_tokens: usize,
@@ -595,7 +619,7 @@ fn section(recipe: &Recipe) -> Result<PpoSection> {
 
 /// The prompts of the recipe's data, with their categories.
 fn load_prompts(recipe: &Recipe, tokenizer: &Tokenizer) -> Result<(Vec<Prompt>, usize)> {
-    let data = load_data(&recipe.data, Path::new(""), tokenizer, recipe.train.seed)?;
+    let data = trainer::run::load_recipe_data(recipe, tokenizer)?;
     let dropped: usize = data.sources.iter().map(|s| s.dropped).sum();
     let prompts: Vec<Prompt> = data
         .train
@@ -631,13 +655,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let out = &recipe.output.dir;
     let resume = trainer::run::check_output(recipe, options)?;
     let (prompts, _) = load_prompts(recipe, &tokenizer)?;
-    if prompts.len() < train.batch_size {
-        return Err(TrainError::Invalid(format!(
-            "the data has {} prompts, fewer than one batch of {}",
-            prompts.len(),
-            train.batch_size
-        )));
-    }
+    trainer::run::check_one_batch(prompts.len(), recipe, "prompts")?;
 
     let load_rm = |path: &Option<PathBuf>| -> Result<Option<RewardModel>> {
         path.as_ref()
@@ -706,12 +724,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     trainer::run::start_output(recipe, resume.is_some())?;
 
     let total = trainer::run::total_steps(recipe, prompts.len());
-    let start = state.as_ref().map_or(0, |s| s.step);
-    if resume.is_some() && start >= total {
-        return Err(TrainError::Invalid(format!(
-            "the checkpoint is at iteration {start}; nothing left to train (raise train.max_steps)"
-        )));
-    }
+    let start = trainer::run::start_step(state.as_ref(), total)?;
     let models = Models {
         policy,
         value,
@@ -727,13 +740,8 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
         settings.clone(),
     );
     if let (Some(dir), Some(state)) = (&resume, &state) {
-        ppo.policy_optimizer =
-            trainer::run::load_optimizer(adamw(train), dir, trainer::run::OPTIMIZER_FILE)?;
-        ppo.value_optimizer = trainer::run::load_optimizer(
-            adamw(train),
-            &dir.join(VALUE_DIR),
-            trainer::run::OPTIMIZER_FILE,
-        )?;
+        ppo.policy_optimizer = trainer::run::optimizer(recipe, Some(dir))?;
+        ppo.value_optimizer = trainer::run::optimizer(recipe, Some(&dir.join(VALUE_DIR)))?;
         ppo.kl = serde_json::from_value(state.extra["kl"].clone()).map_err(|e| {
             TrainError::Invalid(format!("{}: KL controller state: {e}", dir.display()))
         })?;

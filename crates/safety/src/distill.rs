@@ -7,16 +7,15 @@ use trainer::run::{Result, RunOptions, TrainError};
 use trainer::Recipe;
 
 use crate::answers::{generate_answers, AnswerSettings};
-use crate::rs::{generate_then_sft, Inputs, Selection, StageSummary};
+use crate::rs::{generate_then_sft, Selection, StageSummary};
 
 pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
     let section = recipe
         .distill
         .clone()
         .ok_or_else(|| TrainError::Invalid("the recipe has no [distill] section".into()))?;
-    let inputs = Inputs::load(recipe, &section.safety_reward_model)?;
-    let (prompts, tokenizer) = (&inputs.prompts, &inputs.tokenizer);
-    generate_then_sft(recipe, options, || {
+    generate_then_sft(recipe, options, &section.safety_reward_model, |inputs| {
+        let (prompts, tokenizer) = (&inputs.prompts, &inputs.tokenizer);
         let (config, model) = inputs.policy(recipe)?;
         let settings = AnswerSettings {
             max_new_tokens: section.max_new_tokens,

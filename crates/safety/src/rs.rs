@@ -36,16 +36,23 @@ pub struct Selection {
     pub candidates: Vec<serde_json::Value>,
 }
 
-/// The shared shape of `train rs` and `train distill`: claim the output directory, run
-/// `generate` once (skipped when a resumed run finished it), record its candidates, write its
-/// kept answers as SFT data, then run SFT on them into `<output.dir>/sft` (resuming it when it
-/// has checkpoints).
+/// The shared shape of `train rs` and `train distill`: claim the output directory, load the
+/// [`Inputs`] judged by `reward_model` and run `generate` on them once (skipped when a resumed
+/// run finished it), record its candidates, write its kept answers as SFT data, then run SFT on
+/// them into `<output.dir>/sft` (resuming it when it has checkpoints). The reward model is
+/// loaded only for generation and freed before SFT.
 pub fn generate_then_sft(
     recipe: &Recipe,
     options: &RunOptions,
-    generate: impl FnOnce() -> Result<Selection>,
+    reward_model: &Path,
+    generate: impl FnOnce(&Inputs) -> Result<Selection>,
 ) -> Result<StageSummary> {
     let out = &recipe.output.dir;
+    if options.resume.as_deref().is_some_and(|r| r != "latest") {
+        return Err(TrainError::Invalid(
+            "this command resumes its own output directory: use --resume latest".into(),
+        ));
+    }
     let occupied = out.exists()
         && std::fs::read_dir(out)
             .map_err(io_err(out))?
@@ -77,9 +84,11 @@ pub fn generate_then_sft(
             info["kept"].as_u64().unwrap_or(0) as usize,
         )
     } else {
+        let inputs = Inputs::load(recipe, reward_model)?;
         std::fs::create_dir_all(&generated).map_err(io_err(&generated))?;
         std::fs::write(out.join("recipe.toml"), recipe.to_toml()).map_err(io_err(out))?;
-        let selection = generate()?;
+        let selection = generate(&inputs)?;
+        drop(inputs);
         let path = generated.join("candidates.jsonl");
         let lines: String = selection
             .candidates
@@ -181,9 +190,8 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
         .rs
         .clone()
         .ok_or_else(|| TrainError::Invalid("the recipe has no [rs] section".into()))?;
-    let inputs = Inputs::load(recipe, &section.reward_model)?;
-    let prompts = &inputs.prompts;
-    generate_then_sft(recipe, options, || {
+    generate_then_sft(recipe, options, &section.reward_model, |inputs| {
+        let prompts = &inputs.prompts;
         let (config, model) = inputs.policy(recipe)?;
         let settings = AnswerSettings {
             max_new_tokens: section.max_new_tokens,

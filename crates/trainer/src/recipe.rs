@@ -616,12 +616,25 @@ impl Recipe {
                     "[rs] `samples_per_prompt` and `max_new_tokens` must be positive",
                 ));
             }
+            // Best-of-K needs K different answers: greedy decoding would give K copies.
+            if !(rs.top_p > 0.0 && rs.top_p <= 1.0 && rs.temperature > 0.0) {
+                return Err(invalid(
+                    path,
+                    "[rs] `top_p` must be in (0, 1] and `temperature` > 0 (it samples K answers)",
+                ));
+            }
         }
         if let Some(d) = &self.distill {
             if d.max_new_tokens == 0 || d.preprompt.trim().is_empty() {
                 return Err(invalid(
                     path,
                     "[distill] needs a non-empty `preprompt` and a positive `max_new_tokens`",
+                ));
+            }
+            if !(d.top_p > 0.0 && d.top_p <= 1.0 && d.temperature >= 0.0) {
+                return Err(invalid(
+                    path,
+                    "[distill] `top_p` must be in (0, 1] and `temperature` >= 0",
                 ));
             }
         }
