@@ -5,7 +5,8 @@
 #
 # Usage:
 #   scripts/install-libtorch.sh              # venv + torch 2.9.0, then print the env to export
-#   scripts/install-libtorch.sh --golden     # also install scripts/requirements-golden.txt
+#   scripts/install-libtorch.sh --golden     # also install scripts/requirements-golden.txt, and
+#                                            # requirements-golden-5.txt into .venv/transformers5
 #   scripts/install-libtorch.sh --print-env  # only print the export lines (no install)
 #   eval "$(scripts/install-libtorch.sh --print-env)"
 #
@@ -85,6 +86,23 @@ if [ "$golden" = 1 ]; then
   # Keep torch pinned while resolving the extras.
   "$VENV/bin/python" -m pip install --disable-pip-version-check \
     "torch==$TORCH_VERSION" -r "$SCRIPT_DIR/requirements-golden.txt" >&2
+  # transformers 5.x beside 4.57.1: an overlay directory used through PYTHONPATH, so both
+  # versions share the venv's torch. Every package is pinned (no dependency resolution).
+  TF5="$VENV/transformers5"
+  tf5_version="$(grep '^transformers==' "$SCRIPT_DIR/requirements-golden-5.txt" | cut -d= -f3)"
+  if [ -d "$TF5/transformers-$tf5_version.dist-info" ]; then
+    echo "==> reusing $TF5 (transformers $tf5_version)" >&2
+  else
+    echo "==> installing $SCRIPT_DIR/requirements-golden-5.txt into $TF5" >&2
+    rm -rf "$TF5"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --no-deps --target "$TF5" \
+      -r "$SCRIPT_DIR/requirements-golden-5.txt" >&2
+  fi
+  got5="$(PYTHONPATH="$TF5" "$VENV/bin/python" -c 'import transformers; print(transformers.__version__)')"
+  if [ "$got5" != "$tf5_version" ]; then
+    echo "install-libtorch.sh: expected transformers $tf5_version in $TF5, found $got5" >&2
+    exit 1
+  fi
 fi
 
 # Sanity check: libtorch loads and is the expected version.

@@ -18,12 +18,20 @@ Models:
                          references are computed from the bf16 weights upcast to float32, as a
                          loader converting bf16 -> f32 sees them
 
+The fixtures are made with both pinned transformers versions, whose config.json layouts differ
+(5.x writes `rope_parameters` and `dtype` where 4.x writes `rope_theta` and `torch_dtype`):
+  transformers 4.57.1 (.venv)                      -> tests/fixtures/golden/
+  transformers 5.24.0 (PYTHONPATH=.venv/transformers5, scripts/requirements-golden-5.txt)
+                                                   -> tests/fixtures/golden-tf5/
+Any other version is refused, so the committed files always come from a pinned one.
+
 Everything runs on CPU in float32 with eager attention, one thread and fixed seeds, so reruns
 give identical files. Greedy references are robust: at every generated step the gap between the
 top-1 and top-2 logit must exceed MIN_GAP, both in generate() (KV cache) and in one full forward
 pass over prompt + generated tokens (no cache); otherwise the prompt is redrawn from the next seed.
 
 Run:  .venv/bin/python scripts/make_golden.py
+      PYTHONPATH=.venv/transformers5 .venv/bin/python scripts/make_golden.py
 """
 
 import argparse
@@ -37,11 +45,18 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+# transformers version -> where its fixtures go
+PINNED = {
+    "4.57.1": REPO / "tests/fixtures/golden",
+    "5.24.0": REPO / "tests/fixtures/golden-tf5",
+}
+MAJOR = int(transformers.__version__.split(".")[0])
 BOS, EOS, PAD = 1, 2, 0
 FIRST_RANDOM_ID = 3  # random ids are drawn from [3, vocab)
 SEQUENCE_LENGTHS = [7, 12, 5]
@@ -75,20 +90,35 @@ BF16_SOURCE = "tiny-gqa"
 
 
 def make_config(spec: dict) -> LlamaConfig:
+    spec = dict(spec)
+    if MAJOR >= 5:
+        # 5.x takes RoPE settings as `rope_parameters` and the dtype as `dtype`.
+        version_args = dict(
+            rope_parameters={"rope_type": "default", "rope_theta": spec.pop("rope_theta")},
+            dtype="float32",
+        )
+    else:
+        version_args = dict(rope_scaling=None, torch_dtype="float32")
     cfg = LlamaConfig(
         **spec,
+        **version_args,
         bos_token_id=BOS,
         eos_token_id=EOS,
         pad_token_id=None,
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
-        rope_scaling=None,
         initializer_range=INIT_STD,
-        torch_dtype="float32",
     )
     cfg._attn_implementation = "eager"
     return cfg
+
+
+def load_f32(path: Path) -> LlamaForCausalLM:
+    dtype_arg = "dtype" if MAJOR >= 5 else "torch_dtype"
+    return LlamaForCausalLM.from_pretrained(
+        path, **{dtype_arg: torch.float32}, attn_implementation="eager"
+    ).eval()
 
 
 @torch.no_grad()
@@ -222,7 +252,10 @@ def write_refs(out_dir: Path, name: str, model: LlamaForCausalLM, seed: int, tok
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out-dir", type=Path, default=REPO / "tests/fixtures/golden")
+    version = transformers.__version__
+    if version not in PINNED:
+        sys.exit(f"transformers {version} is not a pinned version ({', '.join(PINNED)})")
+    ap.add_argument("--out-dir", type=Path, default=PINNED[version])
     ap.add_argument("--tokenizer", type=Path, default=REPO / "tests/fixtures/tokenizer/tokenizer.json")
     args = ap.parse_args()
     if not args.tokenizer.is_file():
@@ -245,7 +278,7 @@ def main() -> None:
         model.save_pretrained(out_dir, safe_serialization=True)
         assert (out_dir / "model.safetensors").is_file()
         # References come from the saved files, exactly as a loader sees them.
-        model = LlamaForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()
+        model = load_f32(out_dir)
         summaries.append(write_refs(out_dir, name, model, spec["seed"] + 1, args.tokenizer,
                                     "float32 weights; logits and greedy computed in float32 on CPU"))
 
@@ -260,7 +293,7 @@ def main() -> None:
             assert len(shards) >= 2 and (bf_dir / "model.safetensors.index.json").is_file(), shards
             assert not (bf_dir / "model.safetensors").exists()
             # Load the bf16 checkpoint upcast to float32 and check it is tiny-gqa rounded to bf16.
-            bf = LlamaForCausalLM.from_pretrained(bf_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()
+            bf = load_f32(bf_dir)
             for k, v in bf.state_dict().items():
                 assert v.dtype == torch.float32
                 assert torch.equal(v, src[k].to(torch.bfloat16).float()), k

@@ -4,7 +4,8 @@
 # Runs the whole suite on the pure-Rust flex backend. When libtorch is available (a venv made by
 # scripts/install-libtorch.sh), the build includes the `tch` feature and the golden model tests
 # run a second time on tch:cpu; the transformers export check runs when transformers is
-# installed there. REQUIRE_TORCH=1 turns a missing libtorch/transformers into a failure.
+# installed there, in transformers 4.57.1 and (from .venv/transformers5) 5.x.
+# REQUIRE_TORCH=1 turns a missing libtorch/transformers into a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,14 @@ if [ "$have_torch" = 1 ] && .venv/bin/python -c "import transformers" >/dev/null
   export LLAMA_PYTHON="$PWD/.venv/bin/python"
 elif [ "${REQUIRE_TORCH:-0}" = 1 ]; then
   echo "REQUIRE_TORCH=1 but .venv has no transformers: run scripts/install-libtorch.sh --golden" >&2
+  exit 1
+fi
+# transformers 5.x, a PYTHONPATH overlay over .venv: exports are checked in both versions.
+if [ -n "${LLAMA_PYTHON:-}" ] && PYTHONPATH=.venv/transformers5 .venv/bin/python -c \
+    "import transformers, sys; sys.exit(int(transformers.__version__.split('.')[0]) < 5)" >/dev/null 2>&1; then
+  export LLAMA_TRANSFORMERS5="$PWD/.venv/transformers5"
+elif [ "${REQUIRE_TORCH:-0}" = 1 ]; then
+  echo "REQUIRE_TORCH=1 but .venv/transformers5 has no transformers 5.x: run scripts/install-libtorch.sh --golden" >&2
   exit 1
 fi
 

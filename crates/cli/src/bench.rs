@@ -207,9 +207,9 @@ fn bench_generate(args: GenerateBench) -> Result<()> {
             max_new_tokens: 4,
             ..params.clone()
         };
-        generate(&model, &prompts, &warm);
+        generate(&model, &prompts, &warm)?;
         let start = Instant::now();
-        let out = generate(&model, &prompts, &params);
+        let out = generate(&model, &prompts, &params)?;
         let seconds = start.elapsed().as_secs_f64();
         let tokens: usize = out.iter().map(|o| o.tokens.len()).sum();
         let rate = tokens as f64 / seconds;

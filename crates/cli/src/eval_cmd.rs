@@ -71,7 +71,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.model.join("tokenizer.json"));
     let tokenizer = data::Tokenizer::from_file(&tokenizer_path)?;
-    trainer::run::check_vocab(&tokenizer, &config, &tokenizer_path)?;
+    trainer::run::check_generation_vocab(&tokenizer, &config, &tokenizer_path)?;
     let reward = match &args.reward_model {
         Some(dir) => Some(safety::answers::load_reward_model(
             dir, &device, &tokenizer,

@@ -28,6 +28,15 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
+    if let (Ok(from), Ok(to)) = (args.checkpoint.canonicalize(), args.out.canonicalize()) {
+        if from == to {
+            bail!(
+                "--out {} is the checkpoint itself: export to another directory (replacing a \
+                 training checkpoint would drop its optimizer state)",
+                args.out.display()
+            );
+        }
+    }
     let device = burn::prelude::Device::flex();
     let (config, model) = llama::load_pretrained(&args.checkpoint, &device)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;

@@ -65,15 +65,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let tokenizer = load_tokenizer(&tokenizer_path)?;
     let (config, model) = llama::load_pretrained_as(&args.model, &device, llama::Head::Lm, 0)
         .with_context(|| format!("loading model {}", args.model.display()))?;
-    if tokenizer.vocab_size() > config.vocab_size {
-        bail!(
-            "{}: tokenizer has {} tokens but the model in {} has a vocabulary of {}",
-            tokenizer_path.display(),
-            tokenizer.vocab_size(),
-            args.model.display(),
-            config.vocab_size
-        );
-    }
+    trainer::run::check_generation_vocab(&tokenizer, &config, &tokenizer_path)?;
+    // A blank system prompt means none, not an empty <<SYS>> block.
+    let system = args.system.as_deref().filter(|s| !s.trim().is_empty());
 
     let mut prompts = Vec::with_capacity(args.prompt.len());
     for (i, text) in args.prompt.iter().enumerate() {
@@ -81,7 +75,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             bail!("prompt {} is empty", i + 1);
         }
         let ids = if args.chat {
-            data::render_prompt(&tokenizer, args.system.as_deref(), text)?
+            data::render_prompt(&tokenizer, system, text)?
         } else {
             tokenizer.encode_with_bos(text)?
         };
@@ -105,9 +99,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         pad_token_id: config.pad_token_id.unwrap_or(0),
         use_cache: !args.no_cache,
         max_positions: config.max_position_embeddings,
+        vocab_limit: Some(tokenizer.vocab_size()),
     };
     let start = Instant::now();
-    let outputs = generate(&model, &prompts, &params);
+    let outputs = generate(&model, &prompts, &params)
+        .with_context(|| format!("generating with {}", args.model.display()))?;
     let seconds = start.elapsed().as_secs_f64();
     let new_tokens: usize = outputs.iter().map(|o| o.tokens.len()).sum();
 

@@ -262,13 +262,21 @@ fn exported_checkpoints_load_in_transformers_with_equal_logits() {
     let Some(python) = python_with_transformers() else {
         return;
     };
+    // Exports of checkpoints saved by either transformers version must load in both: the
+    // reference is each fixture's golden logits, computed by the version that saved it.
+    let mut versions = vec![("4.57.1", None)];
+    if let Some(overlay) = transformers5_path() {
+        versions.push(("5.x", Some(overlay)));
+    }
     let tmp = tempfile::tempdir().unwrap();
     for (name, extra) in [
         ("tiny-odd", vec!["--max-shard-size", "200KB"]),
         ("tiny-gqa", vec![]),
+        ("golden-tf5/tiny-odd", vec![]),
+        ("golden-tf5/tiny-gqa-bf16-sharded", vec![]),
     ] {
         let src = golden(name);
-        let out = tmp.path().join(name);
+        let out = tmp.path().join(name.replace('/', "-"));
         let mut args = vec![
             "export",
             "--checkpoint",
@@ -281,20 +289,37 @@ fn exported_checkpoints_load_in_transformers_with_equal_logits() {
         args.extend(extra);
         let run = train(&args);
         assert!(run.status.success(), "{}", stderr(&run));
-        let check = Command::new(&python)
-            .arg(root().join("scripts/check_export.py"))
-            .args([&src, &out])
-            .output()
-            .expect("run python");
-        let report = String::from_utf8_lossy(&check.stdout);
-        assert!(
-            check.status.success(),
-            "{name}: {report} {}",
-            String::from_utf8_lossy(&check.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_str(report.lines().last().unwrap()).unwrap();
-        assert!(v["max_abs_diff"].as_f64().unwrap() <= 1e-4, "{name}: {v}");
-        assert_eq!(v["architecture"], "LlamaForCausalLM");
+        // Our config.json keeps the 4.x layout, which both versions read.
+        let config = std::fs::read_to_string(out.join("config.json")).unwrap();
+        assert!(config.contains("\"rope_theta\"") && !config.contains("rope_parameters"));
+        for (version, overlay) in &versions {
+            let mut command = Command::new(&python);
+            if let Some(overlay) = overlay {
+                command.env("PYTHONPATH", overlay);
+            }
+            let check = command
+                .arg(root().join("scripts/check_export.py"))
+                .args([&src, &out])
+                .output()
+                .expect("run python");
+            let report = String::from_utf8_lossy(&check.stdout);
+            assert!(
+                check.status.success(),
+                "{name} in {version}: {report} {}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+            let v: serde_json::Value =
+                serde_json::from_str(report.lines().last().unwrap()).unwrap();
+            assert!(v["max_abs_diff"].as_f64().unwrap() <= 1e-4, "{name}: {v}");
+            assert_eq!(v["architecture"], "LlamaForCausalLM");
+            let major = v["transformers"]
+                .as_str()
+                .unwrap()
+                .split('.')
+                .next()
+                .unwrap();
+            assert_eq!(major, &version[..1], "{name}: ran in {v}");
+        }
     }
 }
 

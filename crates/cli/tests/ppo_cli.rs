@@ -192,7 +192,12 @@ fn ppo_bad_input_gives_one_line_errors() {
             "data.truncation=\"drop\"",
         ],
     );
-    assert_user_error(&run, "no prompts");
+    assert_failed_with(&run, "no prompts");
+    assert!(
+        stderr(&run).contains("40 dropped at max_seq_len 4"),
+        "{}",
+        stderr(&run)
+    );
     let (run, _) = ppo(&out, &rm, &["--set", "ppo.max_new_tokens=200"]);
     assert_user_error(&run, "exceeds the model's context");
     assert!(!out.exists(), "nothing written before training starts");

@@ -136,11 +136,25 @@ impl DataConfig {
     /// All sources, the `train` shorthand included, with paths resolved against `base`
     /// (the recipe's directory).
     pub fn resolved_sources(&self, base: &Path) -> Result<Vec<SourceConfig>> {
+        if let Some(name) = &self.format {
+            if Format::parse(name).is_none() {
+                return Err(DataError::Config(format!(
+                    "`format`: unknown format `{name}` (expected one of {})",
+                    Format::ALL.map(|f| f.name()).join(", ")
+                )));
+            }
+        }
         let mut sources = Vec::new();
         if let Some(train) = &self.train {
             sources.push(SourceConfig::file(train, self.format.as_deref()));
         }
-        sources.extend(self.sources.iter().cloned());
+        // `[data] format` is the default of every source that names none.
+        sources.extend(self.sources.iter().cloned().map(|mut source| {
+            if source.format.is_none() {
+                source.format = self.format.clone();
+            }
+            source
+        }));
         if sources.is_empty() {
             return Err(DataError::Config(
                 "[data] needs `train` or at least one [[data.sources]]".into(),
@@ -173,6 +187,11 @@ impl DataConfig {
                     )));
                 }
             }
+        }
+        if self.eval.is_some() && self.eval_fraction.is_some() {
+            return Err(DataError::Config(
+                "give `eval` or `eval_fraction`, not both".into(),
+            ));
         }
         if let Some(f) = self.eval_fraction {
             if !(0.0..1.0).contains(&f) {
@@ -260,6 +279,8 @@ pub fn load_source(
     let mut items = Vec::new();
     let fail = |error: DataError, stats: &mut SourceStats| -> Result<()> {
         match on_error {
+            // A file that cannot be read is not a malformed record: skipping cannot help.
+            _ if matches!(error, DataError::File { .. }) => Err(error),
             OnError::Stop => Err(error),
             OnError::Skip => {
                 stats.errors += 1;

@@ -6,11 +6,11 @@ pub enum DataError {
     Tokenizer { path: PathBuf, message: String },
     #[error("{0}")]
     Dialog(String),
-    #[error("{path}: {source}")]
+    /// The cause is in the message, not a `source`: `{:#}` would print it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A problem with one record: file, line (1-based; the element number for JSON arrays)
     /// and, where known, the field.
@@ -43,5 +43,5 @@ pub type Result<T> = std::result::Result<T, DataError>;
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DataError {
     let path = path.into();
-    move |source| DataError::Io { path, source }
+    move |error| DataError::Io { path, error }
 }

@@ -120,10 +120,17 @@ impl Iterator for RecordReader {
                     Ok(0) => return None,
                     Ok(_) => {}
                     Err(e) => {
+                        // The stream cannot go on (a corrupt or truncated gzip keeps failing
+                        // at the same place): end here, so a caller that skips bad records
+                        // does not read the same error forever.
+                        let message = format!(
+                            "cannot read past line {line} (corrupt or truncated file?): {e}"
+                        );
+                        self.inner = Inner::Array(Vec::new().into_iter(), 0);
                         return Some(Err(DataError::File {
                             path: self.path.clone(),
-                            message: format!("read error after line {line}: {e}"),
-                        }))
+                            message,
+                        }));
                     }
                 }
                 *line += 1;

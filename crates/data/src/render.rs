@@ -67,13 +67,18 @@ pub enum LengthOutcome {
     Dropped,
 }
 
-/// Tokenizes an example and applies the length policy.
+/// Tokenizes an example and applies the length policy. Text far longer than `max_seq_len`
+/// tokens could cover is cut before tokenizing (see [`cap_text`]), so one huge record costs
+/// memory in proportion to `max_seq_len`, not to its size.
 pub fn tokenize_example(
     tokenizer: &Tokenizer,
     example: &Example,
     policy: &LengthPolicy,
 ) -> Result<(Option<Tokenized>, LengthOutcome)> {
     let max = policy.max_seq_len;
+    let cap = text_cap(tokenizer, max);
+    let capped = cap_example(example, cap);
+    let example = capped.as_ref().unwrap_or(example);
     match example {
         Example::Dialog(messages) => {
             let mut rendered = render_dialog(tokenizer, messages)?;
@@ -162,6 +167,88 @@ pub fn tokenize_example(
                 outcome,
             ))
         }
+    }
+}
+
+/// Bytes of text that always make more than `max_seq_len` tokens, with a margin of two: no token
+/// covers more bytes than the longest entry of the vocabulary. Keeping this many bytes of a
+/// longer text (its start or its end, whichever the length policy keeps) leaves the kept
+/// tokens far from the cut.
+fn text_cap(tokenizer: &Tokenizer, max_seq_len: usize) -> usize {
+    max_seq_len
+        .saturating_add(16)
+        .saturating_mul(tokenizer.max_token_bytes().max(4))
+        .saturating_mul(2)
+}
+
+/// The example with every text over `cap` bytes cut to `cap` (`None` when none is): answers and
+/// plain text keep their start (the policy cuts their end), prompt-side messages their end (the
+/// policy drops prompt tokens from the left).
+fn cap_example(example: &Example, cap: usize) -> Option<Example> {
+    let long = |text: &str| text.len() > cap;
+    let any_long = match example {
+        Example::Dialog(messages) | Example::Prompt { messages, .. } => {
+            messages.iter().any(|m| long(&m.content))
+        }
+        Example::Pair(pair) => {
+            long(&pair.chosen)
+                || long(&pair.rejected)
+                || pair.prompt.iter().any(|m| long(&m.content))
+        }
+        Example::Text(text) => long(text),
+    };
+    if !any_long {
+        return None;
+    }
+    let keep_end = |messages: &[crate::chat::Message]| -> Vec<crate::chat::Message> {
+        messages
+            .iter()
+            .map(|m| crate::chat::Message {
+                role: m.role,
+                content: cap_text(&m.content, cap, true).to_string(),
+            })
+            .collect()
+    };
+    Some(match example {
+        Example::Dialog(messages) => {
+            let mut capped = keep_end(messages);
+            if let (Some(last), Some(original)) = (capped.last_mut(), messages.last()) {
+                last.content = cap_text(&original.content, cap, false).to_string();
+            }
+            Example::Dialog(capped)
+        }
+        Example::Prompt { messages, category } => Example::Prompt {
+            messages: keep_end(messages),
+            category: category.clone(),
+        },
+        Example::Pair(pair) => Example::Pair(crate::format::PreferencePair {
+            prompt: keep_end(&pair.prompt),
+            chosen: cap_text(&pair.chosen, cap, false).to_string(),
+            rejected: cap_text(&pair.rejected, cap, false).to_string(),
+            ..pair.clone()
+        }),
+        Example::Text(text) => Example::Text(cap_text(text, cap, false).to_string()),
+    })
+}
+
+/// At most `cap` bytes of `text`, cut at a character boundary: its end with `keep_end`, else
+/// its start.
+pub fn cap_text(text: &str, cap: usize, keep_end: bool) -> &str {
+    if text.len() <= cap {
+        return text;
+    }
+    if keep_end {
+        let mut start = text.len() - cap;
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        &text[start..]
+    } else {
+        let mut end = cap;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        &text[..end]
     }
 }
 

@@ -9,6 +9,8 @@ pub struct Tokenizer {
     pub bos_id: u32,
     pub eos_id: u32,
     pub path: PathBuf,
+    /// Bytes of the longest vocabulary entry: no token covers more text than this.
+    max_token_bytes: usize,
 }
 
 impl Tokenizer {
@@ -37,12 +39,25 @@ impl Tokenizer {
         };
         let bos_id = id("<s>")?;
         let eos_id = id("</s>")?;
+        let max_token_bytes = inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1);
         Ok(Self {
             inner,
             bos_id,
             eos_id,
             path: path.to_path_buf(),
+            max_token_bytes,
         })
+    }
+
+    /// Bytes of the longest vocabulary entry (its text as stored, e.g. `▁` as 3 bytes): an
+    /// upper bound on the input bytes one token covers.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     /// Whether two tokenizers map the same strings to the same ids (so one model's token ids

@@ -516,3 +516,100 @@ fn prompt_response_records_render_as_a_dialog_ending_with_the_response() {
     .unwrap_err();
     assert_eq!(err.field.as_deref(), Some("response"));
 }
+
+#[test]
+fn a_read_error_ends_the_records_instead_of_repeating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = std::fs::read(root().join("datasets/hh-tiny.jsonl.gz")).unwrap();
+    let cut = write(tmp.path(), "cut.jsonl.gz", &whole[..whole.len() / 2]);
+    let results: Vec<_> = RecordReader::open(&cut).unwrap().take(10_000).collect();
+    assert!(
+        results.len() < 100,
+        "the reader kept going: {}",
+        results.len()
+    );
+    let last = results.last().unwrap().as_ref().unwrap_err().to_string();
+    assert!(last.contains("cannot read past line"), "{last}");
+    assert!(results[..results.len() - 1].iter().all(|r| r.is_ok()));
+    // Skipping malformed records does not skip an unreadable file.
+    let source = SourceConfig::file(&cut, None);
+    let err = load_source(
+        &source,
+        &tokenizer(),
+        &policy(512, Truncation::Drop),
+        OnError::Skip,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("cannot read past line"), "{err}");
+}
+
+#[test]
+fn huge_texts_are_cut_before_tokenizing_with_the_same_result() {
+    let tok = tokenizer();
+    // 4 MB: without the cut the tokenizer would hold millions of tokens with their offsets.
+    let sentence = "The quick brown fox jumps over the lazy dog. ";
+    let huge = sentence.repeat(4_000_000 / sentence.len());
+    let start = &huge[..20 * sentence.len()];
+    // Plain text keeps its start under both truncations.
+    for truncation in [Truncation::TruncateAnswer, Truncation::TruncatePrompt] {
+        let p = policy(64, truncation);
+        let (got, outcome) =
+            data::tokenize_example(&tok, &Example::Text(huge.clone()), &p).unwrap();
+        let (want, _) =
+            data::tokenize_example(&tok, &Example::Text(start.to_string()), &p).unwrap();
+        assert_eq!(outcome, data::render::LengthOutcome::Truncated);
+        assert_eq!(got, want, "{truncation:?}");
+    }
+    let (dropped, outcome) =
+        data::tokenize_example(&tok, &Example::Text(huge), &policy(64, Truncation::Drop)).unwrap();
+    assert!(dropped.is_none());
+    assert_eq!(outcome, data::render::LengthOutcome::Dropped);
+    // Prompts keep their end (the policy drops prompt tokens from the left).
+    let messages = |text: String| {
+        vec![data::Message {
+            role: data::Role::User,
+            content: text,
+        }]
+    };
+    let long_prompt = format!("{}Which animal jumps?", sentence.repeat(100_000));
+    let short_prompt = format!("{}Which animal jumps?", sentence.repeat(30));
+    let prompt = |text| Example::Prompt {
+        messages: messages(text),
+        category: None,
+    };
+    let p = policy(64, Truncation::TruncatePrompt);
+    let (got, _) = data::tokenize_example(&tok, &prompt(long_prompt), &p).unwrap();
+    let (want, _) = data::tokenize_example(&tok, &prompt(short_prompt), &p).unwrap();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn cap_text_cuts_at_character_boundaries() {
+    use data::render::cap_text;
+    assert_eq!(cap_text("héllo", 2, false), "h");
+    assert_eq!(cap_text("héllo", 3, false), "hé");
+    assert_eq!(cap_text("héllo", 4, true), "llo");
+    assert_eq!(cap_text("héllo", 5, true), "éllo");
+    assert_eq!(cap_text("short", 99, true), "short");
+}
+
+#[test]
+fn data_sections_are_checked_before_reading() {
+    let config = |text: &str| -> DataConfig { toml::from_str(text).unwrap() };
+    let err = |c: DataConfig| c.resolved_sources(Path::new("")).unwrap_err().to_string();
+    let e = err(config(
+        "format = \"bogus\"\n[[sources]]\npath = \"a.jsonl\"\n",
+    ));
+    assert!(e.contains("unknown format `bogus`"), "{e}");
+    let e = err(config(
+        "train = \"a.jsonl\"\neval = \"b.jsonl\"\neval_fraction = 0.1\n",
+    ));
+    assert!(e.contains("not both"), "{e}");
+    // `[data] format` is the default of sources that name none.
+    let sources = config("format = \"alpaca\"\n[[sources]]\npath = \"a.jsonl\"\n[[sources]]\npath = \"b.jsonl\"\nformat = \"text\"\n")
+        .resolved_sources(Path::new(""))
+        .unwrap();
+    assert_eq!(sources[0].format.as_deref(), Some("alpaca"));
+    assert_eq!(sources[1].format.as_deref(), Some("text"));
+}

@@ -195,6 +195,7 @@ fn load_dir(
         });
     }
     let config = LlamaConfig::from_hf_file(&config_path)?;
+    check_host_memory(&config, device)?;
     let weights = SafetensorsDir::open(dir)?;
     let has_score = weights.names().any(|n| n == "score.weight");
     let has_lm_head = weights.names().any(|n| n == "lm_head.weight");
@@ -260,6 +261,7 @@ pub fn init_random_with_head(
     head: Head,
     seed: u64,
 ) -> Result<Llama> {
+    check_host_memory(config, device)?;
     let mut rng = StdRng::seed_from_u64(seed);
     build_llama(
         config,
@@ -268,6 +270,40 @@ pub fn init_random_with_head(
         &mut |name, shape| Ok(init_values(name, shape, &mut rng)),
         None,
     )
+}
+
+/// Refuses, before allocating anything, a model whose f32 weights alone cannot fit in the
+/// memory available to a CPU device: the allocation would otherwise abort the process. GPU
+/// devices hold only one tensor at a time on the host while loading, so they are not checked.
+pub fn check_host_memory(config: &LlamaConfig, device: &Device) -> Result<()> {
+    // burn's device is opaque; its debug form names the backend (`Flex`, `LibTorch(Cpu)`).
+    let name = format!("{device:?}");
+    if !(name.contains("Flex") || name.contains("Cpu")) {
+        return Ok(());
+    }
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    let needed = config.parameter_count().saturating_mul(4);
+    if needed > available {
+        let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+        return Err(LlamaError::Invalid(format!(
+            "the model's {} parameters need {:.1} GiB as f32, but only {:.1} GiB of memory is \
+             available",
+            config.parameter_count(),
+            gib(needed),
+            gib(available)
+        )));
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes (Linux); `None` where it cannot be read.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// Initial values of one tensor: ones for norms; for the scalar head, normal with standard
@@ -389,11 +425,14 @@ pub fn save_pretrained(
     out: &Path,
     options: &SaveOptions,
 ) -> Result<()> {
-    if out.exists() && !options.overwrite {
-        return Err(LlamaError::Invalid(format!(
-            "{}: output directory already exists (use --overwrite to replace it)",
-            out.display()
-        )));
+    if out.exists() {
+        if !options.overwrite {
+            return Err(LlamaError::Invalid(format!(
+                "{}: output directory already exists (use --overwrite to replace it)",
+                out.display()
+            )));
+        }
+        check_replaceable_model_dir(out)?;
     }
     let partial = sibling(out, "partial")?;
     if partial.exists() {
@@ -453,6 +492,27 @@ pub fn save_pretrained(
     }
     if let Some(parent) = out.parent() {
         sync_dir(parent);
+    }
+    Ok(())
+}
+
+/// `--overwrite` replaces a model directory, never a file or a directory of other things.
+fn check_replaceable_model_dir(out: &Path) -> Result<()> {
+    if !out.is_dir() {
+        return Err(LlamaError::Invalid(format!(
+            "{}: exists and is not a directory; not replacing it",
+            out.display()
+        )));
+    }
+    let empty = std::fs::read_dir(out)
+        .map_err(io_err(out))?
+        .next()
+        .is_none();
+    if !empty && !out.join("config.json").is_file() {
+        return Err(LlamaError::Invalid(format!(
+            "{}: holds files but no model (no config.json); not replacing it",
+            out.display()
+        )));
     }
     Ok(())
 }

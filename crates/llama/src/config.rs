@@ -48,8 +48,9 @@ fn default_eos() -> u32 {
     2
 }
 
-/// Hugging Face `config.json` fields that we read or that are harmless bookkeeping. Anything
-/// not listed and not matching our defaults is refused rather than silently ignored.
+/// Hugging Face `config.json` fields that are harmless bookkeeping, as `transformers` 4.x and
+/// 5.x write them (5.x renamed `torch_dtype` to `dtype`). Anything not listed here and not read
+/// below is refused by name rather than silently ignored.
 const HF_IGNORED: &[&str] = &[
     "architectures",
     "model_type",
@@ -68,7 +69,18 @@ const HF_IGNORED: &[&str] = &[
     "id2label",
     "label2id",
     "problem_type",
+    "chunk_size_feed_forward",
 ];
+
+/// `transformers`' own defaults for fields a `config.json` leaves out (the same in 4.57 and
+/// 5.x), so a sparse config means here what it means there. Our TOML files default to the
+/// Llama 2 values instead.
+const HF_DEFAULT_EPS: f64 = 1e-6;
+const HF_DEFAULT_POSITIONS: usize = 2048;
+
+/// Larger than any model this code could hold; also keeps the size arithmetic far from
+/// overflowing `u64`.
+pub const MAX_PARAMETERS: u64 = 10_000_000_000_000;
 
 impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
@@ -124,6 +136,28 @@ impl LlamaConfig {
             return Err(bad(
                 "`rms_norm_eps` and `rope_theta` must be positive".into()
             ));
+        }
+        // An id past the vocabulary would index outside the embedding.
+        let ids = [
+            ("bos_token_id", Some(self.bos_token_id)),
+            ("eos_token_id", Some(self.eos_token_id)),
+            ("pad_token_id", self.pad_token_id),
+        ];
+        for (name, id) in ids {
+            if let Some(id) = id.filter(|&id| id as usize >= self.vocab_size) {
+                return Err(bad(format!(
+                    "`{name}` {id} is outside the vocabulary (`vocab_size` {})",
+                    self.vocab_size
+                )));
+            }
+        }
+        match self.checked_parameter_count() {
+            Some(n) if n <= MAX_PARAMETERS => {}
+            _ => {
+                return Err(bad(format!(
+                    "the model would have more than {MAX_PARAMETERS} parameters; check the sizes"
+                )))
+            }
         }
         Ok(())
     }
@@ -192,7 +226,7 @@ impl LlamaConfig {
             num_attention_heads: 0,
             num_key_value_heads: 0,
             max_position_embeddings: 0,
-            rms_norm_eps: default_eps(),
+            rms_norm_eps: HF_DEFAULT_EPS,
             rope_theta: default_theta(),
             tie_word_embeddings: false,
             bos_token_id: default_bos(),
@@ -200,6 +234,7 @@ impl LlamaConfig {
             pad_token_id: None,
         };
         let mut kv_heads_given = false;
+        let mut rope_parameters = None;
         for (key, value) in object {
             let as_usize = || {
                 value
@@ -213,15 +248,16 @@ impl LlamaConfig {
                     .ok_or_else(|| bad(format!("field `{key}` must be a number")))
             };
             let as_token = || -> Result<Option<u32>> {
+                let id = |v: &serde_json::Value| {
+                    v.as_u64()
+                        .and_then(|v| u32::try_from(v).ok())
+                        .ok_or_else(|| bad(format!("field `{key}` must be a token id")))
+                };
                 match value {
                     serde_json::Value::Null => Ok(None),
-                    serde_json::Value::Array(items) => {
-                        Ok(items.first().and_then(|v| v.as_u64()).map(|v| v as u32))
-                    }
-                    other => other
-                        .as_u64()
-                        .map(|v| Some(v as u32))
-                        .ok_or_else(|| bad(format!("field `{key}` must be a token id"))),
+                    // Several stop tokens (Llama 3); the first is the one we stop at.
+                    serde_json::Value::Array(items) => items.first().map(id).transpose(),
+                    other => id(other).map(Some),
                 }
             };
             match key.as_str() {
@@ -258,8 +294,26 @@ impl LlamaConfig {
                     }
                 }
                 "rope_scaling" => {
+                    // 4.x: null, or a dict whose type is "default" (plain RoPE).
                     if !value.is_null() {
-                        return Err(unsupported(key, "RoPE scaling is not supported".into()));
+                        let kind = value
+                            .get("rope_type")
+                            .or_else(|| value.get("type"))
+                            .and_then(|v| v.as_str());
+                        if kind != Some("default") {
+                            return Err(unsupported(key, "RoPE scaling is not supported".into()));
+                        }
+                    }
+                }
+                "rope_parameters" => {
+                    // transformers 5.x: {"rope_theta": ..., "rope_type": "default"}.
+                    if !value.is_null() {
+                        rope_parameters = Some(read_rope_parameters(value, path)?);
+                    }
+                }
+                "is_encoder_decoder" => {
+                    if value.as_bool() == Some(true) {
+                        return Err(unsupported(key, "a Llama model is a decoder only".into()));
                     }
                 }
                 "head_dim" => {
@@ -286,7 +340,17 @@ impl LlamaConfig {
             }
         }
         if !object.contains_key("max_position_embeddings") {
-            config.max_position_embeddings = 4096;
+            config.max_position_embeddings = HF_DEFAULT_POSITIONS;
+        }
+        if let Some(theta) = rope_parameters {
+            let legacy = object.get("rope_theta").and_then(|v| v.as_f64());
+            if legacy.is_some_and(|legacy| legacy != theta) {
+                return Err(bad(format!(
+                    "`rope_theta` {} and `rope_parameters.rope_theta` {theta} disagree",
+                    legacy.unwrap_or_default()
+                )));
+            }
+            config.rope_theta = theta;
         }
         if !kv_heads_given {
             config.num_key_value_heads = config.num_attention_heads;
@@ -338,23 +402,78 @@ impl LlamaConfig {
         })
     }
 
-    /// Exact number of parameters, computed from the shape alone.
+    /// Exact number of parameters, computed from the shape alone. A validated config never
+    /// overflows (see [`MAX_PARAMETERS`]).
     pub fn parameter_count(&self) -> u64 {
+        self.checked_parameter_count().unwrap_or(u64::MAX)
+    }
+
+    /// The parameter count, or `None` when it does not fit in a `u64`.
+    pub fn checked_parameter_count(&self) -> Option<u64> {
         let d = self.hidden_size as u64;
-        let kv = self.kv_dim() as u64;
+        let kv = (self.num_key_value_heads as u64)
+            .checked_mul(d / self.num_attention_heads.max(1) as u64)?;
         let ff = self.intermediate_size as u64;
         let vocab = self.vocab_size as u64;
-        let attention = d * d * 2 + d * kv * 2;
-        let mlp = 3 * d * ff;
-        let norms = 2 * d;
-        let per_layer = attention + mlp + norms;
+        let attention = d
+            .checked_mul(d)?
+            .checked_mul(2)?
+            .checked_add(d.checked_mul(kv)?.checked_mul(2)?)?;
+        let mlp = d.checked_mul(ff)?.checked_mul(3)?;
+        let per_layer = attention.checked_add(mlp)?.checked_add(d.checked_mul(2)?)?;
+        let embedding = vocab.checked_mul(d)?;
         let head = if self.tie_word_embeddings {
             0
         } else {
-            vocab * d
+            embedding
         };
-        vocab * d + self.num_hidden_layers as u64 * per_layer + d + head
+        (self.num_hidden_layers as u64)
+            .checked_mul(per_layer)?
+            .checked_add(embedding)?
+            .checked_add(d)?
+            .checked_add(head)
     }
+}
+
+/// The RoPE settings of a `transformers` 5.x config: plain RoPE only. Returns its theta.
+fn read_rope_parameters(value: &serde_json::Value, path: &Path) -> Result<f64> {
+    let unsupported = |field: &str, message: &str| LlamaError::Unsupported {
+        path: path.to_path_buf(),
+        field: format!("rope_parameters.{field}"),
+        message: message.to_string(),
+    };
+    let object = value.as_object().ok_or_else(|| LlamaError::Config {
+        path: path.to_path_buf(),
+        message: "field `rope_parameters` must be an object".into(),
+    })?;
+    // The type first: a scaled RoPE is refused as such, not by its first parameter.
+    for key in ["rope_type", "type"] {
+        if let Some(value) = object.get(key).filter(|v| v.as_str() != Some("default")) {
+            return Err(unsupported(
+                key,
+                &format!("{value}: RoPE scaling is not supported (only \"default\")"),
+            ));
+        }
+    }
+    let mut theta = default_theta();
+    for (key, value) in object {
+        match key.as_str() {
+            "rope_type" | "type" => {}
+            "rope_theta" => {
+                theta = value.as_f64().ok_or_else(|| LlamaError::Config {
+                    path: path.to_path_buf(),
+                    message: "field `rope_parameters.rope_theta` must be a number".into(),
+                })?
+            }
+            other => {
+                return Err(unsupported(
+                    other,
+                    "not understood by this Llama implementation",
+                ))
+            }
+        }
+    }
+    Ok(theta)
 }
 
 /// Reads an architecture: a TOML file of ours or a Hugging Face `config.json` (or a directory

@@ -4,11 +4,11 @@ use std::path::PathBuf;
 /// Each variant names the file (and tensor or field) so a user can find the problem.
 #[derive(Debug, thiserror::Error)]
 pub enum LlamaError {
-    #[error("{path}: {source}")]
+    /// The cause is in the message, not a `source`: `{:#}` would print it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
@@ -31,11 +31,15 @@ pub enum LlamaError {
     Safetensors { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
+    /// NaN or infinity came out of the model: corrupt weights or an overflow. Generation and
+    /// scoring stop rather than print or use garbage.
+    #[error("the model computed NaN or infinite {0}; are its weights corrupt?")]
+    NonFinite(&'static str),
 }
 
 pub type Result<T> = std::result::Result<T, LlamaError>;
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> LlamaError {
     let path = path.into();
-    move |source| LlamaError::Io { path, source }
+    move |error| LlamaError::Io { path, error }
 }

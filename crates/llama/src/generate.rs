@@ -5,7 +5,8 @@ use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::model::{to_host, KvCache, Llama, StepInput};
+use crate::error::Result;
+use crate::model::{finite_to_host, KvCache, Llama, StepInput};
 
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
@@ -24,6 +25,9 @@ pub struct SamplingParams {
     pub use_cache: bool,
     /// Context length of the model: generation stops there.
     pub max_positions: usize,
+    /// Only ids below this are generated: an embedding padded past its tokenizer has ids the
+    /// tokenizer cannot decode. `None`: the whole vocabulary.
+    pub vocab_limit: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -37,6 +41,7 @@ impl Default for SamplingParams {
             pad_token_id: 0,
             use_cache: true,
             max_positions: usize::MAX,
+            vocab_limit: None,
         }
     }
 }
@@ -50,11 +55,16 @@ pub struct Generated {
 
 /// Generates continuations of every prompt in one batch. Prompts are left-padded so all rows
 /// produce their next token at the same slot; positions count real tokens only, so each row
-/// computes exactly what it would compute alone.
-pub fn generate(model: &Llama, prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Generated> {
+/// computes exactly what it would compute alone. NaN or infinite logits stop generation with
+/// [`crate::LlamaError::NonFinite`].
+pub fn generate(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+) -> Result<Vec<Generated>> {
     let batch = prompts.len();
     if batch == 0 {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let budget = params
@@ -81,16 +91,19 @@ pub fn generate(model: &Llama, prompts: &[Vec<u32>], params: &SamplingParams) ->
         })
         .collect();
     if budget == 0 || longest == 0 {
-        return out;
+        return Ok(out);
     }
     let mut next_position: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let mut cache = KvCache::new();
     let first = StepInput::from_padded(tokens.clone(), valid.clone(), &vec![0; batch]);
     let mut logits = if params.use_cache {
-        last_logits(model, model.hidden_states(&first, Some(&mut cache)))
+        last_logits(model, model.hidden_states(&first, Some(&mut cache)))?
     } else {
-        last_logits(model, model.hidden_states(&first, None))
+        last_logits(model, model.hidden_states(&first, None))?
     };
+    let limit = params
+        .vocab_limit
+        .map_or(model.vocab_size(), |l| l.clamp(1, model.vocab_size()));
 
     let mut finished = vec![false; batch];
     for step in 0..budget {
@@ -102,7 +115,7 @@ pub fn generate(model: &Llama, prompts: &[Vec<u32>], params: &SamplingParams) ->
                 step_valid.push(false);
                 continue;
             }
-            let token = pick_token(row_logits, params, &mut rng);
+            let token = pick_token(&row_logits[..limit], params, &mut rng);
             out[row].tokens.push(token);
             if Some(token) == params.eos_token_id {
                 finished[row] = true;
@@ -126,29 +139,28 @@ pub fn generate(model: &Llama, prompts: &[Vec<u32>], params: &SamplingParams) ->
             }
         }
         logits = if params.use_cache {
-            last_logits(model, model.hidden_states(&input, Some(&mut cache)))
+            last_logits(model, model.hidden_states(&input, Some(&mut cache)))?
         } else {
             for row in 0..batch {
                 tokens[row].push(step_tokens[row]);
                 valid[row].push(step_valid[row]);
             }
             let full = StepInput::from_padded(tokens.clone(), valid.clone(), &vec![0; batch]);
-            last_logits(model, model.hidden_states(&full, None))
+            last_logits(model, model.hidden_states(&full, None))?
         };
     }
-    out
+    Ok(out)
 }
 
 /// Next-token logits of the last slot of every row, on the host: `[batch][vocab]`. Only that
-/// slot goes through the LM head, the largest matrix of a small model.
-fn last_logits(model: &Llama, hidden: Tensor<3>) -> Vec<Vec<f32>> {
+/// slot goes through the LM head, the largest matrix of a small model. Every row is checked
+/// (finished rows too: their logits come from the same weights).
+fn last_logits(model: &Llama, hidden: Tensor<3>) -> Result<Vec<Vec<f32>>> {
     let [batch, time, width] = hidden.dims();
     let last = hidden.slice([0..batch, time - 1..time, 0..width]);
     let vocab = model.vocab_size();
-    to_host(model.lm_logits(last))
-        .chunks(vocab)
-        .map(<[f32]>::to_vec)
-        .collect()
+    let values = finite_to_host(model.lm_logits(last), "logits")?;
+    Ok(values.chunks(vocab).map(<[f32]>::to_vec).collect())
 }
 
 fn pick_token(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -> u32 {

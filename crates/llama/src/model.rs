@@ -617,6 +617,20 @@ pub fn to_host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         .expect("a float tensor converted to f32 reads back as f32")
 }
 
+/// [`to_host`] for numbers that must be finite (logits, scores): NaN or infinity is an error
+/// naming `what`.
+pub fn finite_to_host<const D: usize>(
+    t: Tensor<D>,
+    what: &'static str,
+) -> crate::error::Result<Vec<f32>> {
+    let values = to_host(t);
+    if values.iter().all(|v| v.is_finite()) {
+        Ok(values)
+    } else {
+        Err(crate::error::LlamaError::NonFinite(what))
+    }
+}
+
 /// Every parameter's id by Hugging Face name, to save beside optimizer state.
 pub fn param_ids(model: &Llama) -> HashMap<String, u64> {
     hf_params(model)

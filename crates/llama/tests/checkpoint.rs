@@ -117,7 +117,15 @@ fn export_refuses_existing_directory_unless_overwrite() {
     let err = llama::save_pretrained(&model, &config, &out, &options).unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
     assert!(out.join("keep.txt").exists());
+    // --overwrite replaces a model directory, never a directory of other things.
     options.overwrite = true;
+    let err = llama::save_pretrained(&model, &config, &out, &options).unwrap_err();
+    assert!(
+        err.to_string().contains("holds files but no model"),
+        "{err}"
+    );
+    assert!(out.join("keep.txt").exists());
+    std::fs::write(out.join("config.json"), "{}").unwrap();
     llama::save_pretrained(&model, &config, &out, &options).unwrap();
     assert!(!out.join("keep.txt").exists());
     assert!(out.join("model.safetensors").exists());
@@ -232,6 +240,83 @@ fn unsupported_config_fields_are_refused_by_name() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("num_key_value_heads"), "{err}");
+}
+
+#[test]
+fn both_transformers_config_layouts_read_alike() {
+    // The committed config.json of tiny-odd as transformers 4.57.1 and 5.x wrote it: rope_theta
+    // 50000 is at the top level in one, inside `rope_parameters` in the other.
+    let old = llama::load_config(&golden_dir("tiny-odd")).unwrap();
+    let new = llama::load_config(&golden_dir("golden-tf5/tiny-odd")).unwrap();
+    assert_eq!(old, new);
+    assert_eq!(new.rope_theta, 50000.0);
+    assert_eq!(new.rms_norm_eps, 1e-6);
+    let text = std::fs::read_to_string(golden_dir("golden-tf5/tiny-odd/config.json")).unwrap();
+    assert!(text.contains("rope_parameters") && !text.contains("torch_dtype"));
+
+    let p = Path::new("config.json");
+    let base = r#""vocab_size": 32, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2"#;
+    let read = |extra: &str| LlamaConfig::from_hf_json(&format!("{{{base}, {extra}}}"), p);
+    // What transformers 5.x writes besides the shape.
+    let v5 = read(
+        r#""rope_parameters": {"rope_theta": 500.0, "rope_type": "default"}, "dtype": "bfloat16",
+        "chunk_size_feed_forward": 0, "is_encoder_decoder": false, "output_hidden_states": false,
+        "return_dict": true, "problem_type": null"#,
+    )
+    .unwrap();
+    assert_eq!(v5.rope_theta, 500.0);
+    // Sparse configs take transformers' defaults, not Llama 2's.
+    let sparse = LlamaConfig::from_hf_json(&format!("{{{base}}}"), p).unwrap();
+    assert_eq!(sparse.rms_norm_eps, 1e-6);
+    assert_eq!(sparse.max_position_embeddings, 2048);
+    for (extra, field) in [
+        (
+            r#""rope_parameters": {"rope_theta": 1.0, "rope_type": "llama3", "factor": 8.0}"#,
+            "rope_parameters.rope_type",
+        ),
+        (
+            r#""rope_parameters": {"rope_theta": 1.0, "partial_rotary_factor": 0.5}"#,
+            "rope_parameters.partial_rotary_factor",
+        ),
+        (r#""is_encoder_decoder": true"#, "is_encoder_decoder"),
+        (
+            r#""chunk_size_feed_forward": 0, "use_bidirectional_attention": true"#,
+            "use_bidirectional_attention",
+        ),
+    ] {
+        let err = read(extra).unwrap_err().to_string();
+        assert!(err.contains(&format!("`{field}`")), "{extra}: {err}");
+    }
+    let err = read(r#""rope_theta": 10.0, "rope_parameters": {"rope_theta": 20.0}"#).unwrap_err();
+    assert!(err.to_string().contains("disagree"), "{err}");
+}
+
+#[test]
+fn config_values_are_range_checked() {
+    let p = Path::new("config.json");
+    let base = r#""vocab_size": 32, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2"#;
+    let read = |extra: &str| LlamaConfig::from_hf_json(&format!("{{{base}, {extra}}}"), p);
+    for (extra, needle) in [
+        (
+            r#""pad_token_id": 99999"#,
+            "`pad_token_id` 99999 is outside the vocabulary",
+        ),
+        (r#""eos_token_id": [32, 2]"#, "`eos_token_id` 32 is outside"),
+        (
+            r#""bos_token_id": 4294967296"#,
+            "`bos_token_id` must be a token id",
+        ),
+    ] {
+        let err = read(extra).unwrap_err().to_string();
+        assert!(err.contains(needle), "{extra}: {err}");
+    }
+    // Sizes whose parameter count would overflow are refused, not wrapped.
+    let huge = r#"{"vocab_size": 32, "hidden_size": 4294967296, "intermediate_size": 16,
+        "num_hidden_layers": 4294967296, "num_attention_heads": 2}"#;
+    let err = LlamaConfig::from_hf_json(huge, p).unwrap_err().to_string();
+    assert!(err.contains("parameters"), "{err}");
 }
 
 #[test]

@@ -113,13 +113,14 @@ fn greedy_generation_matches_transformers() {
         for use_cache in [true, false] {
             let params = greedy_params(golden.max_new_tokens, use_cache);
             for (prompt, expected) in &golden.greedy {
-                let out = generate(&model, std::slice::from_ref(prompt), &params);
+                let out =
+                    generate(&model, std::slice::from_ref(prompt), &params).expect("generate");
                 assert_eq!(&out[0].tokens, expected, "{name} cache={use_cache} alone");
                 assert_eq!(out[0].stopped_at_eos, expected.last() == Some(&2));
             }
             // All prompts in one left-padded batch give the same tokens as alone.
             let prompts: Vec<Vec<u32>> = golden.greedy.iter().map(|g| g.0.clone()).collect();
-            let out = generate(&model, &prompts, &params);
+            let out = generate(&model, &prompts, &params).expect("generate");
             for ((_, expected), got) in golden.greedy.iter().zip(&out) {
                 assert_eq!(&got.tokens, expected, "{name} cache={use_cache} batched");
             }
@@ -140,9 +141,9 @@ fn sampling_is_reproducible_and_seed_dependent() {
         eos_token_id: None,
         ..SamplingParams::default()
     };
-    let a = generate(&model, &prompts, &params(7));
-    let b = generate(&model, &prompts, &params(7));
-    let c = generate(&model, &prompts, &params(8));
+    let a = generate(&model, &prompts, &params(7)).expect("generate");
+    let b = generate(&model, &prompts, &params(7)).expect("generate");
+    let c = generate(&model, &prompts, &params(8)).expect("generate");
     assert_eq!(a, b);
     assert_ne!(a, c);
     assert!(a.iter().all(|g| g.tokens.len() == 12));
@@ -186,4 +187,83 @@ fn packed_examples_do_not_attend_to_each_other() {
         &rows(&alone, 0, 0..second.len()),
     );
     assert!(crossed > 1e-3, "{crossed}");
+}
+
+/// The tiny test architecture with small deterministic weights, except those `special` gives.
+fn model_with(
+    special: impl Fn(&str, usize) -> Option<Vec<f32>>,
+    head: llama::Head,
+) -> llama::Llama {
+    let config = llama::load_config(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-test.toml"),
+    )
+    .unwrap();
+    let mut seed = 0.0f32;
+    llama::model::build_llama(
+        &config,
+        &test_device(),
+        head,
+        &mut |name, shape| {
+            let n: usize = shape.iter().product();
+            Ok(special(name, n).unwrap_or_else(|| {
+                (0..n)
+                    .map(|i| {
+                        seed += 1.0;
+                        ((i as f32 * 0.37 + seed).sin()) * 0.05
+                    })
+                    .collect()
+            }))
+        },
+        None,
+    )
+    .unwrap()
+}
+
+#[test]
+fn non_finite_logits_stop_generation() {
+    let nan_norm = |name: &str, n: usize| (name == "model.norm.weight").then(|| vec![f32::NAN; n]);
+    let model = model_with(nan_norm, llama::Head::Lm);
+    for temperature in [0.0, 1.0] {
+        let params = SamplingParams {
+            temperature,
+            ..greedy_params(4, true)
+        };
+        let err = generate(&model, &[vec![1, 5, 6]], &params).unwrap_err();
+        assert!(
+            matches!(err, llama::LlamaError::NonFinite("logits")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn generation_never_picks_ids_past_the_vocab_limit() {
+    // Small weights and a high temperature: sampling is near uniform over the 512 ids, so
+    // without the limit half of the tokens would be 256 or above.
+    let model = model_with(|_, _| None, llama::Head::Lm);
+    let params = |limit, temperature| SamplingParams {
+        vocab_limit: limit,
+        eos_token_id: None,
+        temperature,
+        seed: 3,
+        ..greedy_params(32, true)
+    };
+    let free = generate(&model, &[vec![1, 5, 6]], &params(None, 50.0)).unwrap();
+    assert!(
+        free[0].tokens.iter().any(|&t| t >= 256),
+        "{:?}",
+        free[0].tokens
+    );
+    for temperature in [0.0, 50.0] {
+        let out = generate(
+            &model,
+            &[vec![1, 5, 6], vec![1, 7]],
+            &params(Some(256), temperature),
+        )
+        .unwrap();
+        for row in &out {
+            assert_eq!(row.tokens.len(), 32);
+            assert!(row.tokens.iter().all(|&t| t < 256), "{:?}", row.tokens);
+        }
+    }
 }

@@ -109,19 +109,20 @@ pub fn gather_rows(rollouts: &[&Rollout], flat: &[f32], width: usize) -> Vec<Vec
 
 /// Log-probability of each next token under `softmax(logits / temperature)`, the distribution
 /// the rollouts were sampled from (over the whole vocabulary, as TRL does: the top-p cut is not
-/// part of it), `[rows, width]`; and (when asked) the entropy of each next-token distribution,
-/// detached.
+/// part of it) restricted to the first `vocab_limit` ids (those generation may pick),
+/// `[rows, width]`; and (when asked) the entropy of each next-token distribution, detached.
 pub fn token_logprobs(
     model: &Llama,
     padded: &Padded,
     temperature: f64,
+    vocab_limit: usize,
     with_entropy: bool,
 ) -> (Tensor<2>, Option<Tensor<2>>) {
     let device = model.device();
     let rows = padded.input.tokens.len();
     let width = padded.width;
     let logits = model.forward(&padded.input, None);
-    let vocab = logits.dims()[2];
+    let vocab = logits.dims()[2].min(vocab_limit.max(1));
     let log_probs = log_softmax(logits.slice([0..rows, 0..width, 0..vocab]) / temperature, 2);
     let targets: Vec<i64> = padded
         .input

@@ -101,12 +101,7 @@ impl RewardModel {
                 .map(|r| retokenize(r, policy_tokenizer, theirs))
                 .collect::<Result<_>>()?,
         };
-        Ok(reward::score::score_sequences(
-            &self.model,
-            &sequences,
-            batch,
-            self.pad,
-        ))
+        reward::score::score_sequences(&self.model, &sequences, batch, self.pad)
     }
 }
 
@@ -165,6 +160,9 @@ pub struct Ppo {
     pub eos: u32,
     pub pad: u32,
     pub max_positions: usize,
+    /// Ids the policy may generate: those its tokenizer can decode (the vocabulary unless the
+    /// embedding is padded past the tokenizer). Sampling and log-probs both use only these.
+    pub vocab_limit: usize,
 }
 
 /// The models of a PPO run.
@@ -215,6 +213,7 @@ impl Ppo {
             eos: config.eos_token_id,
             pad: config.pad_token_id.unwrap_or(0),
             max_positions: config.max_position_embeddings,
+            vocab_limit: config.vocab_size,
         }
     }
 
@@ -247,7 +246,8 @@ impl Ppo {
         let all: Vec<&Rollout> = rollouts.iter().collect();
         for chunk in all.chunks(mini) {
             let padded = pad_rollouts(chunk, self.pad);
-            let (logp, entropy) = token_logprobs(&sampler, &padded, s.temperature, true);
+            let (logp, entropy) =
+                token_logprobs(&sampler, &padded, s.temperature, self.vocab_limit, true);
             old_logp.extend(gather_rows(
                 chunk,
                 &llama::model::to_host(logp),
@@ -257,7 +257,13 @@ impl Ppo {
                 let rows = gather_rows(chunk, &llama::model::to_host(entropy), padded.width);
                 entropy_sum += rows.iter().flatten().sum::<f64>();
             }
-            let (logp, _) = token_logprobs(&self.reference, &padded, s.temperature, false);
+            let (logp, _) = token_logprobs(
+                &self.reference,
+                &padded,
+                s.temperature,
+                self.vocab_limit,
+                false,
+            );
             ref_logp.extend(gather_rows(
                 chunk,
                 &llama::model::to_host(logp),
@@ -463,9 +469,10 @@ impl Ppo {
             pad_token_id: self.pad,
             use_cache: true,
             max_positions: self.max_positions,
+            vocab_limit: Some(self.vocab_limit),
         };
         let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-        let generated = llama::generate(sampler, &prompt_ids, &params);
+        let generated = llama::generate(sampler, &prompt_ids, &params)?;
         let rollouts: Vec<Rollout> = prompts
             .iter()
             .zip(generated)
@@ -512,7 +519,13 @@ impl Ppo {
                     .map(|r| r.prompt.len() + r.response.len())
                     .sum::<usize>();
 
-                let (logp, _) = token_logprobs(&self.policy, &padded, s.temperature, false);
+                let (logp, _) = token_logprobs(
+                    &self.policy,
+                    &padded,
+                    s.temperature,
+                    self.vocab_limit,
+                    false,
+                );
                 let old_t = tensor(t.old_logp);
                 // Losses and clip statistics are summed on the device; the gradient norms are the only
                 // host reads of a mini-batch.
@@ -653,7 +666,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let device = inner.clone().autodiff();
     let tokenizer = Tokenizer::from_file(&recipe.model.tokenizer)?;
     let out = &recipe.output.dir;
-    let resume = trainer::run::check_output(recipe, options)?;
+    let (lock, resume) = trainer::run::check_output(recipe, options)?;
     let (prompts, _) = load_prompts(recipe, &tokenizer)?;
     trainer::run::check_one_batch(prompts.len(), recipe, "prompts")?;
 
@@ -674,8 +687,8 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let safety = load_rm(&settings.safety_reward_model)?;
 
     let (config, policy, state) =
-        trainer::run::load_or_resume(recipe, &device, Head::Lm, resume.as_deref())?;
-    trainer::run::check_vocab(&tokenizer, &config, &recipe.model.tokenizer)?;
+        trainer::run::load_or_resume(recipe, &device, Head::Lm, resume.as_deref(), &tokenizer)?;
+    trainer::run::check_generation_vocab(&tokenizer, &config, &recipe.model.tokenizer)?;
     if recipe.data.max_seq_len + settings.max_new_tokens > config.max_position_embeddings {
         return Err(TrainError::Invalid(format!(
             "data.max_seq_len {} + ppo.max_new_tokens {} exceeds the model's context of {}",
@@ -721,10 +734,17 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
         )));
     }
     value_config.pad_token_id = Some(value_config.pad_token_id.unwrap_or(0));
-    trainer::run::start_output(recipe, resume.is_some())?;
 
     let total = trainer::run::total_steps(recipe, prompts.len());
-    let start = trainer::run::start_step(state.as_ref(), total)?;
+    let Some(start) = trainer::run::start_step(state.as_ref(), total, resume.as_deref()) else {
+        return Ok(Summary {
+            iterations: total,
+            first_reward_mean: None,
+            final_reward_mean: f64::NAN,
+            final_kl: f64::NAN,
+            checkpoint: resume.unwrap_or_default(),
+        });
+    };
     let models = Models {
         policy,
         value,
@@ -739,6 +759,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
         recipe.micro_batch_size(),
         settings.clone(),
     );
+    ppo.vocab_limit = tokenizer.vocab_size().min(config.vocab_size);
     if let (Some(dir), Some(state)) = (&resume, &state) {
         ppo.policy_optimizer = trainer::run::optimizer(recipe, Some(dir))?;
         ppo.value_optimizer = trainer::run::optimizer(recipe, Some(&dir.join(VALUE_DIR)))?;
@@ -747,6 +768,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
         })?;
         eprintln!("resuming from {} at iteration {start}", dir.display());
     }
+    trainer::run::start_output(recipe, &lock, resume.is_some())?;
 
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics =

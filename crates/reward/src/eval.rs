@@ -104,21 +104,21 @@ impl PairEval {
 }
 
 /// Scores every pair of a dataset with a model without gradients (`model.valid()`), in
-/// batches of `batch_pairs` pairs.
+/// batches of `batch_pairs` pairs. A NaN or infinite score is an error.
 pub fn score_dataset(
     model: &Llama,
     dataset: &PairDataset,
     batch_pairs: usize,
     pad: u32,
     section: &RewardSection,
-) -> Vec<ScoredPair> {
+) -> Result<Vec<ScoredPair>> {
     let all: Vec<usize> = (0..dataset.len()).collect();
     let mut scored = Vec::with_capacity(dataset.len());
     for chunk in all.chunks(batch_pairs.max(1)) {
         let items = items_at(dataset, chunk);
         let batch = PairBatch::new(&items, pad);
         let margins = pair_margins(&batch, section);
-        let scores = llama::model::to_host(batch_scores(model, &batch));
+        let scores = llama::model::finite_to_host(batch_scores(model, &batch), "scores")?;
         let pairs = items.len();
         for i in 0..pairs {
             scored.push(ScoredPair {
@@ -129,7 +129,7 @@ pub fn score_dataset(
             });
         }
     }
-    scored
+    Ok(scored)
 }
 
 /// Mean and standard deviation of a reward model's scores, as measured on its evaluation data.

@@ -68,7 +68,7 @@ pub fn score_file(
                 );
             }
             let pairs = PairDataset::new(&tokens);
-            let scored = score_dataset(model, &pairs, batch_size, pad, &RewardSection::default());
+            let scored = score_dataset(model, &pairs, batch_size, pad, &RewardSection::default())?;
             Ok(ScoreReport::Pairs(PairEval::from_scores(&scored)))
         }
         Some(Tokenized::Sequence(_)) => {
@@ -88,7 +88,7 @@ pub fn score_file(
                 .collect();
             Ok(ScoreReport::Records(score_sequences(
                 model, &sequences, batch_size, pad,
-            )))
+            )?))
         }
         Some(Tokenized::Prompt { .. }) => Err(TrainError::Invalid(format!(
             "{}: records need a `response` to score (or `chosen` and `rejected`)",
@@ -97,13 +97,14 @@ pub fn score_file(
     }
 }
 
-/// Scores of whole sequences, read at each one's last token, in batches (right-padded).
+/// Scores of whole sequences, read at each one's last token, in batches (right-padded). A NaN
+/// or infinite score is an error.
 pub fn score_sequences(
     model: &Llama,
     sequences: &[Vec<u32>],
     batch_size: usize,
     pad: u32,
-) -> Vec<f64> {
+) -> Result<Vec<f64>> {
     let mut scores = Vec::with_capacity(sequences.len());
     for chunk in sequences.chunks(batch_size.max(1)) {
         let width = chunk.iter().map(Vec::len).max().unwrap_or(0);
@@ -120,10 +121,10 @@ pub fn score_sequences(
         let starts = vec![0; chunk.len()];
         let input = StepInput::from_padded(tokens, valid, &starts);
         scores.extend(
-            llama::model::to_host(model.last_token_scores(&input))
+            llama::model::finite_to_host(model.last_token_scores(&input), "scores")?
                 .into_iter()
                 .map(f64::from),
         );
     }
-    scores
+    Ok(scores)
 }

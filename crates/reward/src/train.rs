@@ -47,7 +47,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
     let tokenizer = Tokenizer::from_file(&recipe.model.tokenizer)?;
     let out = &recipe.output.dir;
-    let resume = trainer::run::check_output(recipe, options)?;
+    let (lock, resume) = trainer::run::check_output(recipe, options)?;
 
     let data = trainer::run::load_recipe_data(recipe, &tokenizer)?;
     let train_set = pairs(data.train);
@@ -61,20 +61,29 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     }
     trainer::run::check_one_batch(train_set.len(), recipe, "pairs")?;
     let (mut config, mut model, state) =
-        trainer::run::load_or_resume(recipe, &device, Head::Score, resume.as_deref())?;
+        trainer::run::load_or_resume(recipe, &device, Head::Score, resume.as_deref(), &tokenizer)?;
     trainer::run::check_vocab(&tokenizer, &config, &recipe.model.tokenizer)?;
+    trainer::run::check_context(recipe, &config)?;
     let pad = reward_pad_id(&config);
     config.pad_token_id = Some(pad);
-    trainer::run::start_output(recipe, resume.is_some())?;
-
     let total_steps = trainer::run::total_steps(recipe, train_set.len());
-    let start_step = trainer::run::start_step(state.as_ref(), total_steps)?;
+    let Some(start_step) = trainer::run::start_step(state.as_ref(), total_steps, resume.as_deref())
+    else {
+        return Ok(Summary {
+            steps: total_steps,
+            final_loss: f64::NAN,
+            eval: None,
+            checkpoint: resume.unwrap_or_default(),
+        });
+    };
+    let mut optimizer = trainer::run::optimizer(recipe, resume.as_deref())?;
+    trainer::run::start_output(recipe, &lock, resume.is_some())?;
+
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics =
         trainer::metrics::MetricsLogger::open(out, start_step, total_steps).map_err(io_err(out))?;
     let mut batches = EpochBatches::new(train_set.lengths(), recipe);
     let micro = recipe.micro_batch_size();
-    let mut optimizer = trainer::run::optimizer(recipe, resume.as_deref())?;
     if let Some(dir) = &resume {
         eprintln!("resuming from {} at step {start_step}", dir.display());
     }
@@ -150,7 +159,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             window_start = Instant::now();
         }
         if !eval_set.is_empty() && due(done, train.eval_every, total_steps) {
-            let eval = evaluate(&model, &eval_set, micro, pad, &section);
+            let eval = evaluate(&model, &eval_set, micro, pad, &section)?;
             let mut values = vec![
                 ("eval_loss", eval.loss),
                 ("eval_accuracy", eval.accuracy),
@@ -183,7 +192,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
                     } else {
                         &eval_set
                     };
-                    RewardStats::from_eval(&evaluate(&model, pairs, micro, pad, &section))
+                    RewardStats::from_eval(&evaluate(&model, pairs, micro, pad, &section)?)
                 }
             };
             let dir = save(
@@ -220,14 +229,14 @@ fn evaluate(
     batch_pairs: usize,
     pad: u32,
     section: &RewardSection,
-) -> PairEval {
-    PairEval::from_scores(&score_dataset(
+) -> Result<PairEval> {
+    Ok(PairEval::from_scores(&score_dataset(
         &model.valid(),
         dataset,
         batch_pairs,
         pad,
         section,
-    ))
+    )?))
 }
 
 fn save(

@@ -55,11 +55,11 @@ fn scores_are_read_at_the_last_real_token_with_either_padding() {
     let seqs = sequences();
     let alone: Vec<f64> = seqs
         .iter()
-        .map(|s| score_sequences(&model, std::slice::from_ref(s), 1, 0)[0])
+        .map(|s| score_sequences(&model, std::slice::from_ref(s), 1, 0).unwrap()[0])
         .collect();
     // Right padding, with two different pad ids: the pad id must not matter.
     for pad in [0, 7] {
-        let right = score_sequences(&model, &seqs, 3, pad);
+        let right = score_sequences(&model, &seqs, 3, pad).unwrap();
         for (a, b) in alone.iter().zip(&right) {
             assert!(
                 (a - b).abs() < 1e-4,
@@ -296,7 +296,7 @@ fn exported_reward_model_scores_identically_in_transformers_and_imports_back() {
         .iter()
         .map(|v| v.as_f64().unwrap())
         .collect();
-    let ours = score_sequences(&model, &seqs, 3, 0);
+    let ours = score_sequences(&model, &seqs, 3, 0).unwrap();
     let spread = ours.iter().cloned().fold(f64::MIN, f64::max)
         - ours.iter().cloned().fold(f64::MAX, f64::min);
     assert!(spread > 1e-2, "scores too close to tell apart: {ours:?}");
@@ -308,8 +308,23 @@ fn exported_reward_model_scores_identically_in_transformers_and_imports_back() {
     }
     // What transformers writes, we read back to the same scores.
     let (_, imported) = llama::load_pretrained(&hf_saved, &device).unwrap();
-    let again = score_sequences(&imported, &seqs, 3, 0);
+    let again = score_sequences(&imported, &seqs, 3, 0).unwrap();
     for (a, b) in again.iter().zip(&theirs) {
         assert!((a - b).abs() < 1e-4, "imported {again:?} vs {theirs:?}");
     }
+}
+
+#[test]
+fn non_finite_scores_are_an_error() {
+    let device = test_device();
+    let mut model = reward_model(&device);
+    let score = model.score.take().unwrap();
+    model.score = Some(burn::nn::Linear {
+        weight: score.weight.map(|w| w * f32::NAN),
+        bias: None,
+    });
+    let err = score_sequences(&model, &sequences(), 2, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("NaN or infinite scores"), "{err}");
 }

@@ -90,9 +90,10 @@ pub fn generate_answers(
             pad_token_id: config.pad_token_id.unwrap_or(0),
             use_cache: true,
             max_positions: config.max_position_embeddings,
+            vocab_limit: Some(tokenizer.vocab_size()),
         };
         let batch: Vec<Vec<u32>> = chunk.iter().map(|(_, ids)| ids.clone()).collect();
-        for ((prompt, _), generated) in chunk.iter().zip(llama::generate(model, &batch, &params)) {
+        for ((prompt, _), generated) in chunk.iter().zip(llama::generate(model, &batch, &params)?) {
             let content: Vec<u32> = generated
                 .tokens
                 .iter()
@@ -134,12 +135,12 @@ pub fn score_answers(
             Ok(ids)
         })
         .collect::<Result<_>>()?;
-    Ok(reward::score::score_sequences(
+    reward::score::score_sequences(
         reward_model,
         &sequences,
         batch_size,
         reward::train::reward_pad_id(reward_config),
-    ))
+    )
 }
 
 /// Loads a reward model on `device` and checks that its tokenizer (when it ships one) is the

@@ -53,21 +53,16 @@ pub fn generate_then_sft(
             "this command resumes its own output directory: use --resume latest".into(),
         ));
     }
-    let occupied = out.exists()
-        && std::fs::read_dir(out)
-            .map_err(io_err(out))?
-            .next()
-            .is_some();
-    if occupied && options.resume.is_none() && !options.overwrite {
-        return Err(TrainError::Invalid(format!(
-            "{}: output directory holds another run (use --overwrite to replace it, or \
-             --resume latest to continue it)",
-            out.display()
-        )));
+    // Held until the SFT stage (which locks its own `sft/` directory) has finished.
+    let lock = trainer::run::OutputLock::acquire(out)?;
+    if options.resume.is_none() {
+        lock.check_replaceable(
+            options.overwrite,
+            "use --overwrite to replace it, or --resume latest to continue it",
+        )?;
+        lock.clear()?;
     }
-    if options.overwrite && out.exists() {
-        std::fs::remove_dir_all(out).map_err(io_err(out))?;
-    }
+    lock.mark()?;
     let generated = out.join(GENERATED_DIR);
     let done = generated.join(DONE_FILE);
     let sft_data = generated.join("sft-data.jsonl");
@@ -86,7 +81,10 @@ pub fn generate_then_sft(
     } else {
         let inputs = Inputs::load(recipe, reward_model)?;
         std::fs::create_dir_all(&generated).map_err(io_err(&generated))?;
-        std::fs::write(out.join("recipe.toml"), recipe.to_toml()).map_err(io_err(out))?;
+        let text = recipe
+            .to_toml()
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        std::fs::write(out.join("recipe.toml"), text).map_err(io_err(out))?;
         let selection = generate(&inputs)?;
         drop(inputs);
         let path = generated.join("candidates.jsonl");
@@ -167,7 +165,7 @@ impl Inputs {
     /// The model to sample from, as `[model]` names it.
     pub fn policy(&self, recipe: &Recipe) -> Result<(llama::LlamaConfig, llama::Llama)> {
         let (config, model) = trainer::run::load_model(recipe, &self.device, Head::Lm)?;
-        trainer::run::check_vocab(&self.tokenizer, &config, &recipe.model.tokenizer)?;
+        trainer::run::check_generation_vocab(&self.tokenizer, &config, &recipe.model.tokenizer)?;
         Ok((config, model))
     }
 

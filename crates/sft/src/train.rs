@@ -56,25 +56,34 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
     let tokenizer = Tokenizer::from_file(&recipe.model.tokenizer)?;
     let out = &recipe.output.dir;
-    let resume = trainer::run::check_output(recipe, options)?;
+    let (lock, resume) = trainer::run::check_output(recipe, options)?;
 
     let data = trainer::run::load_recipe_data(recipe, &tokenizer)?;
     let train_set = sequences(data.train, recipe);
     let eval_set = sequences(data.eval, recipe);
     trainer::run::check_one_batch(train_set.len(), recipe, "sequences")?;
     let (config, mut model, state) =
-        trainer::run::load_or_resume(recipe, &device, Head::Lm, resume.as_deref())?;
+        trainer::run::load_or_resume(recipe, &device, Head::Lm, resume.as_deref(), &tokenizer)?;
     trainer::run::check_vocab(&tokenizer, &config, &recipe.model.tokenizer)?;
-    trainer::run::start_output(recipe, resume.is_some())?;
+    trainer::run::check_context(recipe, &config)?;
     let total_steps = trainer::run::total_steps(recipe, train_set.len());
-    let start_step = trainer::run::start_step(state.as_ref(), total_steps)?;
+    let Some(start_step) = trainer::run::start_step(state.as_ref(), total_steps, resume.as_deref())
+    else {
+        return Ok(Summary {
+            steps: total_steps,
+            final_loss: f64::NAN,
+            eval_loss: None,
+            checkpoint: resume.unwrap_or_default(),
+        });
+    };
+    let mut optimizer = trainer::run::optimizer(recipe, resume.as_deref())?;
+    trainer::run::start_output(recipe, &lock, resume.is_some())?;
     let mut metrics =
         trainer::metrics::MetricsLogger::open(out, start_step, total_steps).map_err(io_err(out))?;
 
     let mut batches = EpochBatches::new(train_set.lengths(), recipe);
     let micro = recipe.micro_batch_size();
     let pad = config.pad_token_id.unwrap_or(0);
-    let mut optimizer = trainer::run::optimizer(recipe, resume.as_deref())?;
     if let Some(dir) = &resume {
         eprintln!("resuming from {} at step {start_step}", dir.display());
     }

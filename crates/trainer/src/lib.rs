@@ -4,6 +4,7 @@
 
 pub mod metrics;
 pub mod optim;
+pub mod output;
 pub mod recipe;
 pub mod run;
 pub mod schedule;

@@ -64,15 +64,16 @@ pub fn grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
         .map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt())
 }
 
-/// Scales all gradients so their global norm is at most `max_norm`; returns the norm before
-/// clipping (what the metrics log).
+/// Scales all gradients so their global norm is at most `max_norm` (none or 0: no clipping);
+/// returns the norm before clipping (what the metrics log).
 pub fn clip_grad_norm<M: Module>(
     model: &M,
     grads: &mut GradientsParams,
     max_norm: Option<f64>,
 ) -> f64 {
     let norm = grad_norm(model, grads);
-    if let Some(max) = max_norm {
+    // 0 turns clipping off (as in `transformers`); the recipe check refuses negative values.
+    if let Some(max) = max_norm.filter(|&max| max > 0.0) {
         if norm.is_finite() && norm > max {
             let mut visitor = Scale {
                 grads,

@@ -14,11 +14,11 @@ use serde::{Deserialize, Serialize};
 pub enum RecipeError {
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
-    #[error("{path}: {source}")]
+    /// The cause is in the message, not a `source`: `{:#}` would print it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("--set {0}")]
     Override(String),
@@ -76,7 +76,7 @@ pub struct TrainSection {
     pub betas: [f64; 2],
     #[serde(default = "default_eps")]
     pub eps: f64,
-    /// Gradient clipping by the global norm; none when absent.
+    /// Gradient clipping by the global norm; none when absent or 0.
     #[serde(default)]
     pub grad_clip: Option<f64>,
     #[serde(default = "one")]
@@ -419,25 +419,57 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), R
 }
 
 impl Recipe {
-    /// Reads a recipe, applies overrides, checks it, and resolves its paths.
+    /// Reads a recipe, applies overrides, checks it, and resolves its paths. A problem caused
+    /// by a `--set` value is reported against that `--set`, not the file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| RecipeError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
-        let mut table: toml::Table = text
+        let file_table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| invalid(path, one_line(&e.to_string())))?;
+        let mut table = file_table.clone();
         for assignment in overrides {
             apply_override(&mut table, assignment)?;
         }
-        let mut recipe: Recipe = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| invalid(path, one_line(&e.to_string())))?;
+        let mut recipe = match Self::from_table(table) {
+            Ok(recipe) => recipe,
+            Err(message) => {
+                return Err(match blame_deserialize(&file_table, overrides, &message) {
+                    Some(assignment) => RecipeError::Override(format!("{assignment}: {message}")),
+                    None => invalid(path, message),
+                })
+            }
+        };
         let base = path.parent().unwrap_or(Path::new(""));
         recipe.resolve_paths(base);
-        recipe.validate(path)?;
+        recipe.validate(path).map_err(|error| match error {
+            RecipeError::Invalid { message, .. } => {
+                match overrides.iter().find(|a| override_named_in(a, &message)) {
+                    Some(assignment) => {
+                        RecipeError::Override(format!("{}: {message}", assignment.trim()))
+                    }
+                    None => invalid(path, message),
+                }
+            }
+            other => other,
+        })?;
+        // The resolved recipe is saved with every run: its paths must be writable as TOML.
+        recipe.to_toml().map_err(|_| {
+            invalid(
+                path,
+                "a path in this recipe (or the recipe's own path) is not valid UTF-8, which \
+                 the run's recipe.toml cannot record",
+            )
+        })?;
         Ok(recipe)
+    }
+
+    fn from_table(table: toml::Table) -> Result<Self, String> {
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| one_line(&e.to_string()))
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -494,6 +526,11 @@ impl Recipe {
             (None, None) => return Err(invalid(path, "[model]: needs `config` or `checkpoint`")),
             _ => {}
         }
+        // The `[data]` section's own checks (formats, eval split, lengths), before any file is
+        // read.
+        self.data
+            .resolved_sources(Path::new(""))
+            .map_err(|e| invalid(path, format!("[data] {e}")))?;
         let t = &self.train;
         if t.batch_size == 0 {
             return Err(invalid(path, "[train] `batch_size` must be positive"));
@@ -533,6 +570,21 @@ impl Recipe {
         }
         if t.epochs == 0 && t.max_steps.is_none() {
             return Err(invalid(path, "[train] needs `epochs` >= 1 or `max_steps`"));
+        }
+        if t.grad_clip.is_some_and(|c| !(c >= 0.0 && c.is_finite())) {
+            return Err(invalid(
+                path,
+                "[train] `grad_clip` must be >= 0 (0 or absent: no clipping)",
+            ));
+        }
+        if !t.betas.iter().all(|b| (0.0..1.0).contains(b)) {
+            return Err(invalid(path, "[train] `betas` must both be within [0, 1)"));
+        }
+        if !(t.eps > 0.0 && t.eps.is_finite()) {
+            return Err(invalid(path, "[train] `eps` must be a positive number"));
+        }
+        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
+            return Err(invalid(path, "[train] `weight_decay` must be >= 0"));
         }
         if let Some(reward) = &self.reward {
             match (&reward.margin, &reward.margin_table) {
@@ -651,8 +703,43 @@ impl Recipe {
         self.train.micro_batch_size.unwrap_or(self.train.batch_size)
     }
 
-    /// The resolved recipe as TOML, for the run's output directory.
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("a recipe always serializes")
+    /// The resolved recipe as TOML, for the run's output directory. Fails only for a path that
+    /// is not valid UTF-8, which [`Recipe::load`] refuses.
+    pub fn to_toml(&self) -> Result<String, RecipeError> {
+        toml::to_string_pretty(self).map_err(|e| RecipeError::Override(e.to_string()))
+    }
+}
+
+/// The `--set` that turned a recipe that deserialized (or failed otherwise) into one failing with
+/// `message`: the overrides are applied one at a time to the file's table.
+fn blame_deserialize<'a>(
+    file_table: &toml::Table,
+    overrides: &'a [String],
+    message: &str,
+) -> Option<&'a str> {
+    let mut table = file_table.clone();
+    let mut before = Recipe::from_table(table.clone()).err();
+    for assignment in overrides {
+        apply_override(&mut table, assignment).ok()?;
+        let after = Recipe::from_table(table.clone()).err();
+        if after.as_deref() == Some(message) && before.as_deref() != Some(message) {
+            return Some(assignment.trim());
+        }
+        before = after;
+    }
+    None
+}
+
+/// Whether a validation message (`[section] \`key\` ...`) is about the key `assignment` sets.
+fn override_named_in(assignment: &str, message: &str) -> bool {
+    let Some((key, _)) = assignment.split_once('=') else {
+        return false;
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    match parts.as_slice() {
+        [section, .., name] => {
+            message.contains(&format!("[{section}]")) && message.contains(&format!("`{name}`"))
+        }
+        _ => false,
     }
 }

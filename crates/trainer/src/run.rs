@@ -14,6 +14,7 @@ use burn::prelude::Device;
 use data::Tokenizer;
 use llama::{Head, Llama, LlamaConfig, SaveOptions};
 
+pub use crate::output::{OutputLock, LOCK_FILE, MARKER_FILE};
 use crate::Recipe;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,11 +23,11 @@ pub enum TrainError {
     Model(#[from] llama::LlamaError),
     #[error(transparent)]
     Data(#[from] data::DataError),
-    #[error("{path}: {source}")]
+    /// The cause is in the message, not a `source`: `{:#}` would print it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0}")]
     Invalid(String),
@@ -35,9 +36,9 @@ pub enum TrainError {
 pub type Result<T> = std::result::Result<T, TrainError>;
 
 pub fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
+    move |error| TrainError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -101,38 +102,39 @@ fn checkpoint_steps(out: &Path) -> Result<Vec<usize>> {
         .collect())
 }
 
-/// Resolves `--resume` and refuses an output directory that holds another run unless
-/// `--overwrite`. Changes nothing on disk: call [`start_output`] once the inputs have loaded.
-pub fn check_output(recipe: &Recipe, options: &RunOptions) -> Result<Option<PathBuf>> {
+/// Locks the output directory, resolves `--resume`, and refuses a directory that holds another
+/// run unless `--overwrite` (and then only a run of ours). Removes partial checkpoints of
+/// killed saves; changes nothing else on disk: call [`start_output`] once the inputs have
+/// loaded. Keep the lock for the whole run.
+pub fn check_output(
+    recipe: &Recipe,
+    options: &RunOptions,
+) -> Result<(OutputLock, Option<PathBuf>)> {
     let out = &recipe.output.dir;
+    let lock = OutputLock::acquire(out)?;
     let resume = match &options.resume {
         Some(which) => Some(find_checkpoint(out, which)?),
         None => None,
     };
-    let occupied = out.exists()
-        && std::fs::read_dir(out)
-            .map_err(io_err(out))?
-            .next()
-            .is_some();
-    if resume.is_none() && occupied && !options.overwrite {
-        return Err(TrainError::Invalid(format!(
-            "{}: output directory holds another run (use --overwrite to replace it)",
-            out.display()
-        )));
+    if resume.is_none() {
+        lock.check_replaceable(options.overwrite, "use --overwrite to replace it")?;
     }
-    Ok(resume)
+    lock.remove_stale_partials()?;
+    Ok((lock, resume))
 }
 
-/// Empties the output directory of a fresh run (a resumed one keeps it) and writes the fully
-/// resolved recipe into it.
-pub fn start_output(recipe: &Recipe, resuming: bool) -> Result<()> {
-    let out = &recipe.output.dir;
-    if !resuming && out.exists() {
-        std::fs::remove_dir_all(out).map_err(io_err(out))?;
+/// Empties the output directory of a fresh run (a resumed one keeps it), marks it as a run of
+/// ours, and writes the fully resolved recipe into it.
+pub fn start_output(recipe: &Recipe, lock: &OutputLock, resuming: bool) -> Result<()> {
+    if !resuming {
+        lock.clear()?;
     }
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
-    let recipe_path = out.join("recipe.toml");
-    std::fs::write(&recipe_path, recipe.to_toml()).map_err(io_err(&recipe_path))
+    lock.mark()?;
+    let recipe_path = lock.dir().join("recipe.toml");
+    let text = recipe
+        .to_toml()
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    std::fs::write(&recipe_path, text).map_err(io_err(&recipe_path))
 }
 
 pub fn read_state(checkpoint: &Path) -> Result<TrainerState> {
@@ -163,16 +165,19 @@ pub fn load_model(recipe: &Recipe, device: &Device, head: Head) -> Result<(Llama
 }
 
 /// The model to train: from the checkpoint being resumed (with the parameter ids its optimizer
-/// state refers to, and its trainer state), or as the recipe names it.
+/// state refers to, and its trainer state), or as the recipe names it. A resumed run must use
+/// the checkpoint's tokenizer.
 pub fn load_or_resume(
     recipe: &Recipe,
     device: &Device,
     head: Head,
     resume: Option<&Path>,
+    tokenizer: &Tokenizer,
 ) -> Result<(LlamaConfig, Llama, Option<TrainerState>)> {
     match resume {
         Some(dir) => {
             let state = read_state(dir)?;
+            check_resumed_tokenizer(tokenizer, dir)?;
             let (config, model) =
                 llama::load_pretrained_with_ids(dir, device, Some(&state.param_ids))?;
             if model.head() != head {
@@ -191,6 +196,42 @@ pub fn load_or_resume(
     }
 }
 
+/// Refuses to resume a checkpoint with another tokenizer than the one it was trained with
+/// (saved beside its weights), which would also be written into the new checkpoints.
+fn check_resumed_tokenizer(tokenizer: &Tokenizer, checkpoint: &Path) -> Result<()> {
+    let saved = [
+        Some(checkpoint.join("tokenizer.json")),
+        tokenizer.path.file_name().map(|name| checkpoint.join(name)),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.is_file());
+    let Some(saved) = saved else {
+        return Ok(());
+    };
+    if !Tokenizer::from_file(&saved)?.same_vocabulary(tokenizer) {
+        return Err(TrainError::Invalid(format!(
+            "{}: the recipe's tokenizer differs from the one this checkpoint was trained with \
+             ({}); resume with model.tokenizer = that file",
+            tokenizer.path.display(),
+            saved.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses training sequences longer than the model's positions.
+pub fn check_context(recipe: &Recipe, config: &LlamaConfig) -> Result<()> {
+    if recipe.data.max_seq_len > config.max_position_embeddings {
+        return Err(TrainError::Invalid(format!(
+            "data.max_seq_len {} exceeds the model's context of {} tokens \
+             (max_position_embeddings)",
+            recipe.data.max_seq_len, config.max_position_embeddings
+        )));
+    }
+    Ok(())
+}
+
 /// Refuses a tokenizer with more tokens than the model's vocabulary.
 pub fn check_vocab(tokenizer: &Tokenizer, config: &LlamaConfig, path: &Path) -> Result<()> {
     if tokenizer.vocab_size() > config.vocab_size {
@@ -200,6 +241,28 @@ pub fn check_vocab(tokenizer: &Tokenizer, config: &LlamaConfig, path: &Path) -> 
             tokenizer.vocab_size(),
             config.vocab_size
         )));
+    }
+    Ok(())
+}
+
+/// [`check_vocab`] for a model that generates: an embedding padded past its tokenizer is
+/// legitimate, and said once here; generation never picks the ids the tokenizer lacks.
+pub fn check_generation_vocab(
+    tokenizer: &Tokenizer,
+    config: &LlamaConfig,
+    path: &Path,
+) -> Result<()> {
+    check_vocab(tokenizer, config, path)?;
+    if tokenizer.vocab_size() < config.vocab_size {
+        eprintln!(
+            "note: {} has {} tokens and the model's vocabulary {}; ids {} to {} are embedding \
+             padding and are never generated",
+            path.display(),
+            tokenizer.vocab_size(),
+            config.vocab_size,
+            tokenizer.vocab_size(),
+            config.vocab_size - 1
+        );
     }
     Ok(())
 }
@@ -280,13 +343,19 @@ pub fn total_steps(recipe: &Recipe, items: usize) -> usize {
         .unwrap_or(recipe.train.epochs * steps_per_epoch)
 }
 
-/// The recipe's `[data]`, tokenized; malformed records skipped under `on_error = "skip"` are
-/// counted on stderr.
+/// The recipe's `[data]`, tokenized; examples truncated, dropped or skipped are counted on
+/// stderr.
 pub fn load_recipe_data(recipe: &Recipe, tokenizer: &Tokenizer) -> Result<data::LoadedData> {
     let data = data::load_data(&recipe.data, Path::new(""), tokenizer, recipe.train.seed)?;
-    if data.errors() > 0 {
+    let count = |f: fn(&data::SourceStats) -> usize| data.sources.iter().map(f).sum::<usize>();
+    let (truncated, dropped) = (count(|s| s.truncated), count(|s| s.dropped));
+    if truncated + dropped + data.errors() > 0 {
         eprintln!(
-            "skipped {} malformed records (on_error = \"skip\")",
+            "data: {} training and {} evaluation examples kept; {truncated} truncated and \
+             {dropped} dropped at max_seq_len {}; {} malformed records skipped",
+            data.train.len(),
+            data.eval.len(),
+            recipe.data.max_seq_len,
             data.errors()
         );
     }
@@ -304,15 +373,26 @@ pub fn check_one_batch(items: usize, recipe: &Recipe, what: &str) -> Result<()> 
     Ok(())
 }
 
-/// The step a run starts at: 0, or the resumed checkpoint's step, which must leave work to do.
-pub fn start_step(state: Option<&TrainerState>, total_steps: usize) -> Result<usize> {
+/// The step a run starts at: 0, or the resumed checkpoint's step. `None` when that checkpoint
+/// already finished the run (said on stderr): there is nothing to train, and nothing on disk
+/// has changed.
+pub fn start_step(
+    state: Option<&TrainerState>,
+    total_steps: usize,
+    resume: Option<&Path>,
+) -> Option<usize> {
     let start = state.map_or(0, |s| s.step);
-    if state.is_some() && start >= total_steps {
-        return Err(TrainError::Invalid(format!(
-            "the checkpoint is at step {start}; nothing left to train (raise train.max_steps)"
-        )));
+    if let (Some(_), Some(dir)) = (state, resume) {
+        if start >= total_steps {
+            eprintln!(
+                "{} is at step {start} of {total_steps}: the run is finished, nothing to do \
+                 (raise train.max_steps or train.epochs to train further)",
+                dir.display()
+            );
+            return None;
+        }
     }
-    Ok(start)
+    Some(start)
 }
 
 /// AdamW as the recipe says, with the state saved in the checkpoint being resumed.

@@ -86,7 +86,7 @@ pub struct Stepped {
 }
 
 /// Clips the accumulated gradients by their global norm, stops on a non-finite loss or norm
-/// (the last checkpoint in `out` stays), and applies AdamW at the schedule's learning rate for
+/// (the last checkpoint in the output directory stays), and applies AdamW at the schedule's learning rate for
 /// `step` (0-based).
 pub fn optimizer_step(
     recipe: &Recipe,
@@ -121,10 +121,12 @@ pub fn optimizer_step(
 }
 
 fn diverged(step: usize, loss: f64, grad_norm: f64, out: &Path) -> TrainError {
+    let kept = match crate::run::find_checkpoint(out, "latest") {
+        Ok(dir) => format!("the last checkpoint, {}, is kept", dir.display()),
+        Err(_) => "no checkpoint had been saved yet".to_string(),
+    };
     TrainError::Invalid(format!(
-        "step {step}: loss {loss}, gradient norm {grad_norm}: training diverged; the last \
-         checkpoint in {} is kept",
-        out.display()
+        "step {step}: loss {loss}, gradient norm {grad_norm}: training diverged; {kept}"
     ))
 }
 

@@ -102,3 +102,12 @@ fn weight_decay_spares_norm_weights() {
         }
     }
 }
+
+#[test]
+fn a_zero_clip_means_no_clipping() {
+    let model = tiny_model();
+    let mut grads = some_grads(&model);
+    let before = host_grads(&model, &grads);
+    clip_grad_norm(&model, &mut grads, Some(0.0));
+    assert_eq!(host_grads(&model, &grads), before);
+}

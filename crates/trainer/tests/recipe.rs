@@ -53,7 +53,7 @@ fn paths_resolve_against_the_recipe_and_defaults_apply() {
     assert_eq!(recipe.runtime.device, "flex");
     assert_eq!(recipe.train.epochs, 1);
     // The resolved recipe round-trips through TOML.
-    let again: Recipe = toml::from_str(&recipe.to_toml()).unwrap();
+    let again: Recipe = toml::from_str(&recipe.to_toml().unwrap()).unwrap();
     assert_eq!(again, recipe);
 }
 
@@ -81,10 +81,19 @@ fn overrides_set_any_value_with_its_type() {
 
 #[test]
 fn bad_recipes_name_the_key_and_file() {
+    // A key or value given with --set is blamed on that --set, not on the file.
     let e = error(MINIMAL, &["train.lrr=1"]);
-    assert!(e.contains("recipe.toml") && e.contains("lrr"), "{e}");
+    assert!(
+        e.starts_with("--set train.lrr=1: ") && e.contains("lrr"),
+        "{e}"
+    );
     let e = error(MINIMAL, &["train.lr=fast"]);
-    assert!(e.contains("recipe.toml") && e.contains("lr"), "{e}");
+    assert!(
+        e.starts_with("--set train.lr=fast: ") && e.contains("invalid type"),
+        "{e}"
+    );
+    let e = error(&MINIMAL.replace("lr = 2e-5", "lrr = 2e-5"), &[]);
+    assert!(e.contains("recipe.toml") && e.contains("lrr"), "{e}");
     let e = error(MINIMAL, &["lr=1"]);
     assert!(e.contains("section.key"), "{e}");
     let e = error(&MINIMAL.replace("batch_size = 8", "batch_size = 7"), &[]);
@@ -95,4 +104,110 @@ fn bad_recipes_name_the_key_and_file() {
     assert!(e.contains("`config` or `checkpoint`"), "{e}");
     let e = error(&format!("{MINIMAL}\n[extra]\nx = 1\n"), &[]);
     assert!(e.contains("extra"), "{e}");
+}
+
+#[test]
+fn optimizer_values_are_range_checked_and_blamed_on_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write(tmp.path(), MINIMAL);
+    let err = |set: &[&str]| {
+        let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+        Recipe::load(&path, &set).unwrap_err().to_string()
+    };
+    for (set, needle) in [
+        (
+            "train.grad_clip=-1",
+            "--set train.grad_clip=-1: [train] `grad_clip` must be >= 0",
+        ),
+        ("train.grad_clip=nan", "`grad_clip` must be >= 0"),
+        (
+            "train.betas=[0.9, 1.0]",
+            "--set train.betas=[0.9, 1.0]: [train] `betas`",
+        ),
+        (
+            "train.eps=0.0",
+            "--set train.eps=0.0: [train] `eps` must be a positive number",
+        ),
+        ("train.weight_decay=-0.1", "`weight_decay` must be >= 0"),
+        ("train.lr=\"fast\"", "--set train.lr=\"fast\": invalid type"),
+        (
+            "data.format=\"bogus\"",
+            "--set data.format=\"bogus\": [data] `format`: unknown format",
+        ),
+    ] {
+        let e = err(&[set]);
+        assert!(e.contains(needle), "{set}: {e}");
+    }
+    let e = err(&["data.eval=\"e.jsonl\"", "data.eval_fraction=0.1"]);
+    assert!(
+        e.starts_with("--set data.eval=") && e.contains("give `eval` or `eval_fraction`, not both"),
+        "{e}"
+    );
+    // grad_clip = 0 is allowed: it turns clipping off.
+    let zero = Recipe::load(&path, &["train.grad_clip=0".to_string()]);
+    assert!(zero.is_ok(), "{:?}", zero.err());
+    // A value that is wrong in the file itself is blamed on the file.
+    let bad = write(
+        tmp.path(),
+        &MINIMAL.replace("lr = 2e-5", "lr = 2e-5\neps = 0.0"),
+    );
+    let e = Recipe::load(&bad, &[]).unwrap_err().to_string();
+    assert!(
+        e.starts_with(&bad.display().to_string()) && e.contains("`eps`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn output_lock_excludes_other_runs_and_guards_foreign_directories() {
+    use trainer::run::OutputLock;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let held = OutputLock::acquire(&dir).unwrap();
+    let err = OutputLock::acquire(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "in use by another run (pid {})",
+            std::process::id()
+        )),
+        "{err}"
+    );
+    // Unmarked and empty: replaceable; with a user's file and no marker: never.
+    held.check_replaceable(false, "").unwrap();
+    std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+    assert!(held
+        .check_replaceable(false, "hint")
+        .unwrap_err()
+        .to_string()
+        .contains("holds another run (hint)"));
+    assert!(held
+        .clear()
+        .unwrap_err()
+        .to_string()
+        .contains("no run of `train`"));
+    assert!(dir.join("notes.txt").exists());
+    held.mark().unwrap();
+    held.clear().unwrap();
+    assert!(!dir.join("notes.txt").exists() && dir.join(".lock").exists());
+    // Partial checkpoints of killed saves go; finished checkpoints stay.
+    for name in [
+        ".checkpoint-4.partial",
+        "..checkpoint-4.partial.partial-99",
+        "checkpoint-2",
+    ] {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+    }
+    assert_eq!(held.remove_stale_partials().unwrap(), 2);
+    assert!(dir.join("checkpoint-2").exists());
+    drop(held);
+    // Released on drop; a directory created by a run that never started is removed again.
+    let fresh = tmp.path().join("fresh");
+    drop(OutputLock::acquire(&fresh).unwrap());
+    assert!(!fresh.exists());
+    let again = OutputLock::acquire(&dir).unwrap();
+    drop(again);
+    assert!(
+        dir.join("checkpoint-2").exists(),
+        "an existing run directory stays"
+    );
 }

@@ -8,8 +8,14 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// A golden model: a name under `tests/fixtures/golden/` (transformers 4.57.1), or a path under
+/// `tests/fixtures/` such as `golden-tf5/tiny-odd` (transformers 5.x).
 pub fn golden(name: &str) -> PathBuf {
-    root().join("tests/fixtures/golden").join(name)
+    if name.contains('/') {
+        root().join("tests/fixtures").join(name)
+    } else {
+        root().join("tests/fixtures/golden").join(name)
+    }
 }
 
 pub fn train(args: &[&str]) -> Output {
@@ -50,6 +56,21 @@ pub fn python_with_transformers() -> Option<String> {
         }
         _ => {
             eprintln!("skipped: LLAMA_PYTHON not set (scripts/test.sh sets it when .venv has transformers)");
+            None
+        }
+    }
+}
+
+/// The transformers 5.x overlay that scripts/test.sh found (LLAMA_TRANSFORMERS5, a PYTHONPATH
+/// entry used with LLAMA_PYTHON). Skipped with a reason without it, unless REQUIRE_TORCH=1.
+pub fn transformers5_path() -> Option<String> {
+    match std::env::var("LLAMA_TRANSFORMERS5") {
+        Ok(path) if !path.is_empty() => Some(path),
+        _ if std::env::var("REQUIRE_TORCH").as_deref() == Ok("1") => {
+            panic!("REQUIRE_TORCH=1 but LLAMA_TRANSFORMERS5 is not set (run scripts/test.sh)")
+        }
+        _ => {
+            eprintln!("skipped transformers 5.x: LLAMA_TRANSFORMERS5 not set (scripts/test.sh sets it when .venv/transformers5 exists)");
             None
         }
     }

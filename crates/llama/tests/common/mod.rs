@@ -10,11 +10,25 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
+/// A golden model: a name under `tests/fixtures/golden/` (made with transformers 4.57.1), or a
+/// path under `tests/fixtures/` such as `golden-tf5/tiny-odd` (made with transformers 5.x).
 pub fn golden_dir(name: &str) -> PathBuf {
-    fixtures().join("golden").join(name)
+    if name.contains('/') {
+        fixtures().join(name)
+    } else {
+        fixtures().join("golden").join(name)
+    }
 }
 
-pub const GOLDEN_MODELS: [&str; 3] = ["tiny-gqa", "tiny-odd", "tiny-gqa-bf16-sharded"];
+/// Every golden model, from both pinned transformers versions (their config.json layouts differ).
+pub const GOLDEN_MODELS: [&str; 6] = [
+    "tiny-gqa",
+    "tiny-odd",
+    "tiny-gqa-bf16-sharded",
+    "golden-tf5/tiny-gqa",
+    "golden-tf5/tiny-odd",
+    "golden-tf5/tiny-gqa-bf16-sharded",
+];
 
 /// The device the tests run on: `LLAMA_TEST_DEVICE` (e.g. `tch:cpu`), flex by default.
 pub fn test_device() -> Device {
