@@ -83,7 +83,7 @@ pub fn generate_then_sft(
         std::fs::create_dir_all(&generated).map_err(io_err(&generated))?;
         let text = recipe
             .to_toml()
-            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+            .map_err(|e| TrainError::Invalid(format!("writing recipe.toml: {e}")))?;
         std::fs::write(out.join("recipe.toml"), text).map_err(io_err(out))?;
         let selection = generate(&inputs)?;
         drop(inputs);

@@ -705,8 +705,8 @@ impl Recipe {
 
     /// The resolved recipe as TOML, for the run's output directory. Fails only for a path that
     /// is not valid UTF-8, which [`Recipe::load`] refuses.
-    pub fn to_toml(&self) -> Result<String, RecipeError> {
-        toml::to_string_pretty(self).map_err(|e| RecipeError::Override(e.to_string()))
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string_pretty(self)
     }
 }
 

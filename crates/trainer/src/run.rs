@@ -133,7 +133,7 @@ pub fn start_output(recipe: &Recipe, lock: &OutputLock, resuming: bool) -> Resul
     let recipe_path = lock.dir().join("recipe.toml");
     let text = recipe
         .to_toml()
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        .map_err(|e| TrainError::Invalid(format!("writing recipe.toml: {e}")))?;
     std::fs::write(&recipe_path, text).map_err(io_err(&recipe_path))
 }
 
