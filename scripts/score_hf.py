@@ -26,9 +26,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    model = LlamaForSequenceClassification.from_pretrained(
-        args.model, torch_dtype=torch.float32
-    ).eval()
+    # `dtype`: 4.56+ and 5.x (which dropped `torch_dtype`).
+    model = LlamaForSequenceClassification.from_pretrained(args.model, dtype=torch.float32).eval()
     with open(args.ids) as f:
         sequences = json.load(f)
     pad = model.config.pad_token_id
@@ -46,6 +45,7 @@ def main() -> None:
         "scores": scores.tolist(),
         "architecture": model.config.architectures[0],
         "num_labels": model.config.num_labels,
+        "transformers": __import__("transformers").__version__,
     }))
 
 

@@ -275,7 +275,7 @@ pub fn init_random_with_head(
 /// Refuses, before allocating anything, a model whose f32 weights alone cannot fit in the
 /// memory available to a CPU device: the allocation would otherwise abort the process. GPU
 /// devices hold only one tensor at a time on the host while loading, so they are not checked.
-pub fn check_host_memory(config: &LlamaConfig, device: &Device) -> Result<()> {
+fn check_host_memory(config: &LlamaConfig, device: &Device) -> Result<()> {
     // burn's device is opaque; its debug form names the backend (`Flex`, `LibTorch(Cpu)`).
     let name = format!("{device:?}");
     if !(name.contains("Flex") || name.contains("Cpu")) {

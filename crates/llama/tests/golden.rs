@@ -198,7 +198,7 @@ fn model_with(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-test.toml"),
     )
     .unwrap();
-    let mut seed = 0.0f32;
+    let mut counter = 0.0f32;
     llama::model::build_llama(
         &config,
         &test_device(),
@@ -208,8 +208,8 @@ fn model_with(
             Ok(special(name, n).unwrap_or_else(|| {
                 (0..n)
                     .map(|i| {
-                        seed += 1.0;
-                        ((i as f32 * 0.37 + seed).sin()) * 0.05
+                        counter += 1.0;
+                        ((i as f32 * 0.37 + counter).sin()) * 0.05
                     })
                     .collect()
             }))

@@ -244,16 +244,17 @@ fn a_language_model_gets_a_fresh_scalar_head_and_the_reward_model_saves_as_a_cla
     assert!(err.contains("not a reward model"), "{err}");
 }
 
-/// The Python with `transformers` that scripts/test.sh found (LLAMA_PYTHON). Without it the
-/// check is skipped with a reason, unless REQUIRE_TORCH=1 (CI), where it fails.
-fn python_with_transformers() -> Option<String> {
-    match std::env::var("LLAMA_PYTHON") {
-        Ok(python) if !python.is_empty() => Some(python),
+/// An optional tool that scripts/test.sh found, named by `var` (LLAMA_PYTHON; the
+/// transformers 5.x overlay LLAMA_TRANSFORMERS5). Without it the check is skipped with a
+/// reason, unless REQUIRE_TORCH=1 (CI), where it fails.
+fn optional_tool(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => Some(value),
         _ if std::env::var("REQUIRE_TORCH").as_deref() == Ok("1") => {
-            panic!("REQUIRE_TORCH=1 but LLAMA_PYTHON is not set (run scripts/test.sh)")
+            panic!("REQUIRE_TORCH=1 but {var} is not set (run scripts/test.sh)")
         }
         _ => {
-            eprintln!("skipped: LLAMA_PYTHON not set (scripts/test.sh sets it when .venv has transformers)");
+            eprintln!("skipped: {var} not set (scripts/test.sh sets it)");
             None
         }
     }
@@ -261,9 +262,15 @@ fn python_with_transformers() -> Option<String> {
 
 #[test]
 fn exported_reward_model_scores_identically_in_transformers_and_imports_back() {
-    let Some(python) = python_with_transformers() else {
+    let Some(python) = optional_tool("LLAMA_PYTHON") else {
         return;
     };
+    // In transformers 4.57.1 and 5.x; what each saves (5.x: `rope_parameters`, `dtype`) must
+    // import back.
+    let mut versions = vec![("4", None)];
+    if let Some(overlay) = optional_tool("LLAMA_TRANSFORMERS5") {
+        versions.push(("5", Some(overlay)));
+    }
     let device = test_device();
     let tmp = tempfile::tempdir().unwrap();
     let model = reward_model(&device);
@@ -272,45 +279,56 @@ fn exported_reward_model_scores_identically_in_transformers_and_imports_back() {
     let seqs = sequences();
     let ids_path = tmp.path().join("ids.json");
     std::fs::write(&ids_path, serde_json::to_string(&seqs).unwrap()).unwrap();
-    let hf_saved = tmp.path().join("hf-saved");
-    let out = std::process::Command::new(&python)
-        .arg(root().join("scripts/score_hf.py"))
-        .arg(&dir)
-        .arg(&ids_path)
-        .arg("--save")
-        .arg(&hf_saved)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
-    assert_eq!(report["architecture"], "LlamaForSequenceClassification");
-    assert_eq!(report["num_labels"], 1);
-    let theirs: Vec<f64> = report["scores"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
     let ours = score_sequences(&model, &seqs, 3, 0).unwrap();
     let spread = ours.iter().cloned().fold(f64::MIN, f64::max)
         - ours.iter().cloned().fold(f64::MAX, f64::min);
     assert!(spread > 1e-2, "scores too close to tell apart: {ours:?}");
-    for (a, b) in ours.iter().zip(&theirs) {
+    for (major, overlay) in versions {
+        let hf_saved = tmp.path().join(format!("hf-saved-{major}"));
+        let mut command = std::process::Command::new(&python);
+        if let Some(overlay) = &overlay {
+            command.env("PYTHONPATH", overlay);
+        }
+        let out = command
+            .arg(root().join("scripts/score_hf.py"))
+            .arg(&dir)
+            .arg(&ids_path)
+            .arg("--save")
+            .arg(&hf_saved)
+            .output()
+            .expect("run python");
         assert!(
-            (a - b).abs() < 1e-4,
-            "ours {ours:?} vs transformers {theirs:?}"
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
         );
-    }
-    // What transformers writes, we read back to the same scores.
-    let (_, imported) = llama::load_pretrained(&hf_saved, &device).unwrap();
-    let again = score_sequences(&imported, &seqs, 3, 0).unwrap();
-    for (a, b) in again.iter().zip(&theirs) {
-        assert!((a - b).abs() < 1e-4, "imported {again:?} vs {theirs:?}");
+        let report: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap())
+                .unwrap();
+        assert_eq!(report["architecture"], "LlamaForSequenceClassification");
+        assert_eq!(report["num_labels"], 1);
+        assert!(
+            report["transformers"].as_str().unwrap().starts_with(major),
+            "{report}"
+        );
+        let theirs: Vec<f64> = report["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "ours {ours:?} vs transformers {major}: {theirs:?}"
+            );
+        }
+        // What transformers writes, we read back to the same scores.
+        let (_, imported) = llama::load_pretrained(&hf_saved, &device).unwrap();
+        let again = score_sequences(&imported, &seqs, 3, 0).unwrap();
+        for (a, b) in again.iter().zip(&theirs) {
+            assert!((a - b).abs() < 1e-4, "imported {again:?} vs {theirs:?}");
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use burn::prelude::Device;
 use data::Tokenizer;
 use llama::{Head, Llama, LlamaConfig, SaveOptions};
 
-pub use crate::output::{OutputLock, LOCK_FILE, MARKER_FILE};
+pub use crate::output::OutputLock;
 use crate::Recipe;
 
 #[derive(Debug, thiserror::Error)]

@@ -46,34 +46,30 @@ pub fn assert_user_error(out: &Output, needle: &str) {
     assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
 }
 
-/// The Python with `transformers` that scripts/test.sh found (LLAMA_PYTHON). Without it the
-/// check is skipped with a reason, unless REQUIRE_TORCH=1 (CI), where it fails.
-pub fn python_with_transformers() -> Option<String> {
-    match std::env::var("LLAMA_PYTHON") {
-        Ok(python) if !python.is_empty() => Some(python),
+/// An optional tool that scripts/test.sh found, named by `var`. Without it the check is skipped
+/// with a reason, unless REQUIRE_TORCH=1 (CI), where it fails.
+fn optional_tool(var: &str, what: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => Some(value),
         _ if std::env::var("REQUIRE_TORCH").as_deref() == Ok("1") => {
-            panic!("REQUIRE_TORCH=1 but LLAMA_PYTHON is not set (run scripts/test.sh)")
+            panic!("REQUIRE_TORCH=1 but {var} is not set (run scripts/test.sh)")
         }
         _ => {
-            eprintln!("skipped: LLAMA_PYTHON not set (scripts/test.sh sets it when .venv has transformers)");
+            eprintln!("skipped: {var} not set (scripts/test.sh sets it when {what})");
             None
         }
     }
 }
 
-/// The transformers 5.x overlay that scripts/test.sh found (LLAMA_TRANSFORMERS5, a PYTHONPATH
-/// entry used with LLAMA_PYTHON). Skipped with a reason without it, unless REQUIRE_TORCH=1.
+/// The Python with `transformers` 4.57.1 (LLAMA_PYTHON).
+pub fn python_with_transformers() -> Option<String> {
+    optional_tool("LLAMA_PYTHON", ".venv has transformers")
+}
+
+/// The transformers 5.x overlay (LLAMA_TRANSFORMERS5), a PYTHONPATH entry used with
+/// LLAMA_PYTHON.
 pub fn transformers5_path() -> Option<String> {
-    match std::env::var("LLAMA_TRANSFORMERS5") {
-        Ok(path) if !path.is_empty() => Some(path),
-        _ if std::env::var("REQUIRE_TORCH").as_deref() == Ok("1") => {
-            panic!("REQUIRE_TORCH=1 but LLAMA_TRANSFORMERS5 is not set (run scripts/test.sh)")
-        }
-        _ => {
-            eprintln!("skipped transformers 5.x: LLAMA_TRANSFORMERS5 not set (scripts/test.sh sets it when .venv/transformers5 exists)");
-            None
-        }
-    }
+    optional_tool("LLAMA_TRANSFORMERS5", ".venv/transformers5 exists")
 }
 
 pub fn copy_tree(from: &Path, to: &Path) {
