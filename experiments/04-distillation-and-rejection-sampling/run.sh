@@ -12,12 +12,12 @@ common=(--set "model.checkpoint=\"$BASE\"" --set "model.tokenizer=\"$TOKENIZER\"
   --set "data.train=\"$WORK/data/method-prompts.jsonl\"" --set "runtime.device=\"$DEVICE\"")
 mkdir -p "$WORK/methods"
 stage methods-eval-baseline evaluate "$BASE" "$WORK/methods/eval-baseline.json"
-stage methods-distill "$TRAIN" distill --recipe "$ROOT/experiments/04-distillation-and-rejection-sampling/safety-methods.toml" \
-  "${common[@]}" --set "distill.safety_reward_model=\"$RM\"" --set "rs.reward_model=\"$RM\"" \
+stage methods-distill "$TRAIN" distill --recipe "$ROOT/experiments/04-distillation-and-rejection-sampling/distill.toml" \
+  "${common[@]}" --set "distill.safety_reward_model=\"$RM\"" \
   --set "output.dir=\"$WORK/methods/distill\"" --overwrite
 stage methods-eval-distill evaluate "$(checkpoint "$WORK/methods/distill/sft")" "$WORK/methods/eval-distill.json"
-stage methods-rs "$TRAIN" rs --recipe "$ROOT/experiments/04-distillation-and-rejection-sampling/safety-methods.toml" \
-  "${common[@]}" --set "distill.safety_reward_model=\"$RM\"" --set "rs.reward_model=\"$RM\"" \
+stage methods-rs "$TRAIN" rs --recipe "$ROOT/experiments/04-distillation-and-rejection-sampling/rs.toml" \
+  "${common[@]}" --set "rs.reward_model=\"$RM\"" \
   --set "output.dir=\"$WORK/methods/rs\"" --overwrite
 stage methods-eval-rs evaluate "$(checkpoint "$WORK/methods/rs/sft")" "$WORK/methods/eval-rs.json"
 "$PYTHON" "$ROOT/experiments/tools/report.py" methods "$WORK/methods" "$HERE"

@@ -103,9 +103,11 @@ pub fn run(command: BenchCommand) -> Result<()> {
             Ok(())
         }
         BenchCommand::Ppo(args) => {
-            let recipe = trainer::Recipe::load(&args.recipe, &args.set)?;
-            let reports = ppo::train::bench(&recipe, args.steps.max(1))?;
-            let mean = |f: &dyn Fn(&ppo::train::IterationReport) -> f64| {
+            let (recipe, settings) =
+                trainer::Recipe::load_with::<ppo::PpoSection>(&args.recipe, &args.set)?;
+            let settings = settings.context("the recipe has no [ppo] section")?;
+            let reports = ppo::bench::bench(&recipe, &settings, args.steps.max(1))?;
+            let mean = |f: &dyn Fn(&ppo::IterationReport) -> f64| {
                 reports.iter().map(f).sum::<f64>() / reports.len() as f64
             };
             let generation = mean(&|r| r.generation_s);
@@ -113,7 +115,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             let update = mean(&|r| r.update_s);
             let rollout_rate = mean(&|r| r.get("rollout_tokens_per_sec").unwrap_or(0.0));
             let prompts = recipe.train.batch_size;
-            let new_tokens = recipe.ppo.as_ref().map_or(0, |p| p.max_new_tokens);
+            let new_tokens = settings.max_new_tokens;
             if args.json {
                 println!(
                     "{}",
@@ -144,7 +146,8 @@ pub fn run(command: BenchCommand) -> Result<()> {
             Ok(())
         }
         BenchCommand::Reward(args) => {
-            let recipe = trainer::Recipe::load(&args.recipe, &args.set)?;
+            let (recipe, _) =
+                trainer::Recipe::load_with::<reward::RewardSection>(&args.recipe, &args.set)?;
             let (train, score) = reward::train::bench(&recipe, args.steps.max(1))?;
             let t = &recipe.train;
             if args.json {
@@ -248,7 +251,7 @@ fn peak_rss_bytes() -> Option<u64> {
 
 fn bench_data(args: DataBench) -> Result<()> {
     use data::batch::{
-        batch_order, Dataset, PairBatch, PairDataset, SequenceBatch, SequenceDataset,
+        batch_order, lengths, pair_dataset, sequence_dataset, Dataset, PairBatch, SequenceBatch,
     };
     use data::{load_data, DataConfig, OnError, Tokenized, Tokenizer, Truncation};
 
@@ -266,14 +269,14 @@ fn bench_data(args: DataBench) -> Result<()> {
     let examples: Vec<Tokenized> = loaded.train.into_iter().map(|i| i.tokens).collect();
     let tokens: usize = examples.iter().map(Tokenized::token_count).sum();
     // Build the first batch the way a trainer would.
-    let pairs = PairDataset::new(&examples);
+    let pairs = pair_dataset(&examples);
     let first_batch = if !pairs.is_empty() {
-        let order = batch_order(&pairs.lengths(), args.batch_size, 0, 0, true);
+        let order = batch_order(&lengths(&pairs), args.batch_size, 0, 0, true);
         let items = pairs.get_many(order[0].clone())?;
         PairBatch::new(&items, 0).tokens.len()
     } else {
-        let seqs = SequenceDataset::new(&examples, args.max_seq_len, false);
-        let order = batch_order(&seqs.lengths(), args.batch_size, 0, 0, true);
+        let seqs = sequence_dataset(&examples, args.max_seq_len, false);
+        let order = batch_order(&lengths(&seqs), args.batch_size, 0, 0, true);
         let items = match order.first() {
             Some(batch) => seqs.get_many(batch.clone())?,
             None => Vec::new(),

@@ -64,7 +64,7 @@ struct DataRecipe {
 fn inspect(args: InspectArgs) -> Result<()> {
     let recipe = match &args.recipe {
         Some(path) => {
-            let recipe = trainer::Recipe::load(path, &args.set)?;
+            let recipe = trainer::Recipe::load_any(path, &args.set)?;
             DataRecipe {
                 data: recipe.data,
                 base: PathBuf::new(),

@@ -2,9 +2,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use safety::answers::AnswerSettings;
-use safety::eval::{evaluate, PromptSet};
-use safety::refusal::RefusalDetector;
+use sampling::answers::AnswerSettings;
+use sampling::refusal::RefusalDetector;
+use sampling::safety_eval::{evaluate, PromptSet};
 
 #[derive(Subcommand)]
 pub enum EvalCommand {
@@ -71,10 +71,10 @@ pub fn run(command: EvalCommand) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.model.join("tokenizer.json"));
     let tokenizer = data::Tokenizer::from_file(&tokenizer_path)?;
-    trainer::run::check_generation_vocab(&tokenizer, &config, &tokenizer_path)?;
-    let reward = match &args.reward_model {
-        Some(dir) => Some(safety::answers::load_reward_model(
-            dir, &device, &tokenizer,
+    trainer::session::check_generation_vocab(&tokenizer, &config, &tokenizer_path)?;
+    let reward_model = match &args.reward_model {
+        Some(dir) => Some(reward::RewardModel::for_policy(
+            dir, &device, &tokenizer, false, "",
         )?),
         None => None,
     };
@@ -106,7 +106,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
         &config,
         &tokenizer,
         &sets,
-        reward.as_ref().map(|(c, m)| (m, c)),
+        reward_model.as_ref(),
         &detector,
         &settings,
         args.limit,

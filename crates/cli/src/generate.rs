@@ -65,7 +65,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let tokenizer = load_tokenizer(&tokenizer_path)?;
     let (config, model) = llama::load_pretrained_as(&args.model, &device, llama::Head::Lm, 0)
         .with_context(|| format!("loading model {}", args.model.display()))?;
-    trainer::run::check_generation_vocab(&tokenizer, &config, &tokenizer_path)?;
+    trainer::session::check_generation_vocab(&tokenizer, &config, &tokenizer_path)?;
     // A blank system prompt means none, not an empty <<SYS>> block.
     let system = args.system.as_deref().filter(|s| !s.trim().is_empty());
 

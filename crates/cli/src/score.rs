@@ -2,7 +2,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use reward::score::{load_reward_model, score_file, ScoreReport};
+use reward::score::{score_file, ScoreReport};
+use reward::RewardModel;
 
 #[derive(Args)]
 pub struct ScoreArgs {
@@ -32,22 +33,17 @@ pub struct ScoreArgs {
 
 pub fn run(args: ScoreArgs) -> Result<()> {
     let device = llama::parse_device(&args.device)?;
-    let (config, model) = load_reward_model(&args.model, &device)?;
+    let rm = RewardModel::load(&args.model, &device)?;
     let tokenizer_path = args
         .tokenizer
         .clone()
         .unwrap_or_else(|| args.model.join("tokenizer.json"));
     let tokenizer = data::Tokenizer::from_file(&tokenizer_path)?;
-    let max_seq_len = args.max_seq_len.unwrap_or(config.max_position_embeddings);
-    let report = score_file(
-        &model,
-        &config,
-        &tokenizer,
-        &args.data,
-        args.batch_size,
-        max_seq_len,
-    )
-    .with_context(|| format!("scoring {}", args.data.display()))?;
+    let max_seq_len = args
+        .max_seq_len
+        .unwrap_or(rm.config.max_position_embeddings);
+    let report = score_file(&rm, &tokenizer, &args.data, args.batch_size, max_seq_len)
+        .with_context(|| format!("scoring {}", args.data.display()))?;
     match report {
         ScoreReport::Pairs(eval) => {
             if args.json {

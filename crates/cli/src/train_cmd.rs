@@ -2,10 +2,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use trainer::{Recipe, RunOptions, Section};
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Recipe (TOML): [model], [data], [train], [runtime], [output]
+    /// Recipe (TOML): [model], [data], [train], [runtime], [output], and the method's section
     #[arg(long)]
     recipe: PathBuf,
     /// Override a recipe value, e.g. --set train.lr=1e-5 (repeatable)
@@ -20,26 +21,43 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn load(&self) -> Result<(trainer::Recipe, trainer::RunOptions)> {
-        let recipe = trainer::Recipe::load(&self.recipe, &self.set)?;
-        let options = trainer::RunOptions {
+    /// The recipe with the method's section `S` (`None` when the recipe has none).
+    fn load<S: Section>(&self) -> Result<(Recipe, Option<S>, RunOptions)> {
+        let (recipe, section) = Recipe::load_with::<S>(&self.recipe, &self.set)?;
+        let options = RunOptions {
             overwrite: self.overwrite,
             resume: self.resume.clone(),
         };
-        Ok((recipe, options))
+        Ok((recipe, section, options))
+    }
+
+    /// [`TrainArgs::load`] for a method that needs its section.
+    fn load_required<S: Section>(&self) -> Result<(Recipe, S, RunOptions)> {
+        let (recipe, section, options) = self.load::<S>()?;
+        let section = section.with_context(|| {
+            format!(
+                "{}: the recipe has no [{}] section",
+                self.recipe.display(),
+                S::NAME
+            )
+        })?;
+        Ok((recipe, section, options))
+    }
+
+    fn context(&self, command: &str) -> String {
+        format!("train {command} --recipe {}", self.recipe.display())
     }
 }
 
 pub fn run_sft(args: TrainArgs) -> Result<()> {
-    let (recipe, options) = args.load()?;
-    let summary = sft::train::run(&recipe, &options)
-        .with_context(|| format!("train sft --recipe {}", args.recipe.display()))?;
+    let (recipe, _, options) = args.load::<trainer::recipe::NoSection>()?;
+    let summary = sft::train::run(&recipe, &options).with_context(|| args.context("sft"))?;
     println!(
         "{}",
         serde_json::json!({
             "steps": summary.steps,
             "final_loss": summary.final_loss,
-            "eval_loss": summary.eval_loss,
+            "eval_loss": summary.eval,
             "checkpoint": summary.checkpoint,
         })
     );
@@ -47,9 +65,10 @@ pub fn run_sft(args: TrainArgs) -> Result<()> {
 }
 
 pub fn run_reward(args: TrainArgs) -> Result<()> {
-    let (recipe, options) = args.load()?;
-    let summary = reward::train::run(&recipe, &options)
-        .with_context(|| format!("train reward --recipe {}", args.recipe.display()))?;
+    let (recipe, section, options) = args.load::<reward::RewardSection>()?;
+    let section = section.unwrap_or_default();
+    let summary =
+        reward::train::run(&recipe, &section, &options).with_context(|| args.context("reward"))?;
     println!(
         "{}",
         serde_json::json!({
@@ -63,9 +82,9 @@ pub fn run_reward(args: TrainArgs) -> Result<()> {
 }
 
 pub fn run_ppo(args: TrainArgs) -> Result<()> {
-    let (recipe, options) = args.load()?;
-    let summary = ppo::train::run(&recipe, &options)
-        .with_context(|| format!("train ppo --recipe {}", args.recipe.display()))?;
+    let (recipe, section, options) = args.load_required::<ppo::PpoSection>()?;
+    let summary =
+        ppo::train::run(&recipe, &section, &options).with_context(|| args.context("ppo"))?;
     println!(
         "{}",
         serde_json::json!({
@@ -79,17 +98,7 @@ pub fn run_ppo(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_stage(
-    args: TrainArgs,
-    name: &str,
-    run: fn(
-        &trainer::Recipe,
-        &trainer::RunOptions,
-    ) -> trainer::run::Result<safety::rs::StageSummary>,
-) -> Result<()> {
-    let (recipe, options) = args.load()?;
-    let summary = run(&recipe, &options)
-        .with_context(|| format!("train {name} --recipe {}", args.recipe.display()))?;
+fn print_stage(summary: &sampling::generate_then_sft::StageSummary) {
     println!(
         "{}",
         serde_json::json!({
@@ -101,13 +110,20 @@ fn run_stage(
             "checkpoint": summary.sft.checkpoint,
         })
     );
-    Ok(())
 }
 
 pub fn run_rs(args: TrainArgs) -> Result<()> {
-    run_stage(args, "rs", safety::rs::run)
+    use sampling::rejection_sampling::{run, RsSection};
+    let (recipe, section, options) = args.load_required::<RsSection>()?;
+    let summary = run(&recipe, &section, &options).with_context(|| args.context("rs"))?;
+    print_stage(&summary);
+    Ok(())
 }
 
 pub fn run_distill(args: TrainArgs) -> Result<()> {
-    run_stage(args, "distill", safety::distill::run)
+    use sampling::distill::{run, DistillSection};
+    let (recipe, section, options) = args.load_required::<DistillSection>()?;
+    let summary = run(&recipe, &section, &options).with_context(|| args.context("distill"))?;
+    print_stage(&summary);
+    Ok(())
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
+use test_support::*;
 
 #[test]
 fn info_gives_exact_llama2_parameter_counts() {
@@ -14,9 +15,7 @@ fn info_gives_exact_llama2_parameter_counts() {
         ("configs/llama2-13b.toml", 13_015_864_320),
         ("configs/llama2-70b.toml", 68_976_648_192),
     ] {
-        let out = train(&["info", "--config", file, "--json"]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        let v = json_output(&train(&["info", "--config", file, "--json"]));
         assert_eq!(v["parameters"].as_u64(), Some(expected), "{file}");
         let f32_total = v["full_finetune_memory_bytes"]["f32"]["total"]
             .as_u64()
@@ -29,15 +28,9 @@ fn info_gives_exact_llama2_parameter_counts() {
 }
 
 fn generate_json(extra: &[&str]) -> Vec<serde_json::Value> {
-    let model = golden("tiny-gqa");
-    let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--json"];
-    args.extend_from_slice(extra);
-    let out = train(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
-        .collect()
+    let out = generate(&golden_dir("tiny-gqa"), &[&["--json"][..], extra].concat());
+    assert_success(&out);
+    parse_jsonl(&stdout(&out))
 }
 
 #[test]
@@ -45,12 +38,7 @@ fn generate_json_reports_prompt_and_new_tokens() {
     let objects = generate_json(&["--prompt", "Once upon a time", "--max-new-tokens", "8"]);
     assert_eq!(objects.len(), 1);
     let o = &objects[0];
-    let prompt: Vec<u64> = o["prompt_tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let prompt = json_u64s(&o["prompt_tokens"]);
     assert_eq!(prompt[0], 1, "BOS first");
     let tokens = o["tokens"].as_array().unwrap();
     assert!(!tokens.is_empty() && tokens.len() <= 8);
@@ -107,14 +95,7 @@ fn generate_chat_wraps_prompt_with_bos_by_id() {
         "--max-new-tokens",
         "1",
     ]);
-    let ids = |v: &serde_json::Value| -> Vec<u64> {
-        v["prompt_tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect()
-    };
+    let ids = |v: &serde_json::Value| json_u64s(&v["prompt_tokens"]);
     let chat_ids = ids(&chat[0]);
     assert_eq!(chat_ids[0], 1);
     assert_eq!(chat_ids.iter().filter(|&&i| i == 1).count(), 1);
@@ -123,40 +104,27 @@ fn generate_chat_wraps_prompt_with_bos_by_id() {
 
 #[test]
 fn bad_input_gives_one_line_errors() {
-    let model = golden("tiny-gqa");
-    let m = model.to_str().unwrap();
+    let model = golden_dir("tiny-gqa");
     assert_user_error(
-        &train(&["generate", "--model", "/nonexistent", "--prompt", "x"]),
+        &generate(Path::new("/nonexistent"), &["--prompt", "x"]),
         "/nonexistent",
     );
-    assert_user_error(
-        &train(&["generate", "--model", m, "--prompt", "  "]),
-        "empty",
-    );
+    assert_user_error(&generate(&model, &["--prompt", "  "]), "empty");
     let long = "word ".repeat(400);
+    assert_user_error(&generate(&model, &["--prompt", &long]), "context");
     assert_user_error(
-        &train(&["generate", "--model", m, "--prompt", &long]),
-        "context",
-    );
-    assert_user_error(
-        &train(&[
-            "generate", "--model", m, "--prompt", "x", "--device", "gpu9",
-        ]),
+        &generate(&model, &["--prompt", "x", "--device", "gpu9"]),
         "unknown device",
     );
 
     let tmp = tempfile::tempdir().unwrap();
     // A model directory without config.json.
+    let tokenizer = model.join("tokenizer.json");
     assert_user_error(
-        &train(&[
-            "generate",
-            "--model",
-            tmp.path().to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--tokenizer",
-            model.join("tokenizer.json").to_str().unwrap(),
-        ]),
+        &generate(
+            tmp.path(),
+            &["--prompt", "x", "--tokenizer", arg(&tokenizer)],
+        ),
         "config.json",
     );
     // A tokenizer larger than the model's vocabulary.
@@ -170,15 +138,7 @@ fn bad_input_gives_one_line_errors() {
     }
     std::fs::write(&big, tok.to_string()).unwrap();
     assert_user_error(
-        &train(&[
-            "generate",
-            "--model",
-            m,
-            "--prompt",
-            "x",
-            "--tokenizer",
-            big.to_str().unwrap(),
-        ]),
+        &generate(&model, &["--prompt", "x", "--tokenizer", arg(&big)]),
         "vocabulary",
     );
     // A config for another architecture.
@@ -192,16 +152,7 @@ fn bad_input_gives_one_line_errors() {
         r#"{"model_type": "gpt2", "vocab_size": 512}"#,
     )
     .unwrap();
-    assert_user_error(
-        &train(&[
-            "generate",
-            "--model",
-            other.to_str().unwrap(),
-            "--prompt",
-            "x",
-        ]),
-        "model_type",
-    );
+    assert_user_error(&generate(&other, &["--prompt", "x"]), "model_type");
     assert_user_error(
         &train(&["info", "--config", "configs/nope.toml"]),
         "nope.toml",
@@ -212,17 +163,8 @@ fn bad_input_gives_one_line_errors() {
 fn export_writes_a_loadable_directory_atomically() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("export");
-    let src = golden("tiny-odd");
-    let run = train(&[
-        "export",
-        "--checkpoint",
-        src.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--max-shard-size",
-        "200KB",
-    ]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    let src = golden_dir("tiny-odd");
+    assert_success(&export(&src, &out, &["--max-shard-size", "200KB"]));
     for f in [
         "config.json",
         "generation_config.json",
@@ -232,26 +174,11 @@ fn export_writes_a_loadable_directory_atomically() {
         assert!(out.join(f).exists(), "{f} missing");
     }
     // Refuses to overwrite, then generates the same tokens as the source.
-    let again = train(&[
-        "export",
-        "--checkpoint",
-        src.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert_user_error(&again, "already exists");
+    assert_user_error(&export(&src, &out, &[]), "already exists");
     let gen = |dir: &Path| {
-        let o = train(&[
-            "generate",
-            "--model",
-            dir.to_str().unwrap(),
-            "--prompt",
-            "Hello there",
-            "--json",
-            "--max-new-tokens",
-            "6",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
+        let args = ["--prompt", "Hello there", "--json", "--max-new-tokens", "6"];
+        let o = generate(dir, &args);
+        assert_success(&o);
         stdout(&o)
     };
     assert_eq!(gen(&src), gen(&out));
@@ -275,20 +202,13 @@ fn exported_checkpoints_load_in_transformers_with_equal_logits() {
         ("golden-tf5/tiny-odd", vec![]),
         ("golden-tf5/tiny-gqa-bf16-sharded", vec![]),
     ] {
-        let src = golden(name);
+        let src = golden_dir(name);
         let out = tmp.path().join(name.replace('/', "-"));
-        let mut args = vec![
-            "export",
-            "--checkpoint",
-            src.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--dtype",
-            "f32",
-        ];
-        args.extend(extra);
-        let run = train(&args);
-        assert!(run.status.success(), "{}", stderr(&run));
+        assert_success(&export(
+            &src,
+            &out,
+            &[&["--dtype", "f32"][..], &extra[..]].concat(),
+        ));
         // Our config.json keeps the 4.x layout, which both versions read.
         let config = std::fs::read_to_string(out.join("config.json")).unwrap();
         assert!(config.contains("\"rope_theta\"") && !config.contains("rope_parameters"));
@@ -323,24 +243,19 @@ fn exported_checkpoints_load_in_transformers_with_equal_logits() {
     }
 }
 
+const ALPACA: &str = "datasets/alpaca-tiny.jsonl";
+
 fn inspect_json(args: &[&str]) -> serde_json::Value {
     let mut all = vec!["data", "inspect"];
     all.extend_from_slice(args);
     all.push("--json");
-    let out = train(&all);
-    assert!(out.status.success(), "{}", stderr(&out));
-    serde_json::from_str(&stdout(&out)).unwrap()
+    json_output(&train(&all))
 }
 
 #[test]
 fn data_inspect_reports_counts_for_files_and_recipes() {
-    let tok = "tests/fixtures/tokenizer/tokenizer.json";
-    let v = inspect_json(&[
-        "datasets/alpaca-tiny.jsonl",
-        "datasets/hh-tiny.jsonl.gz",
-        "--tokenizer",
-        tok,
-    ]);
+    let tok = FIXTURE_TOKENIZER;
+    let v = inspect_json(&[ALPACA, "datasets/hh-tiny.jsonl.gz", "--tokenizer", tok]);
     assert_eq!(v["examples"], 100);
     assert_eq!(v["errors"], 0);
     assert_eq!(v["sources"][1]["format"], "hh-rlhf");
@@ -352,15 +267,7 @@ fn data_inspect_reports_counts_for_files_and_recipes() {
     assert_eq!(v["sources"][1]["selected"], 10);
 
     // Without --json: rendered examples with the trained span bracketed (not a terminal).
-    let out = train(&[
-        "data",
-        "inspect",
-        "datasets/alpaca-tiny.jsonl",
-        "--tokenizer",
-        tok,
-        "--n",
-        "1",
-    ]);
+    let out = train(&["data", "inspect", ALPACA, "--tokenizer", tok, "--n", "1"]);
     let text = stdout(&out);
     assert!(text.contains("[alpaca, detected]"), "{text}");
     assert!(text.contains("[[") && text.contains("</s>]]"), "{text}");
@@ -375,7 +282,7 @@ fn data_inspect_stops_or_skips_on_bad_records() {
         "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"c\", \"output\": 5}\n",
     )
     .unwrap();
-    let tok = "tests/fixtures/tokenizer/tokenizer.json";
+    let tok = FIXTURE_TOKENIZER;
     let out = train(&["data", "inspect", bad.to_str().unwrap(), "--tokenizer", tok]);
     assert_user_error(&out, "bad.jsonl:2: field `output`: must be a string");
     let v = inspect_json(&[bad.to_str().unwrap(), "--tokenizer", tok, "--skip-errors"]);
@@ -407,16 +314,13 @@ fn sft(out: &Path, extra: &[&str]) -> (Output, Vec<serde_json::Value>) {
 #[test]
 fn sft_trains_deterministically_and_writes_a_usable_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let steps = [
-        "--set",
+    let steps = sets(&[
         "train.max_steps=30",
-        "--set",
         "train.log_every=1",
-        "--set",
         "train.eval_every=10",
-    ];
+    ]);
     let (run, a) = sft(&tmp.path().join("a"), &steps);
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_success(&run);
     let (_, b) = sft(&tmp.path().join("b"), &steps);
     let losses = |m: &[serde_json::Value]| -> Vec<f64> {
         m.iter().filter_map(|v| v["loss"].as_f64()).collect()
@@ -455,16 +359,10 @@ fn sft_trains_deterministically_and_writes_a_usable_checkpoint() {
     // sits beside it.
     let checkpoint = tmp.path().join("a/checkpoint-30");
     assert!(tmp.path().join("a/recipe.toml").exists());
-    let gen = train(&[
-        "generate",
-        "--model",
-        checkpoint.to_str().unwrap(),
-        "--prompt",
-        "Hi",
-        "--max-new-tokens",
-        "4",
-    ]);
-    assert!(gen.status.success(), "{}", stderr(&gen));
+    assert_success(&generate(
+        &checkpoint,
+        &["--prompt", "Hi", "--max-new-tokens", "4"],
+    ));
     // A second run into the same directory is refused.
     let (again, _) = sft(&tmp.path().join("a"), &steps);
     assert_user_error(&again, "holds another run");
@@ -473,19 +371,11 @@ fn sft_trains_deterministically_and_writes_a_usable_checkpoint() {
 #[test]
 fn sft_bad_recipes_fail_before_training() {
     let tmp = tempfile::tempdir().unwrap();
-    let (run, _) = sft(
-        &tmp.path().join("x"),
-        &["--set", "train.micro_batch_size=3"],
-    );
+    let (run, _) = sft(&tmp.path().join("x"), &sets(&["train.micro_batch_size=3"]));
     assert_user_error(&run, "not divisible");
     let (run, _) = sft(
         &tmp.path().join("x"),
-        &[
-            "--set",
-            "train.batch_size=4000",
-            "--set",
-            "train.micro_batch_size=1",
-        ],
+        &sets(&["train.batch_size=4000", "train.micro_batch_size=1"]),
     );
     assert_user_error(&run, "fewer than one batch");
     assert!(
@@ -497,18 +387,13 @@ fn sft_bad_recipes_fail_before_training() {
     // A diverging run stops with a clear message and keeps its last good checkpoint.
     let (run, _) = sft(
         &tmp.path().join("nan"),
-        &[
-            "--set",
+        &sets(&[
             "train.lr=1e30",
-            "--set",
             "train.grad_clip=1e30",
-            "--set",
             "train.warmup_steps=0",
-            "--set",
             "train.save_every=1",
-            "--set",
             "train.max_steps=50",
-        ],
+        ]),
     );
     assert_user_error(&run, "diverged");
     assert!(tmp
@@ -520,19 +405,15 @@ fn sft_bad_recipes_fail_before_training() {
 #[test]
 fn resume_continues_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let steps = [
-        "--set",
+    let steps = sets(&[
         "train.max_steps=12",
-        "--set",
         "train.log_every=1",
-        "--set",
         "train.save_every=5",
-        "--set",
         "train.keep_last=10",
-    ];
+    ]);
     let full = tmp.path().join("full");
     let (run, reference) = sft(&full, &steps);
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_success(&run);
     // A run that stopped after step 5: only its first checkpoint survives.
     let stopped = tmp.path().join("stopped");
     copy_tree(&full, &stopped);
@@ -540,7 +421,7 @@ fn resume_continues_exactly() {
         std::fs::remove_dir_all(stopped.join(format!("checkpoint-{step}"))).unwrap();
     }
     let (run, resumed) = sft(&stopped, &[&steps[..], &["--resume", "latest"]].concat());
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_success(&run);
     assert!(stderr(&run).contains("at step 5"), "{}", stderr(&run));
     let a = losses_by_step(&reference);
     let b = losses_by_step(&resumed);
@@ -559,18 +440,10 @@ fn a_killed_run_resumes_from_its_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("killed");
     let dir = format!("output.dir=\"{}\"", out.display());
+    let steps = ["train.max_steps=40", "train.save_every=2"];
     let mut child = Command::new(env!("CARGO_BIN_EXE_train"))
-        .args([
-            "sft",
-            "--recipe",
-            "recipes/sft-tiny.toml",
-            "--set",
-            &dir,
-            "--set",
-            "train.max_steps=40",
-            "--set",
-            "train.save_every=2",
-        ])
+        .args(["sft", "--recipe", "recipes/sft-tiny.toml", "--set", &dir])
+        .args(sets(&steps))
         .current_dir(root())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -588,18 +461,8 @@ fn a_killed_run_resumes_from_its_last_checkpoint() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let (run, metrics) = sft(
-        &out,
-        &[
-            "--set",
-            "train.max_steps=40",
-            "--set",
-            "train.save_every=2",
-            "--resume",
-            "latest",
-        ],
-    );
-    assert!(run.status.success(), "{}", stderr(&run));
+    let (run, metrics) = sft(&out, &resume_latest(&steps));
+    assert_success(&run);
     let steps: Vec<u64> = losses_by_step(&metrics).iter().map(|p| p.0).collect();
     assert_eq!(steps.last(), Some(&40));
     // Every step is logged once: the resumed log continues where the checkpoint was.

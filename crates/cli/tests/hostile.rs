@@ -8,8 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-const TOKENIZER: &str = "tests/fixtures/tokenizer/tokenizer.json";
+use test_support::*;
 
 /// `train` with a deadline: a run still going after `seconds` is killed and the test fails
 /// (the hang it guards against would otherwise stall the suite forever).
@@ -34,19 +33,15 @@ fn train_within(args: &[&str], seconds: u64) -> Output {
 }
 
 fn sft(out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["--set", "train.max_steps=2", "--set", "train.log_every=1"];
+    let mut args = sets(&["train.max_steps=2", "train.log_every=1"]);
     args.extend_from_slice(extra);
     run_recipe("sft", "recipes/sft-tiny.toml", out, &args).0
 }
 
 /// A copy of a golden model whose config.json is changed by `edit`.
 fn edited_model(to: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
-    copy_tree(&golden("tiny-gqa"), to);
-    let path = to.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(&mut config);
-    std::fs::write(&path, config.to_string()).unwrap();
+    copy_tree(&golden_dir("tiny-gqa"), to);
+    edit_json(&to.join("config.json"), edit);
     to.to_path_buf()
 }
 
@@ -84,7 +79,7 @@ fn a_truncated_gzip_is_an_error_not_a_hang() {
     std::fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
     let cut = cut.to_str().unwrap();
     for extra in [&[][..], &["--skip-errors"][..]] {
-        let mut args = vec!["data", "inspect", cut, "--tokenizer", TOKENIZER];
+        let mut args = vec!["data", "inspect", cut, "--tokenizer", FIXTURE_TOKENIZER];
         args.extend_from_slice(extra);
         assert_user_error(
             &train_within(&args, 60),
@@ -94,17 +89,8 @@ fn a_truncated_gzip_is_an_error_not_a_hang() {
     let out = tmp.path().join("run");
     let source = format!("data.sources=[{{path = \"{cut}\"}}]");
     let dir = format!("output.dir=\"{}\"", out.display());
-    let args = [
-        "sft",
-        "--recipe",
-        "recipes/sft-tiny.toml",
-        "--set",
-        &dir,
-        "--set",
-        &source,
-        "--set",
-        "data.on_error=\"skip\"",
-    ];
+    let mut args = vec!["sft", "--recipe", "recipes/sft-tiny.toml"];
+    args.extend(sets(&[&dir, &source, "data.on_error=\"skip\""]));
     assert_user_error(&train_within(&args, 120), "cannot read past line");
     assert!(
         !out.exists(),
@@ -128,10 +114,10 @@ fn overwrite_never_deletes_a_directory_that_holds_no_run() {
     );
     // A directory that holds a run of ours is replaced.
     let ours = tmp.path().join("ours");
-    assert!(sft(&ours, &[]).status.success());
+    assert_success(&sft(&ours, &[]));
     std::fs::write(ours.join("stale.txt"), "from the old run").unwrap();
     let again = sft(&ours, &["--overwrite"]);
-    assert!(again.status.success(), "{}", stderr(&again));
+    assert_success(&again);
     assert!(!ours.join("stale.txt").exists());
     assert!(ours.join("checkpoint-2").is_dir());
 }
@@ -167,7 +153,7 @@ fn training_values_are_range_checked_and_blamed_on_their_source() {
             "give `eval` or `eval_fraction`, not both",
         ),
     ] {
-        assert_user_error(&sft(&out, &["--set", set]), needle);
+        assert_user_error(&sft(&out, &sets(&[set])), needle);
     }
     assert!(!out.exists());
     // An I/O error names its cause once.
@@ -184,16 +170,13 @@ fn training_values_are_range_checked_and_blamed_on_their_source() {
         "sft",
         "recipes/sft-tiny.toml",
         &tmp.path().join("noclip"),
-        &[
-            "--set",
+        &sets(&[
             "train.grad_clip=0",
-            "--set",
             "train.max_steps=30",
-            "--set",
             "train.log_every=1",
-        ],
+        ]),
     );
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_success(&run);
     let losses: Vec<f64> = losses_by_step(&metrics).into_iter().map(|p| p.1).collect();
     let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;
     assert!(mean(&losses[27..]) < mean(&losses[..3]) - 0.5, "{losses:?}");
@@ -205,20 +188,14 @@ fn out_of_vocabulary_pad_ids_are_refused_before_anything_changes() {
     let model = edited_model(&tmp.path().join("pad"), |c| {
         c["pad_token_id"] = 99999.into()
     });
-    let m = model.to_str().unwrap();
-    let run = train(&[
-        "generate",
-        "--model",
-        m,
-        "--prompt",
-        "Hi",
-        "--prompt",
-        "a longer prompt here",
-    ]);
+    let run = generate(
+        &model,
+        &["--prompt", "Hi", "--prompt", "a longer prompt here"],
+    );
     assert_user_error(&run, "`pad_token_id` 99999 is outside the vocabulary");
     // sft from it: refused, and the previous run in the output directory is untouched.
     let out = tmp.path().join("run");
-    assert!(sft(&out, &[]).status.success());
+    assert_success(&sft(&out, &[]));
     let before = names_in(&out);
     let recipe = recipe_from_checkpoint(tmp.path(), &model);
     let run = run_recipe("sft", recipe.to_str().unwrap(), &out, &["--overwrite"]).0;
@@ -252,7 +229,12 @@ fn a_recipe_path_that_is_not_utf8_is_an_error() {
         .join(std::ffi::OsStr::from_bytes(b"bad-\xff-dir"));
     std::fs::create_dir(&dir).unwrap();
     let recipe = dir.join("r.toml");
-    let text = std::fs::read_to_string(root().join("recipes/sft-tiny.toml")).unwrap();
+    // The output directory stays inside the non-UTF-8 directory (`../runs` would normalise
+    // out of it).
+    let text = std::fs::read_to_string(root().join("recipes/sft-tiny.toml"))
+        .unwrap()
+        .replace("dir = \"../runs/sft-tiny\"", "dir = \"out\"");
+    assert!(text.contains("dir = \"out\""));
     std::fs::write(&recipe, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_train"))
         .arg("sft")
@@ -270,13 +252,12 @@ fn two_runs_never_share_an_output_directory() {
     let out = tmp.path().join("busy");
     let dir = format!("output.dir=\"{}\"", out.display());
     let mut first = Command::new(env!("CARGO_BIN_EXE_train"))
-        .args(["sft", "--recipe", "recipes/sft-tiny.toml", "--set", &dir])
-        .args([
-            "--set",
+        .args(["sft", "--recipe", "recipes/sft-tiny.toml"])
+        .args(sets(&[
+            &dir,
             "train.max_steps=100000",
-            "--set",
             "train.save_every=1",
-        ])
+        ]))
         .current_dir(root())
         .stderr(Stdio::null())
         .spawn()
@@ -287,44 +268,38 @@ fn two_runs_never_share_an_output_directory() {
     }
     let holder = format!("pid {}", first.id());
     let second = sft(&out, &["--overwrite"]);
-    let resumed = sft(&out, &["--resume", "latest"]);
+    let resumed = sft(&out, &resume_latest(&[]));
     first.kill().unwrap();
     first.wait().unwrap();
     assert_user_error(&second, &holder);
     assert_user_error(&resumed, &holder);
     assert!(stderr(&second).contains("in use by another run"));
     // The OS released the lock with the killed process: the run can be resumed now.
-    let again = sft(&out, &["--resume", "latest", "--set", "train.max_steps=3"]);
-    assert!(again.status.success(), "{}", stderr(&again));
+    let again = sft(&out, &resume_latest(&["train.max_steps=3"]));
+    assert_success(&again);
 }
 
 #[test]
 fn resuming_with_another_tokenizer_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    assert!(sft(&out, &[]).status.success());
+    assert_success(&sft(&out, &[]));
     // Same size, different vocabulary: two entries swapped.
-    let mut tok: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join(TOKENIZER)).unwrap()).unwrap();
-    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
-    let keys: Vec<String> = vocab.keys().skip(100).take(2).cloned().collect();
-    let (ia, ib) = (vocab[&keys[0]].clone(), vocab[&keys[1]].clone());
-    vocab.insert(keys[0].clone(), ib);
-    vocab.insert(keys[1].clone(), ia);
     let other = tmp.path().join("other.json");
-    std::fs::write(&other, tok.to_string()).unwrap();
+    std::fs::copy(fixture_tokenizer_path(), &other).unwrap();
+    edit_json(&other, |tok| {
+        let keys: Vec<String> = tok["model"]["vocab"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .skip(100)
+            .take(2)
+            .cloned()
+            .collect();
+        swap_token_ids(tok, &keys[0], &keys[1]);
+    });
     let set = format!("model.tokenizer=\"{}\"", other.display());
-    let run = sft(
-        &out,
-        &[
-            "--resume",
-            "latest",
-            "--set",
-            "train.max_steps=4",
-            "--set",
-            &set,
-        ],
-    );
+    let run = sft(&out, &resume_latest(&["train.max_steps=4", &set]));
     assert_user_error(
         &run,
         "differs from the one this checkpoint was trained with",
@@ -339,23 +314,18 @@ fn resuming_with_another_tokenizer_is_refused() {
     let big = tmp.path().join("run-32k");
     let llama_tokenizer = format!(
         "model.tokenizer=\"{}\"",
-        shared.join("tokenizers/llama2/tokenizer.json").display()
+        shared.join(LLAMA2_TOKENIZER).display()
     );
     let config = format!(
         "model.config=\"{}\"",
         root().join("configs/tiny-32k.toml").display()
     );
-    let first = [
-        "--set",
-        &llama_tokenizer,
-        "--set",
-        &config,
-        "--set",
-        "train.max_steps=1",
-    ];
-    let run = sft(&big, &first);
-    assert!(run.status.success(), "{}", stderr(&run));
-    let run = sft(&big, &["--resume", "latest", "--set", &config]);
+    let run = sft(
+        &big,
+        &sets(&[&llama_tokenizer, &config, "train.max_steps=1"]),
+    );
+    assert_success(&run);
+    let run = sft(&big, &resume_latest(&[&config]));
     assert_user_error(
         &run,
         "differs from the one this checkpoint was trained with",
@@ -366,7 +336,7 @@ fn resuming_with_another_tokenizer_is_refused() {
 fn sequences_longer_than_the_model_context_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x");
-    let run = sft(&out, &["--set", "data.max_seq_len=1024"]);
+    let run = sft(&out, &sets(&["data.max_seq_len=1024"]));
     assert_user_error(
         &run,
         "data.max_seq_len 1024 exceeds the model's context of 256",
@@ -378,19 +348,10 @@ fn sequences_longer_than_the_model_context_are_refused() {
 fn nan_weights_stop_generation_with_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("nan");
-    copy_tree(&golden("tiny-gqa"), &model);
+    copy_tree(&golden_dir("tiny-gqa"), &model);
     poison_tensor(&model.join("model.safetensors"), "model.norm.weight");
-    let m = model.to_str().unwrap();
     for temperature in ["0", "1"] {
-        let run = train(&[
-            "generate",
-            "--model",
-            m,
-            "--prompt",
-            "Hi",
-            "--temperature",
-            temperature,
-        ]);
+        let run = generate(&model, &["--prompt", "Hi", "--temperature", temperature]);
         assert_user_error(&run, "NaN or infinite logits");
         assert!(stdout(&run).is_empty(), "nothing printed: {}", stdout(&run));
     }
@@ -409,35 +370,29 @@ fn ids_past_a_smaller_tokenizer_are_never_generated() {
     .unwrap();
     let out = tmp.path().join("run");
     let set = format!("model.config=\"{}\"", config.display());
-    let run = sft(&out, &["--set", &set, "--set", "train.max_steps=1"]);
-    assert!(run.status.success(), "{}", stderr(&run));
-    let model = out.join("checkpoint-1");
-    let gen = train(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "Hi",
-        "--temperature",
-        "1.5",
-        "--max-new-tokens",
-        "64",
-        "--json",
-    ]);
-    assert!(gen.status.success(), "{}", stderr(&gen));
+    let run = sft(&out, &sets(&[&set, "train.max_steps=1"]));
+    assert_success(&run);
+    let gen = generate(
+        &out.join("checkpoint-1"),
+        &[
+            "--prompt",
+            "Hi",
+            "--temperature",
+            "1.5",
+            "--max-new-tokens",
+            "64",
+            "--json",
+        ],
+    );
+    assert_success(&gen);
     assert_eq!(
         stderr(&gen).matches("never generated").count(),
         1,
         "{}",
         stderr(&gen)
     );
-    let v: serde_json::Value = serde_json::from_str(stdout(&gen).trim()).unwrap();
-    let tokens: Vec<u64> = v["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_u64().unwrap())
-        .collect();
+    let v = json_output(&gen);
+    let tokens = json_u64s(&v["tokens"]);
     // Near-uniform over 600 ids: without the limit, 1 in 7 tokens would be past 511.
     assert!(tokens.len() >= 32, "{tokens:?}");
     assert!(tokens.iter().all(|&t| t < 512), "{tokens:?}");
@@ -447,7 +402,7 @@ fn ids_past_a_smaller_tokenizer_are_never_generated() {
 fn a_killed_save_leaves_nothing_behind_at_the_next_start() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    assert!(sft(&out, &[]).status.success());
+    assert_success(&sft(&out, &[]));
     // What a save killed midway leaves: the staging checkpoint and save_pretrained's own.
     for stale in [
         ".checkpoint-3.partial",
@@ -456,8 +411,8 @@ fn a_killed_save_leaves_nothing_behind_at_the_next_start() {
         std::fs::create_dir_all(out.join(stale)).unwrap();
         std::fs::write(out.join(stale).join("model.safetensors"), vec![0u8; 1000]).unwrap();
     }
-    let run = sft(&out, &["--resume", "latest", "--set", "train.max_steps=3"]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    let run = sft(&out, &resume_latest(&["train.max_steps=3"]));
+    assert_success(&run);
     assert!(stderr(&run).contains("removed 2 partial checkpoint(s)"));
     assert!(
         names_in(&out).iter().all(|n| !n.contains("partial")),
@@ -469,39 +424,23 @@ fn a_killed_save_leaves_nothing_behind_at_the_next_start() {
 #[test]
 fn export_refuses_files_and_its_own_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = golden("tiny-gqa");
+    let src = golden_dir("tiny-gqa");
     let file = tmp.path().join("notes.txt");
     std::fs::write(&file, "mine").unwrap();
-    let export = |out: &Path| {
-        train(&[
-            "export",
-            "--checkpoint",
-            src.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--overwrite",
-        ])
-    };
-    assert_user_error(&export(&file), "is not a directory; not replacing it");
+    let overwrite = |out: &Path| export(&src, out, &["--overwrite"]);
+    assert_user_error(&overwrite(&file), "is not a directory; not replacing it");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
     assert_eq!(names_in(tmp.path()), ["notes.txt"], "no hidden leftovers");
     // A directory of other things is not replaced either.
     let docs = tmp.path().join("docs");
     std::fs::create_dir(&docs).unwrap();
     std::fs::write(docs.join("a.txt"), "a").unwrap();
-    assert_user_error(&export(&docs), "holds files but no model");
+    assert_user_error(&overwrite(&docs), "holds files but no model");
     // Exporting a training checkpoint onto itself would drop its optimizer state.
     let out = tmp.path().join("run");
-    assert!(sft(&out, &[]).status.success());
+    assert_success(&sft(&out, &[]));
     let checkpoint = out.join("checkpoint-2");
-    let run = train(&[
-        "export",
-        "--checkpoint",
-        checkpoint.to_str().unwrap(),
-        "--out",
-        checkpoint.to_str().unwrap(),
-        "--overwrite",
-    ]);
+    let run = export(&checkpoint, &checkpoint, &["--overwrite"]);
     assert_user_error(&run, "is the checkpoint itself");
     assert!(checkpoint.join("optimizer.bpk").exists());
 }
@@ -535,7 +474,7 @@ fn a_model_too_large_for_memory_is_refused_before_allocating() {
         .replace("hidden_size = 64", "hidden_size = 65536");
     std::fs::write(&config, text).unwrap();
     let set = format!("model.config=\"{}\"", config.display());
-    let run = sft(&tmp.path().join("x"), &["--set", &set]);
+    let run = sft(&tmp.path().join("x"), &sets(&[&set]));
     assert_user_error(&run, "of memory is available");
 }
 
@@ -546,23 +485,19 @@ fn smaller_mistakes_get_clear_answers() {
     // Divergence before any checkpoint says so.
     let run = sft(
         &out,
-        &[
-            "--set",
+        &sets(&[
             "train.lr=1e30",
-            "--set",
             "train.grad_clip=1e30",
-            "--set",
             "train.warmup_steps=0",
-            "--set",
             "train.max_steps=50",
-        ],
+        ]),
     );
     assert_failed_with(&run, "no checkpoint had been saved yet");
     // A finished run resumed again: nothing to do, exit 0.
     let run = sft(&out, &["--overwrite"]);
-    assert!(run.status.success(), "{}", stderr(&run));
-    let again = sft(&out, &["--resume", "latest"]);
-    assert!(again.status.success(), "{}", stderr(&again));
+    assert_success(&run);
+    let again = sft(&out, &resume_latest(&[]));
+    assert_success(&again);
     assert!(
         stderr(&again).contains("nothing to do"),
         "{}",
@@ -573,14 +508,7 @@ fn smaller_mistakes_get_clear_answers() {
     std::fs::write(out.join("checkpoint-2/optimizer.bpk"), b"garbage").unwrap();
     let run = sft(
         &out,
-        &[
-            "--resume",
-            "latest",
-            "--set",
-            "train.max_steps=4",
-            "--set",
-            "train.lr=1e-4",
-        ],
+        &resume_latest(&["train.max_steps=4", "train.lr=1e-4"]),
     );
     assert_user_error(&run, "optimizer.bpk");
     assert_eq!(
@@ -590,16 +518,13 @@ fn smaller_mistakes_get_clear_answers() {
     // SFT says how many examples it truncated or dropped.
     let run = sft(
         &tmp.path().join("short"),
-        &[
-            "--set",
+        &sets(&[
             "data.max_seq_len=100",
-            "--set",
             "data.packing=false",
-            "--set",
             "data.truncation=\"drop\"",
-        ],
+        ]),
     );
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_success(&run);
     assert!(
         stderr(&run).contains("dropped at max_seq_len 100"),
         "{}",
@@ -607,10 +532,7 @@ fn smaller_mistakes_get_clear_answers() {
     );
     // An empty system prompt is no system prompt.
     let prompt_ids = |extra: &[&str]| {
-        let mut args = vec![
-            "generate",
-            "--model",
-            "tests/fixtures/golden/tiny-gqa",
+        let args = [
             "--prompt",
             "Hi",
             "--chat",
@@ -618,11 +540,11 @@ fn smaller_mistakes_get_clear_answers() {
             "--max-new-tokens",
             "1",
         ];
-        args.extend_from_slice(extra);
-        let run = train(&args);
-        assert!(run.status.success(), "{}", stderr(&run));
-        let v: serde_json::Value = serde_json::from_str(stdout(&run).trim()).unwrap();
-        v["prompt_tokens"].clone()
+        let run = generate(
+            Path::new("tests/fixtures/golden/tiny-gqa"),
+            &[&args[..], extra].concat(),
+        );
+        json_output(&run)["prompt_tokens"].clone()
     };
     assert_eq!(prompt_ids(&["--system", ""]), prompt_ids(&[]));
     assert_ne!(prompt_ids(&["--system", "Be brief."]), prompt_ids(&[]));

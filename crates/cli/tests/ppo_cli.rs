@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::*;
+use test_support::*;
 
 const RECIPE: &str = "tests/fixtures/recipes/ppo-test.toml";
 
@@ -16,15 +17,15 @@ fn reward_model(dir: &Path) -> PathBuf {
         "reward",
         "tests/fixtures/recipes/reward-test.toml",
         dir,
-        &["--set", "train.max_steps=4"],
+        &sets(&["train.max_steps=4"]),
     );
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_success(&run);
     dir.join("checkpoint-4")
 }
 
 fn ppo(out: &Path, rm: &Path, extra: &[&str]) -> (Output, Vec<serde_json::Value>) {
     let rm = format!("ppo.reward_model=\"{}\"", rm.display());
-    let mut args = vec!["--set", rm.as_str()];
+    let mut args = sets(&[&rm]);
     args.extend_from_slice(extra);
     run_recipe("ppo", RECIPE, out, &args)
 }
@@ -38,10 +39,10 @@ fn ppo_runs_resumes_exactly_and_exports() {
     let tmp = tempfile::tempdir().unwrap();
     let rm = reward_model(&tmp.path().join("rm"));
     let safety = format!("ppo.safety_reward_model=\"{}\"", rm.display());
-    let two_models = ["--set", safety.as_str()];
+    let two_models = sets(&[&safety]);
     let full = tmp.path().join("full");
     let (run, metrics) = ppo(&full, &rm, &two_models);
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_success(&run);
     assert_eq!(series(&metrics, "reward_mean").len(), 4);
     for key in [
         "reward_mean",
@@ -99,9 +100,9 @@ fn ppo_runs_resumes_exactly_and_exports() {
     let (run, resumed) = ppo(
         &stopped,
         &rm,
-        &[&two_models[..], &["--resume", "latest"]].concat(),
+        &[&two_models[..], &resume_latest(&[])].concat(),
     );
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_success(&run);
     for key in ["reward_mean", "kl", "value_loss", "policy_loss"] {
         let (a, b) = (series(&metrics, key), series(&resumed, key));
         assert_eq!(a.len(), b.len(), "{key}");
@@ -117,25 +118,10 @@ fn ppo_runs_resumes_exactly_and_exports() {
     assert_eq!(samples, resumed_samples);
 
     // The policy is a language model that generate reads and transformers loads.
-    let gen = train(&[
-        "generate",
-        "--model",
-        checkpoint.to_str().unwrap(),
-        "--prompt",
-        "Hi",
-        "--max-new-tokens",
-        "3",
-    ]);
-    assert!(gen.status.success(), "{}", stderr(&gen));
+    let args = ["--prompt", "Hi", "--max-new-tokens", "3"];
+    assert_success(&generate(&checkpoint, &args));
     let exported = tmp.path().join("policy");
-    let run = train(&[
-        "export",
-        "--checkpoint",
-        checkpoint.to_str().unwrap(),
-        "--out",
-        exported.to_str().unwrap(),
-    ]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_success(&export(&checkpoint, &exported, &[]));
     if let Some(python) = python_with_transformers() {
         let check = std::process::Command::new(&python)
             .arg(root().join("scripts/check_export.py"))
@@ -160,14 +146,9 @@ fn ppo_bad_input_gives_one_line_errors() {
     // A reward model whose tokenizer differs from the policy's.
     let other = tmp.path().join("other-rm");
     copy_tree(&rm, &other);
-    let text = std::fs::read_to_string(other.join("tokenizer.json")).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let vocab = json["model"]["vocab"].as_object_mut().unwrap();
-    let (a, b) = ("<unk>", "<s>");
-    let (ia, ib) = (vocab[a].clone(), vocab[b].clone());
-    vocab.insert(a.into(), ib);
-    vocab.insert(b.into(), ia);
-    std::fs::write(other.join("tokenizer.json"), json.to_string()).unwrap();
+    edit_json(&other.join("tokenizer.json"), |tok| {
+        swap_token_ids(tok, "<unk>", "<s>")
+    });
     let (run, _) = ppo(&out, &other, &[]);
     assert_user_error(&run, "tokenizer differs from the policy's");
 
@@ -178,19 +159,14 @@ fn ppo_bad_input_gives_one_line_errors() {
         "ppo",
         "recipes/reward-tiny.toml",
         &out,
-        &["--set", "model.checkpoint=\"x\""],
+        &sets(&["model.checkpoint=\"x\""]),
     );
     assert_user_error(&run, "no [ppo] section");
     // Prompts longer than the budget are counted and skipped; none left is an error.
     let (run, _) = ppo(
         &out,
         &rm,
-        &[
-            "--set",
-            "data.max_seq_len=4",
-            "--set",
-            "data.truncation=\"drop\"",
-        ],
+        &sets(&["data.max_seq_len=4", "data.truncation=\"drop\""]),
     );
     assert_failed_with(&run, "no prompts");
     assert!(
@@ -198,7 +174,7 @@ fn ppo_bad_input_gives_one_line_errors() {
         "{}",
         stderr(&run)
     );
-    let (run, _) = ppo(&out, &rm, &["--set", "ppo.max_new_tokens=200"]);
+    let (run, _) = ppo(&out, &rm, &sets(&["ppo.max_new_tokens=200"]));
     assert_user_error(&run, "exceeds the model's context");
     assert!(!out.exists(), "nothing written before training starts");
 
@@ -206,16 +182,12 @@ fn ppo_bad_input_gives_one_line_errors() {
     let (run, _) = ppo(
         &out,
         &rm,
-        &[
-            "--set",
+        &sets(&[
             "ppo.max_kl=1e-9",
-            "--set",
             "train.save_every=1",
-            "--set",
             "train.lr=0.05",
-            "--set",
             "train.log_every=100",
-        ],
+        ]),
     );
     assert_user_error(&run, "above ppo.max_kl");
     assert!(out.join("checkpoint-1/model.safetensors").exists());

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Output;
 
 use common::*;
+use test_support::*;
 
 const RECIPE: &str = "tests/fixtures/recipes/reward-test.toml";
 
@@ -13,17 +14,12 @@ fn reward(out: &Path, extra: &[&str]) -> (Output, Vec<serde_json::Value>) {
     run_recipe("reward", RECIPE, out, extra)
 }
 
-fn json_of(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "{}", stderr(out));
-    serde_json::from_str(stdout(out).lines().last().expect("a JSON line")).unwrap()
-}
-
 #[test]
 fn reward_trains_resumes_exactly_scores_and_exports() {
     let tmp = tempfile::tempdir().unwrap();
     let full = tmp.path().join("full");
     let (run, metrics) = reward(&full, &[]);
-    let summary = json_of(&run);
+    let summary = json_summary(&run);
     assert_eq!(summary["steps"], 8);
     let train_lines: Vec<_> = metrics.iter().filter(|v| v.get("loss").is_some()).collect();
     assert_eq!(train_lines.len(), 8);
@@ -52,8 +48,8 @@ fn reward_trains_resumes_exactly_scores_and_exports() {
     let stopped = tmp.path().join("stopped");
     copy_tree(&full, &stopped);
     std::fs::remove_dir_all(stopped.join("checkpoint-8")).unwrap();
-    let (run, resumed) = reward(&stopped, &["--resume", "latest"]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    let (run, resumed) = reward(&stopped, &resume_latest(&[]));
+    assert_success(&run);
     let a = losses_by_step(&metrics);
     let b = losses_by_step(&resumed);
     assert_eq!(a.len(), b.len());
@@ -63,14 +59,8 @@ fn reward_trains_resumes_exactly_scores_and_exports() {
 
     // `train score` on pairs reproduces the trainer's evaluation of the same model; here on
     // every pair of the preference file, with buckets for each rating level.
-    let scored = json_of(&train(&[
-        "score",
-        "--model",
-        checkpoint.to_str().unwrap(),
-        "--data",
-        "datasets/preference-tiny.json",
-        "--json",
-    ]));
+    let pairs = Path::new("datasets/preference-tiny.json");
+    let scored = json_summary(&score(&checkpoint, pairs, &["--json"]));
     assert_eq!(scored["pairs"], 40);
     let accuracy = scored["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&accuracy));
@@ -99,45 +89,22 @@ fn reward_trains_resumes_exactly_scores_and_exports() {
         "{weighted} vs {accuracy}"
     );
     // Single records: one score each, in file order, equal to scoring them one at a time.
-    let records = json_of(&train(&[
-        "score",
-        "--model",
-        checkpoint.to_str().unwrap(),
-        "--data",
-        "tests/fixtures/score-records.jsonl",
-        "--json",
-    ]));
-    let batched: Vec<f64> = records["scores"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let singles = Path::new("tests/fixtures/score-records.jsonl");
+    let records = json_summary(&score(&checkpoint, singles, &["--json"]));
+    let batched = json_f64s(&records["scores"]);
     assert_eq!(batched.len(), 3);
-    let one_by_one = json_of(&train(&[
-        "score",
-        "--model",
-        checkpoint.to_str().unwrap(),
-        "--data",
-        "tests/fixtures/score-records.jsonl",
-        "--batch-size",
-        "1",
-        "--json",
-    ]));
-    for (a, b) in batched.iter().zip(one_by_one["scores"].as_array().unwrap()) {
-        assert!((a - b.as_f64().unwrap()).abs() < 1e-4);
+    let one_by_one = json_summary(&score(
+        &checkpoint,
+        singles,
+        &["--batch-size", "1", "--json"],
+    ));
+    for (a, b) in batched.iter().zip(json_f64s(&one_by_one["scores"])) {
+        assert!((a - b).abs() < 1e-4);
     }
 
     // Export keeps the classifier and its statistics.
     let exported = tmp.path().join("exported");
-    let run = train(&[
-        "export",
-        "--checkpoint",
-        checkpoint.to_str().unwrap(),
-        "--out",
-        exported.to_str().unwrap(),
-    ]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_success(&export(&checkpoint, &exported, &[]));
     assert!(exported.join("reward_stats.json").exists());
     let config = std::fs::read_to_string(exported.join("config.json")).unwrap();
     assert!(config.contains("LlamaForSequenceClassification"));
@@ -157,19 +124,17 @@ fn reward_and_score_bad_input_give_one_line_errors() {
         ],
     );
     assert_user_error(&run, "no preference pairs");
-    let (run, _) = reward(&out, &["--set", "reward.margin=\"custom\""]);
+    let (run, _) = reward(&out, &sets(&["reward.margin=\"custom\""]));
     assert_user_error(&run, "needs a `margin_table`");
     let (run, _) = reward(
         &out,
-        &[
-            "--set",
+        &sets(&[
             "reward.margin=\"custom\"",
-            "--set",
             "reward.margin_table={much_better = 2.0}",
-        ],
+        ]),
     );
     assert_user_error(&run, "unknown rating `much_better`");
-    let (run, _) = reward(&out, &["--set", "reward.margins=1"]);
+    let (run, _) = reward(&out, &sets(&["reward.margins=1"]));
     assert_user_error(&run, "margins");
     assert!(!out.exists(), "nothing written before training starts");
 
@@ -180,31 +145,15 @@ fn reward_and_score_bad_input_give_one_line_errors() {
         "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\", \"rating\": \"much better\"}\n",
     )
     .unwrap();
-    let model = golden("tiny-gqa");
-    let run = train(&[
-        "score",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        bad.to_str().unwrap(),
-    ]);
+    let run = score(&golden_dir("tiny-gqa"), &bad, &[]);
     // The golden model is a language model: refused before the data is read.
     assert_user_error(&run, "not a reward model");
 
     // A reward model for the remaining checks.
-    let (run, _) = reward(&out, &["--set", "train.max_steps=1"]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    let (run, _) = reward(&out, &sets(&["train.max_steps=1"]));
+    assert_success(&run);
     let rm = out.join("checkpoint-1");
-    let score = |data: &Path| {
-        train(&[
-            "score",
-            "--model",
-            rm.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-        ])
-    };
-    let run = score(&bad);
+    let run = score(&rm, &bad, &[]);
     assert_user_error(&run, "unknown rating `much better`");
     assert!(stderr(&run).contains("bad.jsonl:1"), "{}", stderr(&run));
     let same = tmp.path().join("same.jsonl");
@@ -213,20 +162,11 @@ fn reward_and_score_bad_input_give_one_line_errors() {
         "{\"prompt\": \"a\", \"chosen\": \"same\", \"rejected\": \"same\"}\n",
     )
     .unwrap();
-    assert_user_error(&score(&same), "identical to `chosen`");
-    assert_user_error(
-        &score(&root().join("datasets/prompts-tiny.jsonl")),
-        "need a `response`",
-    );
+    assert_user_error(&score(&rm, &same, &[]), "identical to `chosen`");
+    let prompts = root().join("datasets/prompts-tiny.jsonl");
+    assert_user_error(&score(&rm, &prompts, &[]), "need a `response`");
     // The reward model cannot generate.
-    let run = train(&[
-        "generate",
-        "--model",
-        rm.to_str().unwrap(),
-        "--prompt",
-        "Hi",
-    ]);
-    assert_user_error(&run, "reward model");
+    assert_user_error(&generate(&rm, &["--prompt", "Hi"]), "reward model");
 }
 
 /// The README's real-data result: a tiny reward model trained on 90% of the HH-RLHF harmless
@@ -246,7 +186,7 @@ fn hh_rlhf_harmless_reward_model_beats_chance() {
         &tmp.path().join("hh"),
         &[],
     );
-    let summary = json_of(&run);
+    let summary = json_summary(&run);
     let eval = &summary["eval"];
     assert_eq!(eval["pairs"], 231, "a 90/10 split of 2,312 pairs");
     let accuracy = eval["accuracy"].as_f64().unwrap();

@@ -5,6 +5,11 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use test_support::*;
+
+/// The test recipe of both `train rs` and `train distill` (it has both sections).
+const RS_RECIPE: &str = "tests/fixtures/recipes/rs-test.toml";
+const DISTILL_RECIPE: &str = "tests/fixtures/recipes/distill-test.toml";
 
 /// A tiny SFT policy and reward model for the safety methods.
 fn models(dir: &Path) -> (PathBuf, PathBuf) {
@@ -12,16 +17,16 @@ fn models(dir: &Path) -> (PathBuf, PathBuf) {
         "sft",
         "recipes/sft-tiny.toml",
         &dir.join("sft"),
-        &["--set", "train.max_steps=20"],
+        &sets(&["train.max_steps=20"]),
     );
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_success(&run);
     let (run, _) = run_recipe(
         "reward",
         "tests/fixtures/recipes/reward-test.toml",
         &dir.join("rm"),
-        &["--set", "train.max_steps=2"],
+        &sets(&["train.max_steps=2"]),
     );
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_success(&run);
     (dir.join("sft/checkpoint-20"), dir.join("rm/checkpoint-2"))
 }
 
@@ -37,36 +42,18 @@ fn eval_safety_reports_refusals_false_refusals_and_scores() {
     )
     .unwrap();
     let answers = tmp.path().join("answers.jsonl");
-    let run = train(&[
-        "eval",
-        "safety",
-        "--model",
-        policy.to_str().unwrap(),
-        "--prompts",
-        unsafe_set.to_str().unwrap(),
-        "--benign",
-        "datasets/prompts-tiny.jsonl",
-        "--reward-model",
-        rm.to_str().unwrap(),
-        "--limit",
-        "5",
-        "--max-new-tokens",
-        "12",
-        "--answers",
-        answers.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(run.status.success(), "{}", stderr(&run));
-    let report: serde_json::Value = serde_json::from_str(stdout(&run).trim()).unwrap();
+    let benign = ["--benign", "datasets/prompts-tiny.jsonl", "--limit", "5"];
+    let scored = ["--reward-model", arg(&rm), "--answers", arg(&answers)];
+    let report = json_output(&eval_safety(
+        &policy,
+        &unsafe_set,
+        &[&benign[..], &scored, &["--max-new-tokens", "12", "--json"]].concat(),
+    ));
     assert_eq!(report["sets"][0]["prompts"], 2);
     assert_eq!(report["sets"][1]["prompts"], 5);
     assert_eq!(report["sets"][1]["benign"], true);
     assert!(report["safety_score"]["mean"].as_f64().unwrap().is_finite());
-    let dumped: Vec<serde_json::Value> = std::fs::read_to_string(&answers)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let dumped = read_jsonl(&answers);
     assert_eq!(dumped.len(), 7);
     // The rates are the refused shares of the answers written out: 2 unsafe, then 5 benign.
     let refused = |rows: &[serde_json::Value]| {
@@ -83,23 +70,12 @@ fn eval_safety_reports_refusals_false_refusals_and_scores() {
 
     let dump = tmp.path().join("dump.jsonl");
     let with_phrases = |file: &Path| -> serde_json::Value {
-        let run = train(&[
-            "eval",
-            "safety",
-            "--model",
-            policy.to_str().unwrap(),
-            "--prompts",
-            unsafe_set.to_str().unwrap(),
-            "--max-new-tokens",
-            "12",
-            "--refusal-phrases",
-            file.to_str().unwrap(),
-            "--answers",
-            dump.to_str().unwrap(),
-            "--json",
-        ]);
-        assert!(run.status.success(), "{}", stderr(&run));
-        serde_json::from_str(stdout(&run).trim()).unwrap()
+        let phrases = ["--refusal-phrases", arg(file), "--answers", arg(&dump)];
+        json_output(&eval_safety(
+            &policy,
+            &unsafe_set,
+            &[&phrases[..], &["--max-new-tokens", "12", "--json"]].concat(),
+        ))
     };
     let none = tmp.path().join("none.txt");
     std::fs::write(&none, "zzzz-never-said\n").unwrap();
@@ -108,11 +84,7 @@ fn eval_safety_reports_refusals_false_refusals_and_scores() {
     let letter = tmp.path().join("e.txt");
     std::fs::write(&letter, "# a comment\nE\n").unwrap();
     let report = with_phrases(&letter);
-    let answers: Vec<serde_json::Value> = std::fs::read_to_string(&dump)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let answers = read_jsonl(&dump);
     let with_e = answers
         .iter()
         .filter(|a| a["answer"].as_str().unwrap().to_lowercase().contains('e'))
@@ -122,34 +94,13 @@ fn eval_safety_reports_refusals_false_refusals_and_scores() {
         with_e as f64 / answers.len() as f64
     );
 
-    let missing = train(&[
-        "eval",
-        "safety",
-        "--model",
-        policy.to_str().unwrap(),
-        "--prompts",
-        "no/such/file.json",
-    ]);
+    let nowhere = Path::new("no/such/file.json");
+    let missing = eval_safety(&policy, nowhere, &[]);
     assert_user_error(&missing, "prompt file not found");
 
-    let not_sampling = train(&[
-        "eval",
-        "safety",
-        "--model",
-        policy.to_str().unwrap(),
-        "--prompts",
-        "no/such/file.json",
-        "--temperature",
-        "nan",
-    ]);
+    let not_sampling = eval_safety(&policy, nowhere, &["--temperature", "nan"]);
     assert_user_error(&not_sampling, "--temperature must be >= 0");
-    let greedy_rs = train(&[
-        "rs",
-        "--recipe",
-        "tests/fixtures/recipes/rs-test.toml",
-        "--set",
-        "rs.temperature=0.0",
-    ]);
+    let greedy_rs = train(&["rs", "--recipe", RS_RECIPE, "--set", "rs.temperature=0.0"]);
     assert_user_error(
         &greedy_rs,
         "[rs] `top_p` must be in (0, 1] and `temperature` > 0",
@@ -157,7 +108,7 @@ fn eval_safety_reports_refusals_false_refusals_and_scores() {
     let resume_elsewhere = train(&[
         "rs",
         "--recipe",
-        "tests/fixtures/recipes/rs-test.toml",
+        RS_RECIPE,
         "--resume",
         "runs/some-other-run/checkpoint-3",
     ]);
@@ -171,22 +122,17 @@ fn rejection_sampling_and_context_distillation_fine_tune_on_kept_answers() {
     let policy_set = format!("model.checkpoint=\"{}\"", policy.display());
     let rm_set = format!("rs.reward_model=\"{}\"", rm.display());
     let srm_set = format!("distill.safety_reward_model=\"{}\"", rm.display());
-    let extra = ["--set", &policy_set, "--set", &rm_set, "--set", &srm_set];
+    let extra = sets(&[&policy_set, &rm_set]);
+    let distill_extra = sets(&[&policy_set, &srm_set]);
 
     let out = tmp.path().join("rs");
-    let (run, _) = run_recipe("rs", "tests/fixtures/recipes/rs-test.toml", &out, &extra);
-    assert!(run.status.success(), "{}", stderr(&run));
-    let summary: serde_json::Value =
-        serde_json::from_str(stdout(&run).lines().last().unwrap()).unwrap();
+    let (run, _) = run_recipe("rs", RS_RECIPE, &out, &extra);
+    let summary = json_summary(&run);
     assert_eq!(summary["prompts"], 40);
     // Without a threshold every prompt keeps its best answer (unless all K were empty).
     let kept = summary["kept"].as_u64().unwrap();
     assert!(kept > 30 && kept <= 40, "{summary}");
-    let candidates = std::fs::read_to_string(out.join("generated/candidates.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = candidates
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = read_jsonl(&out.join("generated/candidates.jsonl"));
     assert_eq!(lines.len(), 120, "3 samples for each of 40 prompts");
     // The kept answer of each prompt is its best-scored one.
     for group in lines.chunks(3) {
@@ -203,45 +149,28 @@ fn rejection_sampling_and_context_distillation_fine_tune_on_kept_answers() {
     // Resuming a finished generation goes straight to SFT.
     let (run, _) = run_recipe(
         "rs",
-        "tests/fixtures/recipes/rs-test.toml",
+        RS_RECIPE,
         &out,
-        &[
-            &extra[..],
-            &["--resume", "latest", "--set", "train.max_steps=4"],
-        ]
-        .concat(),
+        &[&extra[..], &resume_latest(&["train.max_steps=4"])].concat(),
     );
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_success(&run);
     assert!(stderr(&run).contains("generation already done"));
     assert!(out.join("sft/checkpoint-4").exists());
 
     // By default, answers cut off at max_new_tokens are never kept, by either method; every
     // candidate is recorded even when nothing is kept.
-    for (command, key) in [("rs", "rs"), ("distill", "distill")] {
+    for (command, recipe, set) in [
+        ("rs", RS_RECIPE, &extra),
+        ("distill", DISTILL_RECIPE, &distill_extra),
+    ] {
         let strict = tmp.path().join(format!("strict-{command}"));
-        let unset = format!("{key}.keep_unfinished=false");
-        let (run, _) = run_recipe(
-            command,
-            "tests/fixtures/recipes/rs-test.toml",
-            &strict,
-            &[
-                &extra[..],
-                &[
-                    "--set",
-                    &unset,
-                    "--set",
-                    "distill.temperature=1.0",
-                    "--set",
-                    "train.batch_size=1",
-                ],
-            ]
-            .concat(),
-        );
-        let text = std::fs::read_to_string(strict.join("generated/candidates.jsonl")).unwrap();
-        let candidates: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let unset = format!("{command}.keep_unfinished=false");
+        let mut more = vec![unset.as_str(), "train.batch_size=1"];
+        if command == "distill" {
+            more.push("distill.temperature=1.0");
+        }
+        let (run, _) = run_recipe(command, recipe, &strict, &[&set[..], &sets(&more)].concat());
+        let candidates = read_jsonl(&strict.join("generated/candidates.jsonl"));
         assert!(!candidates.is_empty());
         for c in &candidates {
             assert!(c["kept"] == false || c["ended_with_eos"] == true, "{c}");
@@ -250,16 +179,16 @@ fn rejection_sampling_and_context_distillation_fine_tune_on_kept_answers() {
         if kept == 0 {
             assert_failed_with(&run, "no answer was kept");
         } else {
-            assert!(run.status.success(), "{}", stderr(&run));
+            assert_success(&run);
         }
     }
 
     // Threshold above every score: nothing kept, a clear error.
     let (run, _) = run_recipe(
         "rs",
-        "tests/fixtures/recipes/rs-test.toml",
+        RS_RECIPE,
         &tmp.path().join("none"),
-        &[&extra[..], &["--set", "rs.threshold=1e9"]].concat(),
+        &[&extra[..], &sets(&["rs.threshold=1e9"])].concat(),
     );
     assert_failed_with(&run, "no answer was kept");
 
@@ -268,17 +197,12 @@ fn rejection_sampling_and_context_distillation_fine_tune_on_kept_answers() {
     // pre-prompt, and ties are not kept.
     let (run, _) = run_recipe(
         "distill",
-        "tests/fixtures/recipes/rs-test.toml",
+        DISTILL_RECIPE,
         &out,
-        &[&extra[..], &["--set", "distill.temperature=1.0"]].concat(),
+        &[&distill_extra[..], &sets(&["distill.temperature=1.0"])].concat(),
     );
-    assert!(run.status.success(), "{}", stderr(&run));
-    let records: Vec<serde_json::Value> =
-        std::fs::read_to_string(out.join("generated/candidates.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+    assert_success(&run);
+    let records = read_jsonl(&out.join("generated/candidates.jsonl"));
     assert_eq!(records.len(), 40);
     for r in &records {
         let better = r["score_with"].as_f64().unwrap() > r["score_without"].as_f64().unwrap();

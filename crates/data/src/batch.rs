@@ -1,12 +1,10 @@
-//! Datasets (burn-dataset's `Dataset` trait) and padded batches.
+//! Datasets (burn-dataset's in-memory `Dataset`) and padded batches.
 //!
 //! Batches are host arrays, right-padded; the trainers turn them into tensors on their device.
 //! The batch order is computed from the seed and epoch alone, so a resumed run sees the same
 //! batches.
 
-use burn::prelude::{Bool, Device, Int, Tensor};
-use burn::tensor::TensorData;
-pub use burn_dataset::{Dataset, DatasetError};
+pub use burn_dataset::{Dataset, DatasetError, InMemDataset};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -39,55 +37,67 @@ impl From<Packed> for SequenceItem {
     }
 }
 
-pub struct SequenceDataset {
-    items: Vec<SequenceItem>,
-}
+/// SFT sequences in memory.
+pub type SequenceDataset = InMemDataset<SequenceItem>;
 
-impl SequenceDataset {
-    /// SFT sequences from tokenized examples, packed into `max_len` when `packing`.
-    pub fn new(examples: &[Tokenized], max_len: usize, packing: bool) -> Self {
-        let sequences: Vec<Rendered> = examples
-            .iter()
-            .filter_map(|t| match t {
-                Tokenized::Sequence(r) => Some(r.clone()),
-                _ => None,
+/// SFT sequences from tokenized examples, packed into `max_len` when `packing`.
+pub fn sequence_dataset(examples: &[Tokenized], max_len: usize, packing: bool) -> SequenceDataset {
+    let sequences: Vec<Rendered> = examples
+        .iter()
+        .filter_map(|t| match t {
+            Tokenized::Sequence(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    let items = if packing {
+        pack(&sequences, max_len)
+            .into_iter()
+            .map(Into::into)
+            .collect()
+    } else {
+        sequences
+            .into_iter()
+            .map(|r| SequenceItem {
+                positions: (0..r.ids.len()).collect(),
+                segments: vec![0; r.ids.len()],
+                ids: r.ids,
+                trained: r.trained,
             })
-            .collect();
-        let items = if packing {
-            pack(&sequences, max_len)
-                .into_iter()
-                .map(Into::into)
-                .collect()
-        } else {
-            sequences
-                .into_iter()
-                .map(|r| SequenceItem {
-                    positions: (0..r.ids.len()).collect(),
-                    segments: vec![0; r.ids.len()],
-                    ids: r.ids,
-                    trained: r.trained,
-                })
-                .collect()
-        };
-        Self { items }
-    }
+            .collect()
+    };
+    InMemDataset::new(items)
+}
 
-    pub fn lengths(&self) -> Vec<usize> {
-        self.items.iter().map(|i| i.ids.len()).collect()
+/// An item's length in tokens, what batches are bucketed by (a pair: its longer answer).
+pub trait Length {
+    fn length(&self) -> usize;
+}
+
+impl Length for SequenceItem {
+    fn length(&self) -> usize {
+        self.ids.len()
     }
 }
 
-impl Dataset<SequenceItem> for SequenceDataset {
-    fn get(&self, index: usize) -> Result<SequenceItem, DatasetError> {
-        self.items
-            .get(index)
-            .cloned()
-            .ok_or_else(|| out_of_range(index, self.items.len()))
+impl Length for PairItem {
+    fn length(&self) -> usize {
+        self.chosen.len().max(self.rejected.len())
     }
+}
 
-    fn len(&self) -> usize {
-        self.items.len()
-    }
+/// Every item's length, in order.
+pub fn lengths<I: Length + Clone + Send + Sync>(dataset: &InMemDataset<I>) -> Vec<usize> {
+    dataset
+        .iter()
+        .map(|item| item.expect("in-memory items always read").length())
+        .collect()
+}
+
+/// `row` followed by `fill` up to `width`: the one right-padding of host batches.
+fn pad_to<T: Clone>(row: &[T], width: usize, fill: T) -> Vec<T> {
+    let mut padded = row.to_vec();
+    padded.resize(width.max(row.len()), fill);
+    padded
 }
 
 /// A right-padded language-modelling batch. `targets[b][t]` is the token to predict at
@@ -113,15 +123,10 @@ impl SequenceBatch {
         };
         for item in items {
             let n = item.ids.len();
-            let pad = width - n;
-            let mut tokens = item.ids.clone();
-            tokens.extend(std::iter::repeat_n(pad_id, pad));
-            let mut valid = vec![true; n];
-            valid.extend(std::iter::repeat_n(false, pad));
-            let mut positions = item.positions.clone();
-            positions.extend(std::iter::repeat_n(0, pad));
-            let mut segments = item.segments.clone();
-            segments.extend(std::iter::repeat_n(u32::MAX, pad));
+            let tokens = pad_to(&item.ids, width, pad_id);
+            let valid = pad_to(&vec![true; n], width, false);
+            let positions = pad_to(&item.positions, width, 0);
+            let segments = pad_to(&item.segments, width, u32::MAX);
             // Predict token t+1 at t, within the same packed example only.
             let mut targets = vec![IGNORE; width];
             for (t, target) in targets.iter_mut().enumerate().take(n.saturating_sub(1)) {
@@ -136,21 +141,6 @@ impl SequenceBatch {
             batch.targets.push(targets);
         }
         batch
-    }
-
-    /// `[batch, time]` tensors: token ids, the attention mask (true for real tokens) and the
-    /// next-token targets (`IGNORE` where no loss is taken).
-    pub fn tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<2, Bool>, Tensor<2, Int>) {
-        let tokens: Vec<Vec<i64>> = self
-            .tokens
-            .iter()
-            .map(|r| r.iter().map(|&t| t as i64).collect())
-            .collect();
-        (
-            int_tensor(&tokens, device),
-            bool_tensor(&self.valid, device),
-            int_tensor(&self.targets, device),
-        )
     }
 
     /// Number of positions that carry loss.
@@ -173,53 +163,31 @@ pub struct PairItem {
     pub margin: Option<f32>,
 }
 
-pub struct PairDataset {
-    items: Vec<PairItem>,
-}
+/// Preference pairs in memory.
+pub type PairDataset = InMemDataset<PairItem>;
 
-impl PairDataset {
-    pub fn new(examples: &[Tokenized]) -> Self {
-        let items = examples
-            .iter()
-            .filter_map(|t| match t {
-                Tokenized::Pair {
-                    chosen,
-                    rejected,
-                    prompt_len,
-                    rating,
-                    margin,
-                } => Some(PairItem {
-                    chosen: chosen.ids.clone(),
-                    rejected: rejected.ids.clone(),
-                    prompt_len: *prompt_len,
-                    rating: *rating,
-                    margin: *margin,
-                }),
-                _ => None,
-            })
-            .collect();
-        Self { items }
-    }
-
-    pub fn lengths(&self) -> Vec<usize> {
-        self.items
-            .iter()
-            .map(|p| p.chosen.len().max(p.rejected.len()))
-            .collect()
-    }
-}
-
-impl Dataset<PairItem> for PairDataset {
-    fn get(&self, index: usize) -> Result<PairItem, DatasetError> {
-        self.items
-            .get(index)
-            .cloned()
-            .ok_or_else(|| out_of_range(index, self.items.len()))
-    }
-
-    fn len(&self) -> usize {
-        self.items.len()
-    }
+/// The pairs among tokenized examples.
+pub fn pair_dataset(examples: &[Tokenized]) -> PairDataset {
+    let items = examples
+        .iter()
+        .filter_map(|t| match t {
+            Tokenized::Pair {
+                chosen,
+                rejected,
+                prompt_len,
+                rating,
+                margin,
+            } => Some(PairItem {
+                chosen: chosen.ids.clone(),
+                rejected: rejected.ids.clone(),
+                prompt_len: *prompt_len,
+                rating: *rating,
+                margin: *margin,
+            }),
+            _ => None,
+        })
+        .collect();
+    InMemDataset::new(items)
 }
 
 /// Chosen and rejected sequences in one right-padded batch: rows `0..n` are the chosen answers,
@@ -250,47 +218,14 @@ impl PairBatch {
             margins: items.iter().map(|p| p.margin).collect(),
         };
         for row in rows {
-            let mut tokens = row.clone();
-            tokens.resize(width, pad_id);
-            let mut valid = vec![true; row.len()];
-            valid.resize(width, false);
             batch.last.push(row.len().saturating_sub(1));
-            batch.tokens.push(tokens);
-            batch.valid.push(valid);
+            batch.tokens.push(pad_to(row, width, pad_id));
+            batch
+                .valid
+                .push(pad_to(&vec![true; row.len()], width, false));
         }
         batch
     }
-}
-
-impl PairBatch {
-    /// `[2 * pairs, time]` token ids and attention mask, and the `[2 * pairs]` last-token
-    /// indices.
-    pub fn tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<2, Bool>, Tensor<1, Int>) {
-        let tokens: Vec<Vec<i64>> = self
-            .tokens
-            .iter()
-            .map(|r| r.iter().map(|&t| t as i64).collect())
-            .collect();
-        let last: Vec<i64> = self.last.iter().map(|&i| i as i64).collect();
-        let n = last.len();
-        (
-            int_tensor(&tokens, device),
-            bool_tensor(&self.valid, device),
-            Tensor::from_data(TensorData::new(last, [n]), device),
-        )
-    }
-}
-
-fn int_tensor(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
-    let width = rows.first().map_or(0, Vec::len);
-    let flat: Vec<i64> = rows.iter().flatten().copied().collect();
-    Tensor::from_data(TensorData::new(flat, [rows.len(), width]), device)
-}
-
-fn bool_tensor(rows: &[Vec<bool>], device: &Device) -> Tensor<2, Bool> {
-    let width = rows.first().map_or(0, Vec::len);
-    let flat: Vec<bool> = rows.iter().flatten().copied().collect();
-    Tensor::from_data(TensorData::new(flat, [rows.len(), width]), device)
 }
 
 /// The order of batches for one epoch: indices shuffled with `seed` and `epoch`; with
@@ -327,10 +262,4 @@ pub fn items_at<I>(dataset: &impl Dataset<I>, indices: &[usize]) -> Vec<I> {
     dataset
         .get_many(indices.to_vec())
         .expect("batch indices are taken from the dataset's own length")
-}
-
-fn out_of_range(index: usize, len: usize) -> DatasetError {
-    DatasetError::new(crate::DataError::Config(format!(
-        "dataset index {index} out of range (length {len})"
-    )))
 }

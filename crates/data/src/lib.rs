@@ -8,6 +8,7 @@ pub mod dataset;
 pub mod error;
 pub mod format;
 pub mod inspect;
+pub mod prompts;
 pub mod read;
 pub mod render;
 pub mod tokenizer;
@@ -18,5 +19,6 @@ pub use dataset::{
 };
 pub use error::{DataError, Result};
 pub use format::{Example, Format, PreferencePair, Rating};
+pub use prompts::{load_prompts, PromptRecord};
 pub use render::{tokenize_example, LengthPolicy, Tokenized, Truncation};
 pub use tokenizer::Tokenizer;

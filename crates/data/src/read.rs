@@ -68,7 +68,15 @@ impl RecordReader {
                 }
             }
         };
-        let inner = if first == Some(b'[') {
+        let inner = if first == Some(b'{') {
+            match instructions(path)? {
+                Some(values) => Inner::Array(values.into_iter(), 0),
+                None => Inner::Lines {
+                    reader: open_decoded(path)?,
+                    line: 0,
+                },
+            }
+        } else if first == Some(b'[') {
             let mut bytes = Vec::new();
             reader.read_to_end(&mut bytes).map_err(io_err(path))?;
             let text = String::from_utf8(bytes).map_err(|e| DataError::File {
@@ -99,6 +107,48 @@ impl RecordReader {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// A file holding one JSON object with an `instructions` list (the Safety-Tuned LLaMAs prompt
+/// sets, on one line or pretty-printed), as `{"prompt": instruction}` records; `None` for
+/// anything else (JSON Lines, read normally). Only a first line that is not a JSON object on
+/// its own makes the whole file be read here.
+fn instructions(path: &Path) -> Result<Option<Vec<serde_json::Value>>> {
+    let mut reader = open_decoded(path)?;
+    let mut first_line = Vec::new();
+    if reader.read_until(b'\n', &mut first_line).is_err() {
+        // Reported by the line reader, with the line.
+        return Ok(None);
+    }
+    let value = match serde_json::from_slice::<serde_json::Value>(&first_line) {
+        Ok(value) => value,
+        Err(_) => {
+            let mut rest = first_line;
+            if reader.read_to_end(&mut rest).is_err() {
+                return Ok(None);
+            }
+            match serde_json::from_slice(&rest) {
+                Ok(value) => value,
+                Err(_) => return Ok(None),
+            }
+        }
+    };
+    let Some(list) = value.get("instructions").and_then(|v| v.as_array()) else {
+        return Ok(None);
+    };
+    if value.as_object().is_some_and(|o| o.len() > 1) {
+        return Err(DataError::File {
+            path: path.to_path_buf(),
+            message: "an `instructions` file holds only the `instructions` list".into(),
+        });
+    }
+    Ok(Some(
+        list.iter()
+            // Trimmed as the sets are read everywhere; a non-string is left for the prompt
+            // parser to name.
+            .map(|v| serde_json::json!({ "prompt": v.as_str().map_or(v.clone(), |s| s.trim().into()) }))
+            .collect(),
+    ))
 }
 
 impl Iterator for RecordReader {

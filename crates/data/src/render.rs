@@ -110,8 +110,7 @@ pub fn tokenize_example(
                     Truncation::Drop => return Ok((None, LengthOutcome::Dropped)),
                     Truncation::TruncatePrompt => {
                         let excess = prompt.len() + longest - max;
-                        let removable = prompt.len().saturating_sub(1).min(excess);
-                        prompt.drain(1..1 + removable);
+                        drop_after_bos(&mut prompt, excess);
                     }
                     Truncation::TruncateAnswer => {}
                 }
@@ -152,7 +151,8 @@ pub fn tokenize_example(
             if ids.len() > max {
                 match policy.truncation {
                     Truncation::TruncatePrompt => {
-                        ids.drain(1..1 + ids.len() - max);
+                        let excess = ids.len() - max;
+                        drop_after_bos(&mut ids, excess);
                         outcome = LengthOutcome::Truncated;
                     }
                     // A prompt cut at its end loses its "[/INST]": unusable.
@@ -271,8 +271,8 @@ fn fit_sequence(
                 .map_or(r.ids.len(), |i| i + 1);
             let excess = r.ids.len() - max;
             let removable = last_answer.saturating_sub(1).min(excess);
-            r.ids.drain(1..1 + removable);
-            r.trained.drain(1..1 + removable);
+            drop_after_bos(&mut r.ids, removable);
+            drop_after_bos(&mut r.trained, removable);
             r.ids.truncate(max);
             r.trained.truncate(max);
         }
@@ -321,4 +321,11 @@ pub fn pack(sequences: &[Rendered], max_len: usize) -> Vec<Packed> {
         packs.push(current);
     }
     packs
+}
+
+/// Left truncation, the one way prompts are shortened: removes up to `count` of the oldest
+/// tokens after the first (BOS), so the end of the prompt (its last `[/INST]`) survives.
+pub fn drop_after_bos<T>(row: &mut Vec<T>, count: usize) {
+    let count = count.min(row.len().saturating_sub(1));
+    row.drain(1..1 + count);
 }

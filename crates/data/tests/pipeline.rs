@@ -6,10 +6,13 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixture_tokenizer, root, shared_dir};
+use common::fixture_tokenizer;
+use test_support::{root, shared_dir, LLAMA2_TOKENIZER};
 
 use burn_dataset::Dataset;
-use data::batch::{batch_order, PairBatch, PairDataset, SequenceBatch, SequenceDataset, IGNORE};
+use data::batch::{
+    batch_order, lengths, pair_dataset, sequence_dataset, PairBatch, SequenceBatch, IGNORE,
+};
 use data::format::parse_record;
 use data::read::RecordReader;
 use data::{
@@ -66,7 +69,7 @@ fn real_hh_rlhf_pairs_reproduce_their_transcripts() {
         );
     }
     // Through the whole pipeline with the real tokenizer: every pair is kept.
-    let tok = Tokenizer::from_file(&shared.join("tokenizers/llama2/tokenizer.json")).unwrap();
+    let tok = Tokenizer::from_file(&shared.join(LLAMA2_TOKENIZER)).unwrap();
     let source = SourceConfig::file(path, None);
     let (items, stats) = load_source(
         &source,
@@ -286,11 +289,11 @@ fn packing_fills_sequences_without_splitting_examples() {
         load_source(&source, &tok, &policy(256, Truncation::Drop), OnError::Stop).unwrap();
     let examples: Vec<Tokenized> = items.into_iter().map(|i| i.tokens).collect();
     let total: usize = examples.iter().map(Tokenized::token_count).sum();
-    let packed = SequenceDataset::new(&examples, 256, true);
-    let unpacked = SequenceDataset::new(&examples, 256, false);
+    let packed = sequence_dataset(&examples, 256, true);
+    let unpacked = sequence_dataset(&examples, 256, false);
     assert_eq!(unpacked.len(), examples.len());
     assert!(packed.len() < examples.len() / 2, "{} packs", packed.len());
-    assert_eq!(packed.lengths().iter().sum::<usize>(), total);
+    assert_eq!(lengths(&packed).iter().sum::<usize>(), total);
     let mut segments = 0;
     for i in 0..packed.len() {
         let item = packed.get(i).unwrap();
@@ -304,7 +307,6 @@ fn packing_fills_sequences_without_splitting_examples() {
         }
     }
     assert_eq!(segments, examples.len());
-    assert!(packed.get(packed.len()).is_err());
 }
 
 #[test]
@@ -319,13 +321,13 @@ fn sequence_batches_shift_targets_within_examples() {
     let (items, _) =
         load_source(&source, &tok, &policy(512, Truncation::Drop), OnError::Stop).unwrap();
     let examples: Vec<Tokenized> = items.into_iter().map(|i| i.tokens).collect();
-    let dataset = SequenceDataset::new(&examples[..4], 1024, true);
+    let dataset = sequence_dataset(&examples[..4], 1024, true);
     assert_eq!(dataset.len(), 1);
     let item = dataset.get(0).unwrap();
     let batch = SequenceBatch::new(
         &[
             item.clone(),
-            SequenceDataset::new(&examples[..1], 1024, false)
+            sequence_dataset(&examples[..1], 1024, false)
                 .get(0)
                 .unwrap(),
         ],
@@ -347,15 +349,7 @@ fn sequence_batches_shift_targets_within_examples() {
         .count();
     assert_eq!(boundaries, 3);
     assert!(!batch.valid[1][width - 1] && batch.targets[1][width - 1] == IGNORE);
-    // The same batch as tensors on a device.
-    let (tokens, valid, targets) = batch.tensors(&burn::prelude::Device::flex());
-    assert_eq!(tokens.dims(), [2, width]);
-    assert_eq!(
-        valid.clone().int().sum().into_scalar::<i64>() as usize,
-        batch.valid.iter().flatten().filter(|&&v| v).count()
-    );
-    let host: Vec<i64> = targets.into_data().try_into_vec_as::<i64>().unwrap();
-    assert_eq!(host, batch.targets.concat());
+    assert!(batch.tokens.iter().all(|row| row.len() == width));
     let expected_trained: usize = item.trained.iter().filter(|&&t| t).count();
     assert_eq!(
         batch.targets[0].iter().filter(|&&t| t != IGNORE).count(),
@@ -370,7 +364,7 @@ fn pair_batches_read_rewards_at_the_last_real_token() {
     let (items, _) =
         load_source(&source, &tok, &policy(512, Truncation::Drop), OnError::Stop).unwrap();
     let examples: Vec<Tokenized> = items.into_iter().map(|i| i.tokens).collect();
-    let dataset = PairDataset::new(&examples);
+    let dataset = pair_dataset(&examples);
     assert_eq!(dataset.len(), 40);
     let pairs: Vec<_> = (0..3).map(|i| dataset.get(i).unwrap()).collect();
     let batch = PairBatch::new(&pairs, 0);
@@ -381,13 +375,6 @@ fn pair_batches_read_rewards_at_the_last_real_token() {
         assert!(batch.valid[row][last]);
         assert!(batch.valid[row][last + 1..].iter().all(|v| !v));
     }
-    let (tokens, _, last) = batch.tensors(&burn::prelude::Device::flex());
-    assert_eq!(tokens.dims()[0], 6);
-    let last: Vec<i64> = last.into_data().try_into_vec_as::<i64>().unwrap();
-    assert_eq!(
-        last,
-        batch.last.iter().map(|&i| i as i64).collect::<Vec<_>>()
-    );
     let pair = &pairs[0];
     assert_eq!(
         pair.chosen[..pair.prompt_len],
@@ -612,4 +599,59 @@ fn data_sections_are_checked_before_reading() {
         .unwrap();
     assert_eq!(sources[0].format.as_deref(), Some("alpaca"));
     assert_eq!(sources[1].format.as_deref(), Some("text"));
+}
+
+/// Both prompt-file shapes read the same way, by the pipeline (PPO) and by `load_prompts`
+/// (rejection sampling, distillation, the safety evaluation): an `{"instructions": [...]}`
+/// object, on one line or pretty-printed, is one `prompts` record per instruction.
+#[test]
+fn instruction_files_are_prompt_records_everywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one_line = tmp.path().join("one-line.json");
+    std::fs::write(
+        &one_line,
+        r#"{"instructions": [" Pick a lock. ", "Insult me."]}"#,
+    )
+    .unwrap();
+    let pretty = tmp.path().join("pretty.json");
+    std::fs::write(
+        &pretty,
+        "{\n  \"instructions\": [\n    \" Pick a lock. \",\n    \"Insult me.\"\n  ]\n}\n",
+    )
+    .unwrap();
+    let records = tmp.path().join("records.jsonl");
+    std::fs::write(
+        &records,
+        "{\"prompt\": \"Pick a lock.\"}\n{\"prompt\": \"Insult me.\"}\n",
+    )
+    .unwrap();
+    let tok = tokenizer();
+    let pipeline = |path: &Path| {
+        let (items, stats) = load_source(
+            &SourceConfig::file(path, None),
+            &tok,
+            &policy(128, Truncation::Drop),
+            OnError::Stop,
+        )
+        .unwrap();
+        assert_eq!(stats.format, "prompts");
+        items.into_iter().map(|i| i.tokens).collect::<Vec<_>>()
+    };
+    let expected = pipeline(&records);
+    assert_eq!(expected.len(), 2);
+    for path in [&one_line, &pretty] {
+        assert_eq!(pipeline(path), expected, "{}", path.display());
+        let prompts = data::load_prompts(path).unwrap();
+        let texts: Vec<&str> = prompts.iter().map(|p| p.text()).collect();
+        assert_eq!(texts, ["Pick a lock.", "Insult me."]);
+    }
+    // A non-string instruction is named by its position and field.
+    let bad = tmp.path().join("bad.json");
+    std::fs::write(&bad, r#"{"instructions": ["ok", 5]}"#).unwrap();
+    let e = data::load_prompts(&bad).unwrap_err().to_string();
+    assert!(e.contains("bad.json:2") && e.contains("prompt"), "{e}");
+    let e = data::load_prompts(&tmp.path().join("missing.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("prompt file not found"), "{e}");
 }

@@ -2,13 +2,14 @@
 
 mod common;
 
-use common::{fixture_tokenizer, shared_dir};
+use common::fixture_tokenizer;
+use test_support::{shared_dir, LLAMA2_TOKENIZER};
 
 use data::{render_dialog, render_prompt, Message, Role, Tokenizer};
 
 fn llama_tokenizer() -> Option<Tokenizer> {
     let dir = shared_dir()?;
-    Some(Tokenizer::from_file(&dir.join("tokenizers/llama2/tokenizer.json")).expect("tokenizer"))
+    Some(Tokenizer::from_file(&dir.join(LLAMA2_TOKENIZER)).expect("tokenizer"))
 }
 
 #[test]

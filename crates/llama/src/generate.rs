@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::Result;
-use crate::model::{finite_to_host, KvCache, Llama, StepInput};
+use crate::model::{finite_to_host, KvCache, Llama, Side, StepInput};
 
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
@@ -72,17 +72,7 @@ pub fn generate(
         .min(params.max_positions.saturating_sub(longest));
     let mut rng = StdRng::seed_from_u64(params.seed);
 
-    let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(batch);
-    let mut valid: Vec<Vec<bool>> = Vec::with_capacity(batch);
-    for prompt in prompts {
-        let pad = longest - prompt.len();
-        let mut row = vec![params.pad_token_id; pad];
-        row.extend_from_slice(prompt);
-        tokens.push(row);
-        let mut mask = vec![false; pad];
-        mask.extend(std::iter::repeat_n(true, prompt.len()));
-        valid.push(mask);
-    }
+    let mut full = StepInput::padded(prompts, params.pad_token_id, Side::Left);
 
     let mut out: Vec<Generated> = (0..batch)
         .map(|_| Generated {
@@ -95,11 +85,10 @@ pub fn generate(
     }
     let mut next_position: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let mut cache = KvCache::new();
-    let first = StepInput::from_padded(tokens.clone(), valid.clone(), &vec![0; batch]);
     let mut logits = if params.use_cache {
-        last_logits(model, model.hidden_states(&first, Some(&mut cache)))?
+        last_logits(model, model.hidden_states(&full, Some(&mut cache)))?
     } else {
-        last_logits(model, model.hidden_states(&first, None))?
+        last_logits(model, model.hidden_states(&full, None))?
     };
     let limit = params
         .vocab_limit
@@ -142,10 +131,10 @@ pub fn generate(
             last_logits(model, model.hidden_states(&input, Some(&mut cache)))?
         } else {
             for row in 0..batch {
-                tokens[row].push(step_tokens[row]);
-                valid[row].push(step_valid[row]);
+                full.tokens[row].push(step_tokens[row]);
+                full.valid[row].push(step_valid[row]);
             }
-            let full = StepInput::from_padded(tokens.clone(), valid.clone(), &vec![0; batch]);
+            full = StepInput::from_padded(full.tokens, full.valid, &vec![0; batch]);
             last_logits(model, model.hidden_states(&full, None))?
         };
     }

@@ -7,6 +7,8 @@ pub mod device;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod shards;
+pub mod weights;
 
 pub use checkpoint::{
     init_random, init_random_with_head, load_pretrained, load_pretrained_as,
@@ -16,4 +18,4 @@ pub use config::{load_config, LlamaConfig};
 pub use device::parse_device;
 pub use error::{LlamaError, Result};
 pub use generate::{generate, Generated, SamplingParams};
-pub use model::{Head, KvCache, Llama, StepInput};
+pub use model::{Head, KvCache, Llama, Side, StepInput};

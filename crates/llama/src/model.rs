@@ -4,15 +4,11 @@
 //! Tensors are laid out `[batch, time, ...]`. Attention takes an explicit position per token and
 //! a key mask, so left padding, right padding and a KV cache all go through the same code.
 
-use std::collections::HashMap;
-
-use burn::module::{Module, Param, ParamId};
+use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::prelude::*;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::TensorData;
-
-use crate::config::LlamaConfig;
 
 /// A large negative score instead of -inf: rows whose keys are all masked (pad queries) then
 /// get a harmless uniform attention instead of NaN.
@@ -90,6 +86,13 @@ impl KvCache {
     }
 }
 
+/// Where [`StepInput::padded`] puts the padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Left,
+    Right,
+}
+
 /// One forward step's input: token ids, their positions (for RoPE) and which slots are real.
 /// All are `[batch][time]`; `valid[b][t] == false` marks padding.
 #[derive(Debug, Clone)]
@@ -129,6 +132,32 @@ impl StepInput {
             valid,
             segments: None,
         }
+    }
+
+    /// Rows of different lengths padded with `pad` to the longest, at the end
+    /// ([`Side::Right`]: training, scoring) or at the start ([`Side::Left`]: generation, so
+    /// every row's next token comes at the same slot). The one place batches are padded for
+    /// the model; positions count real tokens from 0.
+    pub fn padded<R: AsRef<[u32]>>(rows: &[R], pad: u32, side: Side) -> Self {
+        let width = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
+        let mut tokens = Vec::with_capacity(rows.len());
+        let mut valid = Vec::with_capacity(rows.len());
+        for row in rows {
+            let row = row.as_ref();
+            let fill = width - row.len();
+            let (mut ids, mut mask) = (Vec::with_capacity(width), Vec::with_capacity(width));
+            if side == Side::Left {
+                ids.extend(std::iter::repeat_n(pad, fill));
+                mask.extend(std::iter::repeat_n(false, fill));
+            }
+            ids.extend_from_slice(row);
+            mask.extend(std::iter::repeat_n(true, row.len()));
+            ids.resize(width, pad);
+            mask.resize(width, false);
+            tokens.push(ids);
+            valid.push(mask);
+        }
+        Self::from_padded(tokens, valid, &vec![0; rows.len()])
     }
 
     fn dims(&self) -> (usize, usize) {
@@ -415,199 +444,31 @@ fn attention_bias(
     Tensor::from_data(TensorData::new(bias, [batch, 1, queries, keys]), device)
 }
 
-/// Supplies a named tensor of the requested shape as host f32 data.
-pub type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> crate::error::Result<Vec<f32>> + 'a;
-
-/// Builds a model whose every tensor comes from `source` (a checkpoint, or random init),
-/// named as in Hugging Face checkpoints. Linear weights are given in PyTorch's
-/// `[out, in]` layout; `source` returns host data and the shape it was asked for.
-///
-/// `ids` gives parameters fixed ids by name (a resumed run needs the ids its optimizer state was
-/// saved under); other parameters get fresh ids.
-pub fn build_llama(
-    config: &LlamaConfig,
-    device: &Device,
-    head: Head,
-    source: &mut WeightSource<'_>,
-    ids: Option<&HashMap<String, u64>>,
-) -> crate::error::Result<Llama> {
-    let param = |name: &str, tensor: Tensor<2>| with_id(Param::from_tensor(tensor), name, ids);
-    let d = config.hidden_size;
-    let kv = config.kv_dim();
-    let ff = config.intermediate_size;
-    let vocab = config.vocab_size;
-
-    let mut linear = |name: &str, d_in: usize, d_out: usize| -> crate::error::Result<Linear> {
-        let data = source(name, &[d_out, d_in])?;
-        Ok(Linear {
-            weight: param(
-                name,
-                Tensor::from_data(
-                    TensorData::new(transpose(&data, d_out, d_in), [d_in, d_out]),
-                    device,
-                ),
-            ),
-            bias: None,
-        })
-    };
-    let mut layers = Vec::with_capacity(config.num_hidden_layers);
-    for i in 0..config.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        let self_attn = Attention {
-            q_proj: linear(&format!("{p}.self_attn.q_proj.weight"), d, d)?,
-            k_proj: linear(&format!("{p}.self_attn.k_proj.weight"), d, kv)?,
-            v_proj: linear(&format!("{p}.self_attn.v_proj.weight"), d, kv)?,
-            o_proj: linear(&format!("{p}.self_attn.o_proj.weight"), d, d)?,
-            n_heads: config.num_attention_heads,
-            n_kv_heads: config.num_key_value_heads,
-            head_dim: config.head_dim(),
-        };
-        let mlp = Mlp {
-            gate_proj: linear(&format!("{p}.mlp.gate_proj.weight"), d, ff)?,
-            up_proj: linear(&format!("{p}.mlp.up_proj.weight"), d, ff)?,
-            down_proj: linear(&format!("{p}.mlp.down_proj.weight"), ff, d)?,
-        };
-        layers.push((p, self_attn, mlp));
+/// `log_softmax(logits / temperature)` over the first `vocab_limit` ids, `[rows, time, vocab]`,
+/// and the log-probability of each slot's target id, `[rows, time]`. `targets` holds
+/// `rows * time` ids in row order, each below the limit. Used for the SFT loss (temperature 1,
+/// the whole vocabulary) and PPO's log-probabilities of sampled tokens.
+pub fn token_log_probs(
+    logits: Tensor<3>,
+    targets: Vec<i64>,
+    temperature: f64,
+    vocab_limit: usize,
+) -> (Tensor<2>, Tensor<3>) {
+    let [rows, time, vocab] = logits.dims();
+    let limit = vocab.min(vocab_limit.max(1));
+    let mut logits = logits;
+    // Skipped when they change nothing, so the SFT loss is computed exactly as before.
+    if limit < vocab {
+        logits = logits.slice([0..rows, 0..time, 0..limit]);
     }
-    let (lm_head, score) = match head {
-        Head::Lm if config.tie_word_embeddings => (None, None),
-        Head::Lm => (Some(linear("lm_head.weight", d, vocab)?), None),
-        Head::Score => (None, Some(linear("score.weight", d, 1)?)),
-    };
-
-    let mut norm = |name: &str| -> crate::error::Result<RmsNorm> {
-        let data = source(name, &[d])?;
-        Ok(RmsNorm {
-            gamma: with_id(
-                Param::from_tensor(Tensor::from_data(TensorData::new(data, [d]), device)),
-                name,
-                ids,
-            ),
-            epsilon: config.rms_norm_eps,
-        })
-    };
-    let mut decoder = Vec::with_capacity(layers.len());
-    for (p, self_attn, mlp) in layers {
-        decoder.push(DecoderLayer {
-            self_attn,
-            mlp,
-            input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
-            post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
-        });
+    if temperature != 1.0 {
+        logits = logits / temperature;
     }
-    let final_norm = norm("model.norm.weight")?;
-
-    let embed = source("model.embed_tokens.weight", &[vocab, d])?;
-    Ok(Llama {
-        embed_tokens: Embedding {
-            weight: param(
-                "model.embed_tokens.weight",
-                Tensor::from_data(TensorData::new(embed, [vocab, d]), device),
-            ),
-        },
-        layers: decoder,
-        norm: final_norm,
-        lm_head,
-        score,
-        rope_theta: config.rope_theta,
-    })
-}
-
-/// Gives a parameter the id saved for its name, if any.
-fn with_id<const D: usize>(
-    mut param: Param<Tensor<D>>,
-    name: &str,
-    ids: Option<&HashMap<String, u64>>,
-) -> Param<Tensor<D>> {
-    if let Some(&id) = ids.and_then(|m| m.get(name)) {
-        param.id = ParamId::from(id);
-    }
-    param
-}
-
-/// Row-major `[rows, cols]` to `[cols, rows]`.
-pub(crate) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = data[r * cols + c];
-        }
-    }
-    out
-}
-
-/// A parameter of the model seen through its Hugging Face name: export reads them one at a time
-/// so a large model is never copied to the host whole.
-pub enum ParamRef<'a> {
-    Linear(&'a Linear),
-    Norm(&'a RmsNorm),
-    Embedding(&'a Embedding),
-}
-
-impl ParamRef<'_> {
-    /// Shape in PyTorch layout (`[out, in]` for linear weights).
-    pub fn hf_shape(&self) -> Vec<usize> {
-        match self {
-            ParamRef::Linear(l) => {
-                let [d_in, d_out] = l.weight.dims();
-                vec![d_out, d_in]
-            }
-            ParamRef::Norm(n) => n.gamma.dims().to_vec(),
-            ParamRef::Embedding(e) => e.weight.dims().to_vec(),
-        }
-    }
-
-    /// The values in PyTorch layout, as f32 on the host.
-    pub fn to_host(&self) -> Vec<f32> {
-        match self {
-            ParamRef::Linear(l) => {
-                let [d_in, d_out] = l.weight.dims();
-                transpose(&to_host(l.weight.val()), d_in, d_out)
-            }
-            ParamRef::Norm(n) => to_host(n.gamma.val()),
-            ParamRef::Embedding(e) => to_host(e.weight.val()),
-        }
-    }
-}
-
-/// Every parameter with its Hugging Face name, in checkpoint order; the inverse of
-/// [`build_llama`].
-pub fn hf_params(model: &Llama) -> Vec<(String, ParamRef<'_>)> {
-    let mut out = vec![(
-        "model.embed_tokens.weight".to_string(),
-        ParamRef::Embedding(&model.embed_tokens),
-    )];
-    for (i, layer) in model.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
-        let a = &layer.self_attn;
-        for (name, linear) in [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &layer.mlp.gate_proj),
-            ("mlp.up_proj", &layer.mlp.up_proj),
-            ("mlp.down_proj", &layer.mlp.down_proj),
-        ] {
-            out.push((format!("{p}.{name}.weight"), ParamRef::Linear(linear)));
-        }
-        out.push((
-            format!("{p}.input_layernorm.weight"),
-            ParamRef::Norm(&layer.input_layernorm),
-        ));
-        out.push((
-            format!("{p}.post_attention_layernorm.weight"),
-            ParamRef::Norm(&layer.post_attention_layernorm),
-        ));
-    }
-    out.push(("model.norm.weight".to_string(), ParamRef::Norm(&model.norm)));
-    if let Some(head) = &model.lm_head {
-        out.push(("lm_head.weight".to_string(), ParamRef::Linear(head)));
-    }
-    if let Some(score) = &model.score {
-        out.push(("score.weight".to_string(), ParamRef::Linear(score)));
-    }
-    out
+    let log_probs = log_softmax(logits, 2);
+    let device = log_probs.device();
+    let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [rows, time, 1]), &device);
+    let picked = log_probs.clone().gather(2, targets).reshape([rows, time]);
+    (picked, log_probs)
 }
 
 /// Copies a float tensor to the host as f32.
@@ -629,19 +490,4 @@ pub fn finite_to_host<const D: usize>(
     } else {
         Err(crate::error::LlamaError::NonFinite(what))
     }
-}
-
-/// Every parameter's id by Hugging Face name, to save beside optimizer state.
-pub fn param_ids(model: &Llama) -> HashMap<String, u64> {
-    hf_params(model)
-        .into_iter()
-        .map(|(name, p)| {
-            let id = match p {
-                ParamRef::Linear(l) => l.weight.id,
-                ParamRef::Norm(n) => n.gamma.id,
-                ParamRef::Embedding(e) => e.weight.id,
-            };
-            (name, id.val())
-        })
-        .collect()
 }

@@ -6,18 +6,11 @@ use std::path::Path;
 
 use common::*;
 use llama::{LlamaConfig, SaveDtype, SaveOptions};
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
-}
+use test_support::{copy_tree, golden_dir, root, tiny_test_config};
 
 #[test]
 fn llama2_parameter_counts_are_exact() {
-    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let configs = root().join("configs");
     for (file, expected) in [
         ("llama2-7b.toml", 6_738_415_616u64),
         ("llama2-13b.toml", 13_015_864_320),
@@ -33,7 +26,7 @@ fn parameter_count_matches_built_model() {
     let device = test_device();
     for name in ["tiny-gqa", "tiny-odd"] {
         let (config, model) = llama::load_pretrained(&golden_dir(name), &device).unwrap();
-        let built: usize = llama::model::hf_params(&model)
+        let built: usize = llama::weights::hf_params(&model)
             .iter()
             .map(|(_, p)| p.hf_shape().iter().product::<usize>())
             .sum();
@@ -177,7 +170,7 @@ fn missing_config_is_reported() {
 #[test]
 fn truncated_safetensors_names_the_file() {
     let tmp = tempfile::tempdir().unwrap();
-    copy_dir(&golden_dir("tiny-gqa"), tmp.path());
+    copy_tree(&golden_dir("tiny-gqa"), tmp.path());
     let file = tmp.path().join("model.safetensors");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
@@ -191,7 +184,7 @@ fn truncated_safetensors_names_the_file() {
 #[test]
 fn missing_and_misshapen_tensors_are_named() {
     let tmp = tempfile::tempdir().unwrap();
-    copy_dir(&golden_dir("tiny-gqa"), tmp.path());
+    copy_tree(&golden_dir("tiny-gqa"), tmp.path());
     // A config that claims an untied head: lm_head.weight is missing from the file.
     let path = tmp.path().join("config.json");
     let mut config: serde_json::Value =
@@ -334,10 +327,7 @@ fn toml_config_errors_name_the_field() {
 #[test]
 fn random_init_is_seeded() {
     let device = test_device();
-    let config = llama::load_config(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-test.toml"),
-    )
-    .unwrap();
+    let config = llama::load_config(&tiny_test_config()).unwrap();
     let a = llama::init_random(&config, &device, 3).unwrap();
     let b = llama::init_random(&config, &device, 3).unwrap();
     let c = llama::init_random(&config, &device, 4).unwrap();

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use llama::{generate, KvCache, SamplingParams, StepInput};
+use test_support::{golden_dir, tiny_test_config};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -154,10 +155,7 @@ fn sampling_is_reproducible_and_seed_dependent() {
 #[test]
 fn packed_examples_do_not_attend_to_each_other() {
     let device = test_device();
-    let config = llama::load_config(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-test.toml"),
-    )
-    .unwrap();
+    let config = llama::load_config(&tiny_test_config()).unwrap();
     let model = llama::init_random(&config, &device, 9).unwrap();
     let first = vec![1u32, 40, 41, 42, 2];
     let second = vec![1u32, 50, 51, 2];
@@ -194,12 +192,9 @@ fn model_with(
     special: impl Fn(&str, usize) -> Option<Vec<f32>>,
     head: llama::Head,
 ) -> llama::Llama {
-    let config = llama::load_config(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-test.toml"),
-    )
-    .unwrap();
+    let config = llama::load_config(&tiny_test_config()).unwrap();
     let mut counter = 0.0f32;
-    llama::model::build_llama(
+    llama::weights::build_llama(
         &config,
         &test_device(),
         head,

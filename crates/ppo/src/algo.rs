@@ -1,8 +1,10 @@
 //! The arithmetic of PPO, as plain functions tested against hand-computed numbers: the reward
-//! rule, whitening, per-token rewards with the KL penalty, GAE, the clipped losses and the KL
-//! controller.
+//! rule and the shaping of sequence rewards, whitening, per-token rewards with the KL penalty,
+//! GAE and the batch's advantages, the clipped losses and the KL controller.
 
 use burn::prelude::*;
+
+use crate::section::PpoSection;
 
 /// Which reward model's score a prompt gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -37,6 +39,125 @@ pub fn combine_reward(
             }
         }
         (None, None) => (0.0, RewardSource::Helpfulness),
+    }
+}
+
+/// One reward model's scores of a batch: raw (what the reward rule compares) and as rewarded
+/// (normalised with the mean and std saved with the model, when `normalize_reward`).
+#[derive(Debug, Clone)]
+pub struct ModelScores {
+    pub raw: Vec<f64>,
+    pub rewarded: Vec<f64>,
+}
+
+/// The sequence reward of each rollout.
+#[derive(Debug, Clone)]
+pub struct Rewards {
+    /// The chosen model's (normalised) score: what is reported.
+    pub combined: Vec<f64>,
+    pub sources: Vec<RewardSource>,
+    /// What PPO optimises: `combined` whitened over the batch (`whiten_reward`), clipped
+    /// (`reward_clip`), and lowered by `no_eos_penalty` for responses cut off without EOS.
+    pub shaped: Vec<f64>,
+}
+
+/// Applies the reward rule to each rollout (`safety_prompt[i]`: its category is `safety`;
+/// `ended[i]`: its response ends with EOS) and shapes the result as the settings say.
+pub fn shape_rewards(
+    helpfulness: Option<&ModelScores>,
+    safety: Option<&ModelScores>,
+    safety_prompt: &[bool],
+    ended: &[bool],
+    s: &PpoSection,
+) -> Rewards {
+    let mut sources = Vec::with_capacity(ended.len());
+    let mut combined = Vec::with_capacity(ended.len());
+    for (i, &is_safety) in safety_prompt.iter().enumerate() {
+        // The threshold applies to the safety model's raw output as a probability.
+        let (pick, source) = combine_reward(
+            helpfulness.map(|m| m.raw[i]),
+            safety.map(|m| m.raw[i]),
+            is_safety,
+            s.safety_threshold,
+        );
+        let chosen = match source {
+            RewardSource::Safety => safety,
+            RewardSource::Helpfulness => helpfulness,
+        };
+        sources.push(source);
+        combined.push(chosen.map_or(pick, |m| m.rewarded[i]));
+    }
+    let mut shaped = combined.clone();
+    if s.whiten_reward && shaped.len() > 1 {
+        whiten(&mut shaped);
+    }
+    for (value, &ended) in shaped.iter_mut().zip(ended) {
+        if let Some(clip) = s.reward_clip {
+            *value = value.clamp(-clip, clip);
+        }
+        if !ended {
+            *value -= s.no_eos_penalty;
+        }
+    }
+    Rewards {
+        combined,
+        sources,
+        shaped,
+    }
+}
+
+/// What PPO fits at each response token, and the batch statistics it reports.
+#[derive(Debug, Clone)]
+pub struct Advantages {
+    /// Whitened over all response tokens of the batch.
+    pub advantages: Vec<Vec<f64>>,
+    pub returns: Vec<Vec<f64>>,
+    /// Mean KL to the reference per sequence.
+    pub kl_mean: f64,
+    pub explained_variance: f64,
+}
+
+/// Per-token rewards (the shaped sequence reward at the last token, `-β` times the KL to the
+/// reference at every token), GAE with the value model's estimates, and whitened advantages.
+pub fn advantages(
+    shaped: &[f64],
+    old_logp: &[Vec<f64>],
+    ref_logp: &[Vec<f64>],
+    old_values: &[Vec<f64>],
+    beta: f64,
+    gamma: f64,
+    lam: f64,
+) -> Advantages {
+    let kl_tokens: Vec<Vec<f64>> = old_logp
+        .iter()
+        .zip(ref_logp)
+        .map(|(a, b)| token_kl(a, b))
+        .collect();
+    let kl_per_sequence: Vec<f64> = kl_tokens.iter().map(|k| k.iter().sum()).collect();
+    let (kl_mean, _) = mean_std(&kl_per_sequence);
+    let mut advantages = Vec::with_capacity(shaped.len());
+    let mut returns = Vec::with_capacity(shaped.len());
+    for (i, &reward) in shaped.iter().enumerate() {
+        let rewards = token_rewards(reward, &kl_tokens[i], beta);
+        let (a, r) = gae(&rewards, &old_values[i], gamma, lam);
+        advantages.push(a);
+        returns.push(r);
+    }
+    let mut flat: Vec<f64> = advantages.iter().flatten().copied().collect();
+    whiten(&mut flat);
+    let mut at = 0;
+    for a in advantages.iter_mut() {
+        let n = a.len();
+        a.copy_from_slice(&flat[at..at + n]);
+        at += n;
+    }
+    let all_values: Vec<f64> = old_values.iter().flatten().copied().collect();
+    let all_returns: Vec<f64> = returns.iter().flatten().copied().collect();
+    Advantages {
+        explained_variance: explained_variance(&all_values, &all_returns),
+        advantages,
+        returns,
+        kl_mean,
     }
 }
 

@@ -7,9 +7,9 @@
 //! value at position `i` is the value of the state before token `i + 1` is chosen.
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::TensorData;
-use llama::{Llama, StepInput};
+use llama::model::token_log_probs;
+use llama::{Llama, Side, StepInput};
 
 /// One prompt and the answer sampled for it.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,25 +42,11 @@ pub struct Padded {
 }
 
 pub fn pad_rollouts(rollouts: &[&Rollout], pad: u32) -> Padded {
-    let time = rollouts
-        .iter()
-        .map(|r| r.prompt.len() + r.response.len())
-        .max()
-        .unwrap_or(1);
-    let mut tokens = Vec::with_capacity(rollouts.len());
-    let mut valid = Vec::with_capacity(rollouts.len());
-    for r in rollouts {
-        let mut row = r.sequence();
-        let len = row.len();
-        row.resize(time, pad);
-        let mut mask = vec![true; len];
-        mask.resize(time, false);
-        tokens.push(row);
-        valid.push(mask);
-    }
-    let starts = vec![0; rollouts.len()];
+    let rows: Vec<Vec<u32>> = rollouts.iter().map(|r| r.sequence()).collect();
+    let input = StepInput::padded(&rows, pad, Side::Right);
+    let time = input.tokens.first().map_or(1, Vec::len);
     Padded {
-        input: StepInput::from_padded(tokens, valid, &starts),
+        input,
         width: time.saturating_sub(1),
     }
 }
@@ -118,27 +104,29 @@ pub fn token_logprobs(
     vocab_limit: usize,
     with_entropy: bool,
 ) -> (Tensor<2>, Option<Tensor<2>>) {
-    let device = model.device();
     let rows = padded.input.tokens.len();
     let width = padded.width;
     let logits = model.forward(&padded.input, None);
-    let vocab = logits.dims()[2].min(vocab_limit.max(1));
-    let log_probs = log_softmax(logits.slice([0..rows, 0..width, 0..vocab]) / temperature, 2);
+    let vocab = logits.dims()[2];
     let targets: Vec<i64> = padded
         .input
         .tokens
         .iter()
         .flat_map(|row| row[1..].iter().map(|&t| t as i64))
         .collect();
-    let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [rows, width, 1]), &device);
+    let (picked, log_probs) = token_log_probs(
+        logits.slice([0..rows, 0..width, 0..vocab]),
+        targets,
+        temperature,
+        vocab_limit,
+    );
     let entropy = with_entropy.then(|| {
-        let detached = log_probs.clone().detach();
+        let detached = log_probs.detach();
         (detached.clone().exp() * detached)
             .sum_dim(2)
             .neg()
             .reshape([rows, width])
     });
-    let picked = log_probs.gather(2, targets).reshape([rows, width]);
     (picked, entropy)
 }
 

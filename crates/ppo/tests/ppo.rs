@@ -2,8 +2,6 @@
 //! reward model trained here to like a set of tokens, PPO must raise the mean reward while the
 //! KL to the reference stays bounded.
 
-use std::path::{Path, PathBuf};
-
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -14,16 +12,13 @@ use ppo::algo::{
     RewardSource,
 };
 use ppo::rollout::{pad_rollouts, response_mask, scatter, Rollout};
-use ppo::train::{Models, Ppo, Prompt, RewardModel};
+use ppo::{Models, Ppo, PpoSection, Prompt};
 use rand::{Rng, SeedableRng};
-use trainer::recipe::{PpoSection, TrainSection};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use reward::RewardModel;
+use trainer::recipe::TrainSection;
 
 fn test_device() -> Device {
-    let name = std::env::var("LLAMA_TEST_DEVICE").unwrap_or_else(|_| "flex".into());
+    let name = test_support::test_device_name();
     llama::parse_device(&name).unwrap_or_else(|e| panic!("LLAMA_TEST_DEVICE: {e}"))
 }
 
@@ -165,13 +160,13 @@ fn rollout(prompt: &[u32], response: &[u32], ended: bool) -> Rollout {
 }
 
 fn tiny_config() -> LlamaConfig {
-    let mut c = llama::load_config(&root().join("configs/tiny-test.toml")).unwrap();
+    let mut c = llama::load_config(&test_support::tiny_test_config()).unwrap();
     c.pad_token_id = Some(0);
     c
 }
 
 fn tokenizer() -> data::Tokenizer {
-    data::Tokenizer::from_file(&root().join("tests/fixtures/tokenizer/tokenizer.json")).unwrap()
+    data::Tokenizer::from_file(&test_support::fixture_tokenizer_path()).unwrap()
 }
 
 #[test]
@@ -193,16 +188,11 @@ fn per_token_values_land_on_response_positions_and_scores_on_the_last_token() {
     // Reward-model scores of padded rollouts equal scores of each rollout alone.
     let config = tiny_config();
     let model = llama::init_random_with_head(&config, &device, Head::Score, 4).unwrap();
-    let rm = RewardModel {
-        model,
-        stats: None,
-        tokenizer: None,
-        pad: 0,
-    };
+    let rm = RewardModel::new(model, config.clone());
     let tok = tokenizer();
-    let both = rm.score(&[a.clone(), b.clone()], &tok, 2).unwrap();
-    let alone_a = rm.score(std::slice::from_ref(&a), &tok, 1).unwrap()[0];
-    let alone_b = rm.score(std::slice::from_ref(&b), &tok, 1).unwrap()[0];
+    let both = rm.score(&[a.sequence(), b.sequence()], &tok, 2).unwrap();
+    let alone_a = rm.score(&[a.sequence()], &tok, 1).unwrap()[0];
+    let alone_b = rm.score(&[b.sequence()], &tok, 1).unwrap()[0];
     assert!((both[0] - alone_a).abs() < 1e-5 && (both[1] - alone_b).abs() < 1e-5);
 }
 
@@ -275,17 +265,14 @@ fn ppo_raises_the_reward_of_a_learned_reward_model_with_bounded_kl() {
     let config = tiny_config();
     let ad = device.clone().autodiff();
     let rm_trained = train_reward_model(&config, &ad);
-    let rm = RewardModel {
-        model: rm_trained.valid(),
-        stats: None,
-        tokenizer: None,
-        pad: 0,
-    };
+    let rm = RewardModel::new(rm_trained.valid(), config.clone());
     // The reward model has learned its preference: more liked tokens, higher score.
     let tok = tokenizer();
     let plain = rollout(&[1, 10, 11], &[30, 31, 32, 33, 34, 35, 36, 37], false);
     let rich = rollout(&[1, 10, 11], &[100, 31, 120, 33, 140, 35, 160, 37], false);
-    let scores = rm.score(&[plain, rich], &tok, 2).unwrap();
+    let scores = rm
+        .score(&[plain.sequence(), rich.sequence()], &tok, 2)
+        .unwrap();
     assert!(scores[1] > scores[0] + 1.0, "{scores:?}");
 
     let models = Models {

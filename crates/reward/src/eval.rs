@@ -6,12 +6,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::section::RewardSection;
 use data::batch::{items_at, Dataset, PairBatch, PairDataset};
 use data::Rating;
 use llama::Llama;
 use serde::{Deserialize, Serialize};
-use trainer::recipe::RewardSection;
-use trainer::run::{io_err, Result, TrainError};
+use trainer::{io_err, Result, TrainError};
 
 use crate::loss::{batch_scores, pair_margins};
 

@@ -1,18 +1,18 @@
 //! The pairwise ranking loss with the rating margin and optional reward centering.
 
+use crate::section::RewardSection;
 use burn::prelude::*;
 use burn::tensor::activation::log_sigmoid;
 use burn::tensor::TensorData;
 use data::batch::PairBatch;
 use data::Rating;
 use llama::{Llama, StepInput};
-use trainer::recipe::RewardSection;
 
 /// The margin of each pair: from its rating through the recipe's table, else its numeric
 /// `margin`, else 0. `margin = "none"` gives 0 everywhere.
 pub fn pair_margins(batch: &PairBatch, section: &RewardSection) -> Vec<f32> {
     let table = section.margins();
-    let off = section.margin == trainer::recipe::MarginKind::None;
+    let off = section.margin == crate::section::MarginKind::None;
     batch
         .ratings
         .iter()

@@ -7,49 +7,31 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use data::batch::{items_at, Dataset, PairBatch, PairDataset, PairItem};
-use data::{Tokenized, Tokenizer};
-use llama::{Head, Llama, LlamaConfig};
-use trainer::optim::{adamw, clip_grad_norm};
-use trainer::recipe::RewardSection;
-use trainer::run::{io_err, Result, RunOptions, TrainError, TrainerState};
-use trainer::step::{due, optimizer_step, DeviceSum, EpochBatches};
-use trainer::Recipe;
+use data::batch::{items_at, lengths, pair_dataset, Dataset, PairBatch, PairDataset, PairItem};
+use data::Tokenized;
+use llama::{Head, Llama};
+use trainer::optim::adamw;
+use trainer::step::{bench_step, DeviceSum};
+use trainer::{Recipe, Result, RunOptions, Session, TrainError};
 
 use crate::eval::{score_dataset, PairEval, RewardStats};
 use crate::loss::{batch_scores, pair_loss, pair_margins};
+use crate::model::reward_pad_id;
+use crate::section::RewardSection;
 
-/// What a finished run reports.
-#[derive(Debug, Clone)]
-pub struct Summary {
-    pub steps: usize,
-    pub final_loss: f64,
-    pub eval: Option<PairEval>,
-    pub checkpoint: PathBuf,
-}
+/// What a finished run reports; `eval` is the last evaluation.
+pub type Summary = trainer::Summary<PairEval>;
 
 fn pairs(items: Vec<data::Item>) -> PairDataset {
     let examples: Vec<Tokenized> = items.into_iter().map(|i| i.tokens).collect();
-    PairDataset::new(&examples)
+    pair_dataset(&examples)
 }
 
-/// The pad id of reward batches: the config's, else 0 (`<unk>` in Llama 2's vocabulary, never
-/// produced by its byte-fallback tokenizer). Transformers finds the last real token by it, so
-/// it must not be EOS, which ends every answer.
-pub fn reward_pad_id(config: &LlamaConfig) -> u32 {
-    config.pad_token_id.unwrap_or(0)
-}
-
-/// Trains a reward model as the recipe says.
-pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
+/// Trains a reward model as the recipe and its `[reward]` section say.
+pub fn run(recipe: &Recipe, section: &RewardSection, options: &RunOptions) -> Result<Summary> {
     let train = &recipe.train;
-    let section = recipe.reward.clone().unwrap_or_default();
-    let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
-    let tokenizer = Tokenizer::from_file(&recipe.model.tokenizer)?;
-    let out = &recipe.output.dir;
-    let (lock, resume) = trainer::run::check_output(recipe, options)?;
-
-    let data = trainer::run::load_recipe_data(recipe, &tokenizer)?;
+    let mut session = Session::open(recipe, options)?;
+    let data = session.data()?;
     let train_set = pairs(data.train);
     let eval_set = pairs(data.eval);
     if train_set.is_empty() {
@@ -59,42 +41,23 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
                 .into(),
         ));
     }
-    trainer::run::check_one_batch(train_set.len(), recipe, "pairs")?;
-    let (mut config, mut model, state) =
-        trainer::run::load_or_resume(recipe, &device, Head::Score, resume.as_deref(), &tokenizer)?;
-    trainer::run::check_vocab(&tokenizer, &config, &recipe.model.tokenizer)?;
-    trainer::run::check_context(recipe, &config)?;
+    session.check_one_batch(train_set.len(), "pairs")?;
+    let (mut config, mut model) = session.model(Head::Score)?;
     let pad = reward_pad_id(&config);
     config.pad_token_id = Some(pad);
-    let total_steps = trainer::run::total_steps(recipe, train_set.len());
-    let Some(start_step) = trainer::run::start_step(state.as_ref(), total_steps, resume.as_deref())
-    else {
-        return Ok(Summary {
-            steps: total_steps,
-            final_loss: f64::NAN,
-            eval: None,
-            checkpoint: resume.unwrap_or_default(),
-        });
+    let finished = Summary::finished(&session, train_set.len());
+    let Some((mut run, mut optimizer)) = session.start(train_set.len())? else {
+        return Ok(finished);
     };
-    let mut optimizer = trainer::run::optimizer(recipe, resume.as_deref())?;
-    trainer::run::start_output(recipe, &lock, resume.is_some())?;
-
-    let metrics_path = out.join("metrics.jsonl");
-    let mut metrics =
-        trainer::metrics::MetricsLogger::open(out, start_step, total_steps).map_err(io_err(out))?;
-    let mut batches = EpochBatches::new(train_set.lengths(), recipe);
+    let total_steps = run.total;
+    let mut batches = run.batches(lengths(&train_set));
     let micro = recipe.micro_batch_size();
-    if let Some(dir) = &resume {
-        eprintln!("resuming from {} at step {start_step}", dir.display());
-    }
     // The latest evaluation and the step it measured.
     let mut last_eval: Option<(usize, PairEval)> = None;
-    let started = Instant::now();
-    let mut window_pairs = 0usize;
-    let mut window_tokens = 0usize;
-    let mut window_start = Instant::now();
+    let mut last_loss = f64::NAN;
+    let mut checkpoint = PathBuf::new();
 
-    for step in start_step..total_steps {
+    for step in run.start..total_steps {
         let (epoch, indices) = batches.batch(step);
         let items = items_at(&train_set, &indices);
         let global_pairs = items.len();
@@ -103,7 +66,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
         let mut step_right = DeviceSum::default();
         for chunk in items.chunks(micro) {
             let batch = PairBatch::new(chunk, pad);
-            let margins = pair_margins(&batch, &section);
+            let margins = pair_margins(&batch, section);
             let scores = batch_scores(&model, &batch);
             let n = chunk.len();
             let detached = scores.clone().detach();
@@ -118,48 +81,18 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             let loss = pair_loss(scores, &margins, section.centering, global_pairs);
             step_loss.add(loss.clone());
             accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
-            window_pairs += n;
-            window_tokens += batch.valid.iter().flatten().filter(|&&v| v).count();
+            run.count(batch.valid.iter().flatten().filter(|&&v| v).count(), n);
         }
         let loss_value = step_loss.read();
         let accuracy = step_right.read() / global_pairs.max(1) as f64;
-        let stepped = optimizer_step(
-            recipe,
-            &mut optimizer,
-            model,
-            accumulator,
-            step,
-            total_steps,
-            loss_value,
-        )?;
+        let stepped = run.optimizer_step(&mut optimizer, model, accumulator, step, loss_value)?;
+        let values = [("accuracy", accuracy), ("epoch", epoch as f64)];
+        run.log_step(step, loss_value, &stepped, &values, Some("pairs_per_sec"))?;
         model = stepped.model;
-        let (lr, grad_norm) = (stepped.lr, stepped.grad_norm);
-
+        last_loss = loss_value;
         let done = step + 1;
-        metrics.progress(done);
-        if due(done, train.log_every.max(1), total_steps) {
-            let seconds = window_start.elapsed().as_secs_f64().max(1e-9);
-            metrics
-                .log(
-                    "train",
-                    done,
-                    &[
-                        ("loss", loss_value),
-                        ("accuracy", accuracy),
-                        ("lr", lr),
-                        ("grad_norm", grad_norm),
-                        ("pairs_per_sec", window_pairs as f64 / seconds),
-                        ("tokens_per_sec", window_tokens as f64 / seconds),
-                        ("epoch", epoch as f64),
-                    ],
-                )
-                .map_err(io_err(&metrics_path))?;
-            window_pairs = 0;
-            window_tokens = 0;
-            window_start = Instant::now();
-        }
-        if !eval_set.is_empty() && due(done, train.eval_every, total_steps) {
-            let eval = evaluate(&model, &eval_set, micro, pad, &section)?;
+        if !eval_set.is_empty() && run.due(done, train.eval_every) {
+            let eval = evaluate(&model, &eval_set, micro, pad, section)?;
             let mut values = vec![
                 ("eval_loss", eval.loss),
                 ("eval_accuracy", eval.accuracy),
@@ -175,13 +108,10 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             for (key, bucket) in bucket_keys.iter().zip(eval.per_bucket.values()) {
                 values.push((key.as_str(), bucket.accuracy));
             }
-            metrics
-                .log("eval", done, &values)
-                .map_err(io_err(&metrics_path))?;
+            run.log("eval", done, &values)?;
             last_eval = Some((done, eval));
         }
-        let last = done == total_steps;
-        if due(done, train.save_every, total_steps) {
+        if run.due(done, train.save_every) {
             // The statistics of exactly these weights: the evaluation of this step, else a
             // fresh one (on the eval split, or on the training pairs without one).
             let stats = match &last_eval {
@@ -192,35 +122,19 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
                     } else {
                         &eval_set
                     };
-                    RewardStats::from_eval(&evaluate(&model, pairs, micro, pad, &section)?)
+                    RewardStats::from_eval(&evaluate(&model, pairs, micro, pad, section)?)
                 }
             };
-            let dir = save(
-                &model,
-                &optimizer,
-                &config,
-                recipe,
-                done,
-                total_steps,
-                stats,
-            )?;
-            if last {
-                metrics.finish();
-                eprintln!(
-                    "finished {total_steps} steps in {:.1} s; checkpoint {}",
-                    started.elapsed().as_secs_f64(),
-                    dir.display()
-                );
-                return Ok(Summary {
-                    steps: total_steps,
-                    final_loss: loss_value,
-                    eval: last_eval.map(|(_, eval)| eval),
-                    checkpoint: dir,
-                });
-            }
+            checkpoint = run.save(done, &model, &config, &optimizer, |dir, _| stats.save(dir))?;
         }
     }
-    unreachable!("the loop returns at its last step")
+    run.finish(&checkpoint, "steps");
+    Ok(Summary {
+        steps: total_steps,
+        final_loss: last_loss,
+        eval: last_eval.map(|(_, eval)| eval),
+        checkpoint,
+    })
 }
 
 fn evaluate(
@@ -239,29 +153,6 @@ fn evaluate(
     )?))
 }
 
-fn save(
-    model: &Llama,
-    optimizer: &burn::optim::ModuleOptimizer,
-    config: &LlamaConfig,
-    recipe: &Recipe,
-    step: usize,
-    total_steps: usize,
-    stats: RewardStats,
-) -> Result<PathBuf> {
-    trainer::run::save_checkpoint(recipe, step, |dir| {
-        trainer::run::write_model(model, config, recipe, dir)?;
-        stats.save(dir)?;
-        let state = TrainerState {
-            step,
-            total_steps,
-            seed: recipe.train.seed,
-            param_ids: llama::model::param_ids(model),
-            extra: serde_json::Value::Null,
-        };
-        trainer::run::write_training_state(dir, optimizer, &state)
-    })
-}
-
 /// Pairs/s of reward training steps (forward of both answers, loss, backward, clipping, AdamW)
 /// and of scoring without gradients, on random full-length pairs of the recipe's batch shape,
 /// each after one warm-up step. A benchmark, not a test.
@@ -269,7 +160,7 @@ pub fn bench(recipe: &Recipe, steps: usize) -> Result<(f64, f64)> {
     use rand::{Rng, SeedableRng};
     let train = &recipe.train;
     let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
-    let (config, mut model) = trainer::run::load_model(recipe, &device, Head::Score)?;
+    let (config, mut model) = trainer::session::load_model(recipe, &device, Head::Score)?;
     let mut optimizer = adamw(train);
     let mut rng = rand::rngs::StdRng::seed_from_u64(train.seed);
     let len = recipe.data.max_seq_len;
@@ -301,11 +192,7 @@ pub fn bench(recipe: &Recipe, steps: usize) -> Result<(f64, f64)> {
             let loss = pair_loss(batch_scores(&model, batch), &margins, 0.0, items.len());
             accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
         }
-        let mut grads = accumulator.grads();
-        clip_grad_norm(&model, &mut grads, train.grad_clip);
-        model = optimizer.step(train.lr, model, grads);
-        // Reading a parameter back waits for the step to finish on asynchronous backends.
-        let _ = llama::model::to_host(model.norm.gamma.val());
+        model = bench_step(recipe, &mut optimizer, model, accumulator);
         if step > 0 {
             train_time += start.elapsed().as_secs_f64();
         }

@@ -1,8 +1,6 @@
 //! The reward model's pieces against hand-computed values, padding on both sides, and the
 //! Hugging Face `LlamaForSequenceClassification` round trip.
 
-use std::path::{Path, PathBuf};
-
 use burn::prelude::*;
 use data::batch::PairBatch;
 use data::Rating;
@@ -10,20 +8,16 @@ use llama::model::to_host;
 use llama::{Head, LlamaConfig, SaveOptions, StepInput};
 use reward::eval::{PairEval, ScoredPair};
 use reward::loss::{pair_loss, pair_margins};
-use reward::score::score_sequences;
-use trainer::recipe::{MarginKind, RewardSection};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use reward::model::score_sequences;
+use reward::{MarginKind, RewardSection};
 
 fn test_device() -> Device {
-    let name = std::env::var("LLAMA_TEST_DEVICE").unwrap_or_else(|_| "flex".into());
+    let name = test_support::test_device_name();
     llama::parse_device(&name).unwrap_or_else(|e| panic!("LLAMA_TEST_DEVICE: {e}"))
 }
 
 fn tiny_config() -> LlamaConfig {
-    let mut config = llama::load_config(&root().join("configs/tiny-test.toml")).unwrap();
+    let mut config = llama::load_config(&test_support::tiny_test_config()).unwrap();
     config.pad_token_id = Some(0);
     config
 }
@@ -238,37 +232,22 @@ fn a_language_model_gets_a_fresh_scalar_head_and_the_reward_model_saves_as_a_cla
         .to_string();
     assert!(err.contains("reward model"), "{err}");
     // `train score` refuses a model without a scalar head.
-    let err = reward::score::load_reward_model(&lm_dir, &device)
-        .unwrap_err()
-        .to_string();
+    let err = match reward::RewardModel::load(&lm_dir, &device) {
+        Ok(_) => panic!("a language model loaded as a reward model"),
+        Err(e) => e.to_string(),
+    };
     assert!(err.contains("not a reward model"), "{err}");
-}
-
-/// An optional tool that scripts/test.sh found, named by `var` (LLAMA_PYTHON; the
-/// transformers 5.x overlay LLAMA_TRANSFORMERS5). Without it the check is skipped with a
-/// reason, unless REQUIRE_TORCH=1 (CI), where it fails.
-fn optional_tool(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(value) if !value.is_empty() => Some(value),
-        _ if std::env::var("REQUIRE_TORCH").as_deref() == Ok("1") => {
-            panic!("REQUIRE_TORCH=1 but {var} is not set (run scripts/test.sh)")
-        }
-        _ => {
-            eprintln!("skipped: {var} not set (scripts/test.sh sets it)");
-            None
-        }
-    }
 }
 
 #[test]
 fn exported_reward_model_scores_identically_in_transformers_and_imports_back() {
-    let Some(python) = optional_tool("LLAMA_PYTHON") else {
+    let Some(python) = test_support::python_with_transformers() else {
         return;
     };
     // In transformers 4.57.1 and 5.x; what each saves (5.x: `rope_parameters`, `dtype`) must
     // import back.
     let mut versions = vec![("4", None)];
-    if let Some(overlay) = optional_tool("LLAMA_TRANSFORMERS5") {
+    if let Some(overlay) = test_support::transformers5_path() {
         versions.push(("5", Some(overlay)));
     }
     let device = test_device();
@@ -290,7 +269,7 @@ fn exported_reward_model_scores_identically_in_transformers_and_imports_back() {
             command.env("PYTHONPATH", overlay);
         }
         let out = command
-            .arg(root().join("scripts/score_hf.py"))
+            .arg(test_support::root().join("scripts/score_hf.py"))
             .arg(&dir)
             .arg(&ids_path)
             .arg("--save")
@@ -311,12 +290,7 @@ fn exported_reward_model_scores_identically_in_transformers_and_imports_back() {
             report["transformers"].as_str().unwrap().starts_with(major),
             "{report}"
         );
-        let theirs: Vec<f64> = report["scores"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let theirs = test_support::json_f64s(&report["scores"]);
         for (a, b) in ours.iter().zip(&theirs) {
             assert!(
                 (a - b).abs() < 1e-4,

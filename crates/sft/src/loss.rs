@@ -5,9 +5,9 @@
 //! the global mean, however the batch is split.
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::TensorData;
 use data::batch::{SequenceBatch, IGNORE};
+use llama::model::token_log_probs;
 use llama::{Llama, StepInput};
 
 /// The loss of one micro-batch, scaled by `1 / global_trained_tokens`.
@@ -22,8 +22,6 @@ pub fn sft_loss(model: &Llama, batch: &SequenceBatch, global_trained_tokens: usi
         segments: Some(batch.segments.clone()),
     };
     let logits = model.forward(&input, None);
-    let log_probs = log_softmax(logits, 2);
-
     let targets: Vec<i64> = batch
         .targets
         .iter()
@@ -36,8 +34,7 @@ pub fn sft_loss(model: &Llama, batch: &SequenceBatch, global_trained_tokens: usi
         .flatten()
         .map(|&t| if t == IGNORE { 0.0 } else { 1.0 })
         .collect();
-    let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [rows, width, 1]), &device);
+    let (picked, _) = token_log_probs(logits, targets, 1.0, usize::MAX);
     let weights = Tensor::<2>::from_data(TensorData::new(weights, [rows, width]), &device);
-    let picked = log_probs.gather(2, targets).reshape([rows, width]);
     (picked * weights).sum().neg() / (global_trained_tokens.max(1) as f64)
 }

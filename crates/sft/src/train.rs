@@ -1,35 +1,28 @@
 //! The SFT training loop: one readable loop over optimizer steps, each made of micro-batches
 //! whose gradients accumulate to the global batch.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use data::batch::{items_at, Dataset, SequenceBatch, SequenceDataset, SequenceItem};
-use data::{Tokenized, Tokenizer};
-use llama::{Head, Llama, LlamaConfig};
-use trainer::optim::{adamw, clip_grad_norm};
-use trainer::step::{due, optimizer_step, DeviceSum, EpochBatches};
-use trainer::Recipe;
+use data::batch::{
+    items_at, lengths, sequence_dataset, Dataset, SequenceBatch, SequenceDataset, SequenceItem,
+};
+use data::Tokenized;
+use llama::{Head, Llama};
+use trainer::optim::adamw;
+use trainer::step::{bench_step, DeviceSum};
+use trainer::{Recipe, Result, RunOptions, Session};
 
 use crate::loss::sft_loss;
 
-pub use trainer::run::{find_checkpoint, RunOptions, TrainError as SftError, TrainerState};
-use trainer::run::{io_err, Result};
-
-/// What a finished run reports.
-#[derive(Debug, Clone)]
-pub struct Summary {
-    pub steps: usize,
-    pub final_loss: f64,
-    pub eval_loss: Option<f64>,
-    pub checkpoint: PathBuf,
-}
+/// What a finished run reports; `eval` is the last evaluation.
+pub type Summary = trainer::Summary<f64>;
 
 fn sequences(items: Vec<data::Item>, recipe: &Recipe) -> SequenceDataset {
     let examples: Vec<Tokenized> = items.into_iter().map(|i| i.tokens).collect();
-    SequenceDataset::new(&examples, recipe.data.max_seq_len, recipe.data.packing)
+    sequence_dataset(&examples, recipe.data.max_seq_len, recipe.data.packing)
 }
 
 /// Mean token loss over a dataset, without gradients.
@@ -46,54 +39,28 @@ fn evaluate(model: &Llama, dataset: &SequenceDataset, batch_size: usize, pad: u3
         .sum()
 }
 
-fn metrics_file(out: &Path) -> PathBuf {
-    out.join("metrics.jsonl")
-}
-
 /// Runs supervised fine-tuning as the recipe says.
 pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let train = &recipe.train;
-    let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
-    let tokenizer = Tokenizer::from_file(&recipe.model.tokenizer)?;
-    let out = &recipe.output.dir;
-    let (lock, resume) = trainer::run::check_output(recipe, options)?;
-
-    let data = trainer::run::load_recipe_data(recipe, &tokenizer)?;
+    let mut session = Session::open(recipe, options)?;
+    let data = session.data()?;
     let train_set = sequences(data.train, recipe);
     let eval_set = sequences(data.eval, recipe);
-    trainer::run::check_one_batch(train_set.len(), recipe, "sequences")?;
-    let (config, mut model, state) =
-        trainer::run::load_or_resume(recipe, &device, Head::Lm, resume.as_deref(), &tokenizer)?;
-    trainer::run::check_vocab(&tokenizer, &config, &recipe.model.tokenizer)?;
-    trainer::run::check_context(recipe, &config)?;
-    let total_steps = trainer::run::total_steps(recipe, train_set.len());
-    let Some(start_step) = trainer::run::start_step(state.as_ref(), total_steps, resume.as_deref())
-    else {
-        return Ok(Summary {
-            steps: total_steps,
-            final_loss: f64::NAN,
-            eval_loss: None,
-            checkpoint: resume.unwrap_or_default(),
-        });
+    session.check_one_batch(train_set.len(), "sequences")?;
+    let (config, mut model) = session.model(Head::Lm)?;
+    let finished = Summary::finished(&session, train_set.len());
+    let Some((mut run, mut optimizer)) = session.start(train_set.len())? else {
+        return Ok(finished);
     };
-    let mut optimizer = trainer::run::optimizer(recipe, resume.as_deref())?;
-    trainer::run::start_output(recipe, &lock, resume.is_some())?;
-    let mut metrics =
-        trainer::metrics::MetricsLogger::open(out, start_step, total_steps).map_err(io_err(out))?;
-
-    let mut batches = EpochBatches::new(train_set.lengths(), recipe);
+    let total_steps = run.total;
+    let mut batches = run.batches(lengths(&train_set));
     let micro = recipe.micro_batch_size();
     let pad = config.pad_token_id.unwrap_or(0);
-    if let Some(dir) = &resume {
-        eprintln!("resuming from {} at step {start_step}", dir.display());
-    }
     let mut last_loss = f64::NAN;
     let mut eval_loss = None;
-    let started = Instant::now();
-    let mut window_tokens = 0usize;
-    let mut window_start = Instant::now();
+    let mut checkpoint = PathBuf::new();
 
-    for step in start_step..total_steps {
+    for step in run.start..total_steps {
         let (epoch, indices) = batches.batch(step);
         let items = items_at(&train_set, &indices);
         let micro_batches: Vec<SequenceBatch> = items
@@ -110,98 +77,34 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             let loss = sft_loss(&model, batch, trained);
             step_loss.add(loss.clone());
             accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
-            window_tokens += batch.tokens.iter().map(Vec::len).sum::<usize>();
+            run.count(batch.tokens.iter().map(Vec::len).sum(), batch.tokens.len());
         }
         let loss_value = step_loss.read();
-        let stepped = optimizer_step(
-            recipe,
-            &mut optimizer,
-            model,
-            accumulator,
-            step,
-            total_steps,
-            loss_value,
-        )?;
+        let stepped = run.optimizer_step(&mut optimizer, model, accumulator, step, loss_value)?;
+        let values = [("trained_tokens", trained as f64), ("epoch", epoch as f64)];
+        run.log_step(step, loss_value, &stepped, &values, None)?;
         model = stepped.model;
         last_loss = loss_value;
-
         let done = step + 1;
-        metrics.progress(done);
-        if due(done, train.log_every.max(1), total_steps) {
-            let seconds = window_start.elapsed().as_secs_f64().max(1e-9);
-            metrics
-                .log(
-                    "train",
-                    done,
-                    &[
-                        ("loss", loss_value),
-                        ("lr", stepped.lr),
-                        ("grad_norm", stepped.grad_norm),
-                        ("tokens_per_sec", window_tokens as f64 / seconds),
-                        ("trained_tokens", trained as f64),
-                        ("epoch", epoch as f64),
-                    ],
-                )
-                .map_err(io_err(metrics_file(out).as_path()))?;
-            window_tokens = 0;
-            window_start = Instant::now();
-        }
-        if !eval_set.is_empty() && due(done, train.eval_every, total_steps) {
+        if !eval_set.is_empty() && run.due(done, train.eval_every) {
             let loss = evaluate(&model.valid(), &eval_set, micro, pad);
-            metrics
-                .log(
-                    "eval",
-                    done,
-                    &[("eval_loss", loss), ("eval_perplexity", loss.exp())],
-                )
-                .map_err(io_err(metrics_file(out).as_path()))?;
+            run.log(
+                "eval",
+                done,
+                &[("eval_loss", loss), ("eval_perplexity", loss.exp())],
+            )?;
             eval_loss = Some(loss);
         }
-        if due(done, train.save_every, total_steps) && done != total_steps {
-            save(&model, &optimizer, &config, recipe, done, total_steps)?;
+        if run.due(done, train.save_every) {
+            checkpoint = run.save(done, &model, &config, &optimizer, |_, _| Ok(()))?;
         }
     }
-    let checkpoint = save(
-        &model,
-        &optimizer,
-        &config,
-        recipe,
-        total_steps,
-        total_steps,
-    )?;
-    metrics.finish();
-    eprintln!(
-        "finished {total_steps} steps in {:.1} s; checkpoint {}",
-        started.elapsed().as_secs_f64(),
-        checkpoint.display()
-    );
+    run.finish(&checkpoint, "steps");
     Ok(Summary {
         steps: total_steps,
         final_loss: last_loss,
-        eval_loss,
+        eval: eval_loss,
         checkpoint,
-    })
-}
-
-/// Writes `<output.dir>/checkpoint-<step>`: the model, the optimizer and the trainer state.
-fn save(
-    model: &Llama,
-    optimizer: &burn::optim::ModuleOptimizer,
-    config: &LlamaConfig,
-    recipe: &Recipe,
-    step: usize,
-    total_steps: usize,
-) -> Result<PathBuf> {
-    trainer::run::save_checkpoint(recipe, step, |dir| {
-        trainer::run::write_model(model, config, recipe, dir)?;
-        let state = TrainerState {
-            step,
-            total_steps,
-            seed: recipe.train.seed,
-            param_ids: llama::model::param_ids(model),
-            extra: serde_json::Value::Null,
-        };
-        trainer::run::write_training_state(dir, optimizer, &state)
     })
 }
 
@@ -211,7 +114,7 @@ pub fn bench(recipe: &Recipe, steps: usize) -> Result<f64> {
     use rand::{Rng, SeedableRng};
     let train = &recipe.train;
     let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
-    let (config, mut model) = trainer::run::load_model(recipe, &device, Head::Lm)?;
+    let (config, mut model) = trainer::session::load_model(recipe, &device, Head::Lm)?;
     let mut optimizer = adamw(train);
     let mut rng = rand::rngs::StdRng::seed_from_u64(train.seed);
     let len = recipe.data.max_seq_len;
@@ -244,11 +147,7 @@ pub fn bench(recipe: &Recipe, steps: usize) -> Result<f64> {
             let loss = sft_loss(&model, batch, trained);
             accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
         }
-        let mut grads = accumulator.grads();
-        clip_grad_norm(&model, &mut grads, train.grad_clip);
-        model = optimizer.step(train.lr, model, grads);
-        // Reading a parameter back waits for the step to finish on asynchronous backends.
-        let _ = llama::model::to_host(model.norm.gamma.val());
+        model = bench_step(recipe, &mut optimizer, model, accumulator);
         if step > 0 {
             timed += start.elapsed().as_secs_f64();
         }

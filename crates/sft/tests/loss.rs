@@ -1,29 +1,23 @@
 //! One batch of 8 and four micro-batches of 2 give the same gradients.
 
-use std::path::Path;
-
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
-use data::batch::{SequenceBatch, SequenceDataset};
+use data::batch::{sequence_dataset, SequenceBatch, SequenceDataset};
 use data::{load_source, LengthPolicy, OnError, SourceConfig, Tokenized, Tokenizer, Truncation};
-use llama::model::hf_params;
+use llama::weights::hf_params;
 use sft::loss::sft_loss;
-
-fn root() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn grads_by_name(model: &llama::Llama, grads: &GradientsParams) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();
     for (name, param) in hf_params(model) {
         let values = match param {
-            llama::model::ParamRef::Linear(l) => {
+            llama::weights::ParamRef::Linear(l) => {
                 grads.get::<2>(l.weight.id).map(llama::model::to_host)
             }
-            llama::model::ParamRef::Norm(n) => {
+            llama::weights::ParamRef::Norm(n) => {
                 grads.get::<1>(n.gamma.id).map(llama::model::to_host)
             }
-            llama::model::ParamRef::Embedding(e) => {
+            llama::weights::ParamRef::Embedding(e) => {
                 grads.get::<2>(e.weight.id).map(llama::model::to_host)
             }
         };
@@ -35,11 +29,10 @@ fn grads_by_name(model: &llama::Llama, grads: &GradientsParams) -> Vec<(String, 
 #[test]
 fn gradient_accumulation_matches_one_large_batch() {
     let device = Device::flex().autodiff();
-    let config = llama::load_config(&root().join("configs/tiny-test.toml")).unwrap();
+    let config = llama::load_config(&test_support::tiny_test_config()).unwrap();
     let model = llama::init_random(&config, &device, 11).unwrap();
-    let tokenizer =
-        Tokenizer::from_file(&root().join("tests/fixtures/tokenizer/tokenizer.json")).unwrap();
-    let source = SourceConfig::file(root().join("datasets/chat-tiny.jsonl"), None);
+    let tokenizer = Tokenizer::from_file(&test_support::fixture_tokenizer_path()).unwrap();
+    let source = SourceConfig::file(test_support::root().join("datasets/chat-tiny.jsonl"), None);
     let policy = LengthPolicy {
         max_seq_len: 256,
         truncation: Truncation::TruncatePrompt,
@@ -47,7 +40,7 @@ fn gradient_accumulation_matches_one_large_batch() {
     };
     let (items, _) = load_source(&source, &tokenizer, &policy, OnError::Stop).unwrap();
     let examples: Vec<Tokenized> = items.into_iter().take(8).map(|i| i.tokens).collect();
-    let dataset = SequenceDataset::new(&examples, 256, false);
+    let dataset = sequence_dataset(&examples, 256, false);
     let all: Vec<_> = (0..8).map(|i| burn_dataset_get(&dataset, i)).collect();
 
     let full = SequenceBatch::new(&all, 0);

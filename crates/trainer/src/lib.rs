@@ -1,14 +1,20 @@
 //! The training core shared by every trainer: the recipe schema (the TOML contract users and
-//! tests rely on) with command-line overrides, the optimizer and its parameter selection,
-//! learning-rate schedules, metrics, and the output directory with its checkpoints.
+//! tests rely on) with command-line overrides and a place for each method's own section, the
+//! training session (setup, then one loop), the optimizer and its parameter selection,
+//! learning-rate schedules, metrics, and the output directory with its checkpoints. It knows no
+//! method.
 
+pub mod checkpoint;
+pub mod error;
 pub mod metrics;
 pub mod optim;
 pub mod output;
 pub mod recipe;
-pub mod run;
 pub mod schedule;
+pub mod session;
 pub mod step;
 
-pub use recipe::{Recipe, RecipeError};
-pub use run::{RunOptions, TrainError, TrainerState};
+pub use checkpoint::TrainerState;
+pub use error::{io_err, Result, TrainError};
+pub use recipe::{Recipe, RecipeError, Section};
+pub use session::{Run, RunOptions, Session, Summary};

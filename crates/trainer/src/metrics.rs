@@ -9,6 +9,31 @@ use std::path::Path;
 use indicatif::{ProgressBar, ProgressStyle};
 use tensorboard_rs::summary_writer::FileWriter;
 
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Opens a JSON Lines log for appending. A resumed run (`start > 0`) keeps the lines whose
+/// `key` (the step) is at most `start` and drops the rest, which a run killed after its last
+/// checkpoint wrote; a fresh run starts the file empty.
+pub fn reopen_jsonl(path: &Path, key: &str, start: usize) -> std::io::Result<File> {
+    let kept: String = if start > 0 {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v[key].as_u64())
+                    .is_some_and(|s| (s as usize) <= start)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect()
+    } else {
+        String::new()
+    };
+    std::fs::write(path, kept)?;
+    std::fs::OpenOptions::new().append(true).open(path)
+}
+
 pub struct MetricsLogger {
     jsonl: File,
     tensorboard: FileWriter,
@@ -19,24 +44,7 @@ impl MetricsLogger {
     /// Opens `<dir>/metrics.jsonl` and TensorBoard files under `<dir>/tensorboard`. A resumed run
     /// (`start_step > 0`) keeps the log lines up to its checkpoint's step and appends after them.
     pub fn open(dir: &Path, start_step: usize, total_steps: usize) -> std::io::Result<Self> {
-        let path = dir.join("metrics.jsonl");
-        let kept: String = if start_step > 0 {
-            std::fs::read_to_string(&path)
-                .unwrap_or_default()
-                .lines()
-                .filter(|line| {
-                    serde_json::from_str::<serde_json::Value>(line)
-                        .ok()
-                        .and_then(|v| v["step"].as_u64())
-                        .is_some_and(|s| (s as usize) <= start_step)
-                })
-                .map(|line| format!("{line}\n"))
-                .collect()
-        } else {
-            String::new()
-        };
-        std::fs::write(&path, kept)?;
-        let jsonl = std::fs::OpenOptions::new().append(true).open(&path)?;
+        let jsonl = reopen_jsonl(&dir.join(METRICS_FILE), "step", start_step)?;
         let tensorboard = FileWriter::new(dir.join("tensorboard"));
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total_steps as u64);

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::run::{io_err, Result, TrainError};
+use crate::error::{io_err, Result, TrainError};
 
 /// A run's exclusive hold on its output directory, for the life of the process: an advisory
 /// lock on `<dir>/.lock` (`flock`), which the OS releases when the process ends, even on

@@ -1,13 +1,17 @@
-//! Recipes: TOML files with `[model]`, `[data]`, `[train]`, `[runtime]` and `[output]`.
+//! Recipes: TOML files with `[model]`, `[data]`, `[train]`, `[runtime]` and `[output]`, plus at
+//! most one section a method owns (`[reward]`, `[ppo]`, ...): the core carries it, the method
+//! defines, resolves and checks it through [`Section`].
 //!
 //! Unknown keys and wrong types are errors naming the key and the file; a file that does not
 //! parse gives its line and column. `--set section.key=value` overrides any value before the
-//! recipe is checked. Relative paths are resolved against the recipe's directory, and the fully
-//! resolved recipe can be written next to a run's outputs.
+//! recipe is checked, and a problem it causes is blamed on it. Relative paths are resolved
+//! against the recipe's directory (and normalised: `recipes/../runs/x` is `runs/x`), and the
+//! fully resolved recipe can be written next to a run's outputs.
 
 use std::path::{Path, PathBuf};
 
 use data::DataConfig;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +26,42 @@ pub enum RecipeError {
     },
     #[error("--set {0}")]
     Override(String),
+}
+
+/// A method's own recipe section, e.g. `[ppo]`. Its type lives with the method; the core
+/// reads it from the recipe (after `--set`), resolves its paths, checks it, and writes it back
+/// into the run's `recipe.toml`.
+pub trait Section: Serialize + DeserializeOwned {
+    /// The table's name in the recipe.
+    const NAME: &'static str;
+
+    /// Calls `resolve` on every path the section holds (made relative to the recipe file).
+    fn resolve_paths(&mut self, _resolve: &mut dyn FnMut(&mut PathBuf)) {}
+
+    /// Checks values the types alone cannot. The message names the key as
+    /// `` [name] `key` ``, so a `--set` that set it is blamed.
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A recipe without a method section (`train sft`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct NoSection;
+
+impl Section for NoSection {
+    const NAME: &'static str = "";
+}
+
+/// Any method's section, unread ([`Recipe::load_any`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+struct AnySection;
+
+const ANY: &str = "*";
+const CORE_SECTIONS: [&str; 5] = ["model", "data", "train", "runtime", "output"];
+
+impl Section for AnySection {
+    const NAME: &'static str = ANY;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,224 +173,6 @@ pub struct OutputSection {
     pub dir: PathBuf,
 }
 
-/// How a reward model turns a pair's rating into the margin of its loss (Llama 2, Table 27).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MarginKind {
-    /// No margin, even for pairs with a numeric `margin`.
-    None,
-    /// 1, 2/3, 1/3, 0 from "significantly better" down to "negligibly better / unsure".
-    #[default]
-    Small,
-    /// 3, 2, 1, 0.
-    Large,
-    /// `margin_table` in the recipe.
-    Custom,
-}
-
-/// `[reward]`: the reward-model loss. Pairs without a rating use their numeric `margin`, or 0.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RewardSection {
-    #[serde(default)]
-    pub margin: MarginKind,
-    /// For `margin = "custom"`: the margin of each rating, keyed `significantly_better`,
-    /// `better`, `slightly_better`, `negligibly_better`.
-    #[serde(default)]
-    pub margin_table: Option<std::collections::BTreeMap<String, f64>>,
-    /// Reward centering: adds `centering * mean((r_chosen + r_rejected)^2)` to the loss, which
-    /// keeps scores near zero without changing their differences. 0 turns it off.
-    #[serde(default)]
-    pub centering: f64,
-}
-
-/// Names of the rating levels as `margin_table` keys, strongest first.
-pub const MARGIN_KEYS: [&str; 4] = [
-    "significantly_better",
-    "better",
-    "slightly_better",
-    "negligibly_better",
-];
-
-impl RewardSection {
-    /// The margin of each rating level, strongest first.
-    pub fn margins(&self) -> [f64; 4] {
-        match self.margin {
-            MarginKind::None => [0.0; 4],
-            MarginKind::Small => [1.0, 2.0 / 3.0, 1.0 / 3.0, 0.0],
-            MarginKind::Large => [3.0, 2.0, 1.0, 0.0],
-            MarginKind::Custom => {
-                let table = self.margin_table.clone().unwrap_or_default();
-                MARGIN_KEYS.map(|k| table.get(k).copied().unwrap_or(0.0))
-            }
-        }
-    }
-}
-
-/// `[ppo]`: RLHF with PPO (Llama 2, section 3.2.3). `[train]` holds the optimizer settings,
-/// `batch_size` = prompts per iteration, `micro_batch_size` = prompts per PPO mini-batch (one
-/// gradient step each), `max_steps` = iterations.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PpoSection {
-    /// The helpfulness reward model (or the only one).
-    #[serde(default)]
-    pub reward_model: Option<PathBuf>,
-    /// The safety reward model; with both, the Llama 2 rule picks one score per prompt.
-    #[serde(default)]
-    pub safety_reward_model: Option<PathBuf>,
-    /// Use the safety score when sigmoid(safety score) is below this, or the prompt's category
-    /// is `safety`.
-    #[serde(default = "default_safety_threshold")]
-    pub safety_threshold: f64,
-    /// Initial value model; by default the (helpfulness, else safety) reward model.
-    #[serde(default)]
-    pub value_model: Option<PathBuf>,
-    /// Learning rate of the value model (default: `train.lr`).
-    #[serde(default)]
-    pub value_lr: Option<f64>,
-    /// Normalise each reward model's score with the mean and std saved with it.
-    #[serde(default)]
-    pub normalize_reward: bool,
-    /// Whiten the combined reward over the batch, as the paper does.
-    #[serde(default = "yes")]
-    pub whiten_reward: bool,
-    /// Clip the (whitened) reward to `[-reward_clip, reward_clip]`.
-    #[serde(default)]
-    pub reward_clip: Option<f64>,
-    /// Subtracted from the reward of responses that hit `max_new_tokens` without EOS.
-    #[serde(default)]
-    pub no_eos_penalty: f64,
-    /// Re-tokenize text for reward models whose tokenizer differs from the policy's.
-    #[serde(default)]
-    pub retokenize: bool,
-    #[serde(default = "default_new_tokens")]
-    pub max_new_tokens: usize,
-    #[serde(default = "one_f64")]
-    pub temperature: f64,
-    #[serde(default = "one_f64")]
-    pub top_p: f64,
-    /// β of the per-token KL penalty (the initial β when adaptive).
-    #[serde(default = "default_kl_coef")]
-    pub kl_coef: f64,
-    /// Adapt β toward this KL per sequence (Ziegler et al.); fixed β when absent.
-    #[serde(default)]
-    pub target_kl: Option<f64>,
-    #[serde(default = "default_kl_horizon")]
-    pub kl_horizon: usize,
-    /// Stop the run when the mean KL per sequence exceeds this.
-    #[serde(default = "default_max_kl")]
-    pub max_kl: f64,
-    #[serde(default = "one_f64")]
-    pub gamma: f64,
-    #[serde(default = "default_lambda")]
-    pub lam: f64,
-    #[serde(default = "default_clip")]
-    pub clip_range: f64,
-    #[serde(default = "default_clip")]
-    pub value_clip_range: f64,
-    #[serde(default = "default_value_coef")]
-    pub value_coef: f64,
-    /// Passes over each rollout batch.
-    #[serde(default = "one")]
-    pub ppo_epochs: usize,
-    /// Write sampled prompt/response pairs every this many iterations (0: never).
-    #[serde(default = "one")]
-    pub sample_every: usize,
-    #[serde(default = "default_samples")]
-    pub samples: usize,
-}
-
-/// `[rs]`: rejection sampling fine-tuning (`train rs`): `samples_per_prompt` answers to each prompt
-/// of `data.train`, the best by the reward model kept (if at least `threshold`), then SFT on them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RejectionSection {
-    pub reward_model: PathBuf,
-    #[serde(default = "default_samples_per_prompt")]
-    pub samples_per_prompt: usize,
-    #[serde(default)]
-    pub threshold: Option<f64>,
-    #[serde(default = "default_answer_tokens")]
-    pub max_new_tokens: usize,
-    #[serde(default = "one_f64")]
-    pub temperature: f64,
-    #[serde(default = "one_f64")]
-    pub top_p: f64,
-    /// Also keep answers cut off at `max_new_tokens` (without EOS); SFT would then teach the
-    /// model to stop mid-answer, so they are skipped by default.
-    #[serde(default)]
-    pub keep_unfinished: bool,
-}
-
-/// `[distill]`: targeted context distillation (`train distill`): answers to each prompt of
-/// `data.train` with and without the safety `preprompt`; the pre-prompted answer is kept where
-/// the safety reward model scores it higher (or always, without `targeted`), then SFT on the
-/// prompts without the pre-prompt.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DistillSection {
-    pub safety_reward_model: PathBuf,
-    #[serde(default = "default_preprompt")]
-    pub preprompt: String,
-    #[serde(default = "yes")]
-    pub targeted: bool,
-    #[serde(default = "default_answer_tokens")]
-    pub max_new_tokens: usize,
-    /// 0 (default): greedy.
-    #[serde(default)]
-    pub temperature: f64,
-    #[serde(default = "one_f64")]
-    pub top_p: f64,
-    /// Also keep pre-prompted answers cut off at `max_new_tokens` (without EOS).
-    #[serde(default)]
-    pub keep_unfinished: bool,
-}
-
-fn default_samples_per_prompt() -> usize {
-    4
-}
-fn default_answer_tokens() -> usize {
-    128
-}
-fn default_preprompt() -> String {
-    "You are a safe and responsible assistant.".into()
-}
-
-fn yes() -> bool {
-    true
-}
-fn one_f64() -> f64 {
-    1.0
-}
-fn default_safety_threshold() -> f64 {
-    0.15
-}
-fn default_new_tokens() -> usize {
-    64
-}
-fn default_kl_coef() -> f64 {
-    0.01
-}
-fn default_kl_horizon() -> usize {
-    10_000
-}
-fn default_max_kl() -> f64 {
-    100.0
-}
-fn default_lambda() -> f64 {
-    0.95
-}
-fn default_clip() -> f64 {
-    0.2
-}
-fn default_value_coef() -> f64 {
-    0.1
-}
-fn default_samples() -> usize {
-    4
-}
-
 /// A whole recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -361,18 +183,10 @@ pub struct Recipe {
     #[serde(default)]
     pub runtime: RuntimeSection,
     pub output: OutputSection,
-    /// Only read by `train reward`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reward: Option<RewardSection>,
-    /// Only read by `train ppo`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ppo: Option<PpoSection>,
-    /// Only read by `train rs`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rs: Option<RejectionSection>,
-    /// Only read by `train distill`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub distill: Option<DistillSection>,
+    /// The method's own section (`[reward]`, `[ppo]`, ...): its name and resolved values,
+    /// carried for `recipe.toml`; the method reads it as its [`Section`] type.
+    #[serde(skip)]
+    pub section: Option<(String, toml::Value)>,
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> RecipeError {
@@ -419,9 +233,25 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), R
 }
 
 impl Recipe {
-    /// Reads a recipe, applies overrides, checks it, and resolves its paths. A problem caused
-    /// by a `--set` value is reported against that `--set`, not the file.
+    /// Reads a recipe with no method section (`train sft`, `data inspect`), applies overrides,
+    /// checks it, and resolves its paths.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        Self::load_with::<NoSection>(path, overrides).map(|(recipe, _)| recipe)
+    }
+
+    /// [`Recipe::load`] for a reader of the core sections only (`data inspect`): a method's
+    /// section is ignored, whichever it is.
+    pub fn load_any(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        Self::load_with::<AnySection>(path, overrides).map(|(recipe, _)| recipe)
+    }
+
+    /// [`Recipe::load`] for a method with the section `S`, which the recipe may hold (`None`
+    /// when it does not); any other section is an error. A problem caused by a `--set` value
+    /// is reported against that `--set`, not the file.
+    pub fn load_with<S: Section>(
+        path: &Path,
+        overrides: &[String],
+    ) -> Result<(Self, Option<S>), RecipeError> {
         let text = std::fs::read_to_string(path).map_err(|error| RecipeError::Io {
             path: path.to_path_buf(),
             error,
@@ -433,18 +263,37 @@ impl Recipe {
         for assignment in overrides {
             apply_override(&mut table, assignment)?;
         }
-        let mut recipe = match Self::from_table(table) {
-            Ok(recipe) => recipe,
+        let (mut recipe, mut section) = match Self::from_table::<S>(table) {
+            Ok(parsed) => parsed,
             Err(message) => {
-                return Err(match blame_deserialize(&file_table, overrides, &message) {
+                let parse = |t: &toml::Table| Self::from_table::<S>(t.clone()).err();
+                return Err(match blame(&file_table, overrides, &message, parse) {
                     Some(assignment) => RecipeError::Override(format!("{assignment}: {message}")),
                     None => invalid(path, message),
-                })
+                });
             }
         };
         let base = path.parent().unwrap_or(Path::new(""));
-        recipe.resolve_paths(base);
-        recipe.validate(path).map_err(|error| match error {
+        let mut resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = normalize(&base.join(&*p));
+            }
+        };
+        recipe.resolve_paths(&mut resolve);
+        let checked = recipe.validate(path).and_then(|()| {
+            let Some(section) = &mut section else {
+                return Ok(());
+            };
+            section.resolve_paths(&mut resolve);
+            section
+                .validate()
+                .map_err(|message| invalid(path, message))?;
+            let value =
+                toml::Value::try_from(&*section).map_err(|e| invalid(path, e.to_string()))?;
+            recipe.section = Some((S::NAME.to_string(), value));
+            Ok(())
+        });
+        checked.map_err(|error| match error {
             RecipeError::Invalid { message, .. } => {
                 match overrides.iter().find(|a| override_named_in(a, &message)) {
                     Some(assignment) => {
@@ -463,21 +312,48 @@ impl Recipe {
                  the run's recipe.toml cannot record",
             )
         })?;
-        Ok(recipe)
+        Ok((recipe, section))
     }
 
-    fn from_table(table: toml::Table) -> Result<Self, String> {
-        toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| one_line(&e.to_string()))
-    }
-
-    fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
+    /// The core sections, and the method's section `S` when the table has one.
+    fn from_table<S: Section>(mut table: toml::Table) -> Result<(Self, Option<S>), String> {
+        let section = match S::NAME {
+            "" => None,
+            ANY => {
+                table.retain(|key, _| CORE_SECTIONS.contains(&key));
+                None
             }
+            name => table.remove(name),
         };
+        if let Some(key) = table.keys().find(|k| !CORE_SECTIONS.contains(&k.as_str())) {
+            let mut reads = CORE_SECTIONS.map(|s| format!("[{s}]")).join(", ");
+            if !S::NAME.is_empty() {
+                reads.push_str(&format!(" and [{}]", S::NAME));
+            }
+            let missing = match (&section, S::NAME) {
+                (None, name) if !name.is_empty() => {
+                    format!(", and the recipe has no [{name}] section")
+                }
+                _ => String::new(),
+            };
+            return Err(format!(
+                "unknown section `[{key}]`: this command reads {reads}{missing}"
+            ));
+        }
+        let recipe: Self = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| one_line(&e.to_string()))?;
+        let section = section
+            .map(|value| {
+                value.try_into::<S>().map_err(|e: toml::de::Error| {
+                    format!("[{}] {}", S::NAME, one_line(&e.to_string()))
+                })
+            })
+            .transpose()?;
+        Ok((recipe, section))
+    }
+
+    fn resolve_paths(&mut self, fix: &mut dyn FnMut(&mut PathBuf)) {
         if let Some(p) = &mut self.model.config {
             fix(p);
         }
@@ -495,24 +371,6 @@ impl Recipe {
             fix(&mut source.path);
         }
         fix(&mut self.output.dir);
-        if let Some(rs) = &mut self.rs {
-            fix(&mut rs.reward_model);
-        }
-        if let Some(distill) = &mut self.distill {
-            fix(&mut distill.safety_reward_model);
-        }
-        if let Some(ppo) = &mut self.ppo {
-            for p in [
-                &mut ppo.reward_model,
-                &mut ppo.safety_reward_model,
-                &mut ppo.value_model,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                fix(p);
-            }
-        }
     }
 
     fn validate(&self, path: &Path) -> Result<(), RecipeError> {
@@ -586,110 +444,6 @@ impl Recipe {
         if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
             return Err(invalid(path, "[train] `weight_decay` must be >= 0"));
         }
-        if let Some(reward) = &self.reward {
-            match (&reward.margin, &reward.margin_table) {
-                (MarginKind::Custom, None) => {
-                    return Err(invalid(
-                        path,
-                        "[reward] `margin = \"custom\"` needs a `margin_table`",
-                    ))
-                }
-                (MarginKind::Custom, Some(table)) => {
-                    for (key, value) in table {
-                        if !MARGIN_KEYS.contains(&key.as_str()) {
-                            return Err(invalid(
-                                path,
-                                format!(
-                                    "[reward] margin_table: unknown rating `{key}` (expected {})",
-                                    MARGIN_KEYS.join(", ")
-                                ),
-                            ));
-                        }
-                        if !value.is_finite() {
-                            return Err(invalid(
-                                path,
-                                format!("[reward] margin_table.{key} must be a number"),
-                            ));
-                        }
-                    }
-                }
-                (_, Some(_)) => {
-                    return Err(invalid(
-                        path,
-                        "[reward] `margin_table` is only read with `margin = \"custom\"`",
-                    ))
-                }
-                _ => {}
-            }
-            if !(reward.centering >= 0.0 && reward.centering.is_finite()) {
-                return Err(invalid(path, "[reward] `centering` must be >= 0"));
-            }
-        }
-        if let Some(ppo) = &self.ppo {
-            if ppo.reward_model.is_none() && ppo.safety_reward_model.is_none() {
-                return Err(invalid(
-                    path,
-                    "[ppo] needs `reward_model` or `safety_reward_model`",
-                ));
-            }
-            let unit = |v: f64| (0.0..=1.0).contains(&v);
-            if !(unit(ppo.gamma) && unit(ppo.lam) && unit(ppo.safety_threshold)) {
-                return Err(invalid(
-                    path,
-                    "[ppo] `gamma`, `lam` and `safety_threshold` must be within [0, 1]",
-                ));
-            }
-            if !(ppo.clip_range > 0.0 && ppo.value_clip_range > 0.0 && ppo.kl_coef >= 0.0) {
-                return Err(invalid(
-                    path,
-                    "[ppo] `clip_range` and `value_clip_range` must be positive, `kl_coef` >= 0",
-                ));
-            }
-            if ppo.max_new_tokens == 0 || ppo.ppo_epochs == 0 {
-                return Err(invalid(
-                    path,
-                    "[ppo] `max_new_tokens` and `ppo_epochs` must be positive",
-                ));
-            }
-            if !(ppo.top_p > 0.0 && ppo.top_p <= 1.0 && ppo.temperature > 0.0) {
-                return Err(invalid(
-                    path,
-                    "[ppo] `top_p` must be in (0, 1] and `temperature` > 0 (PPO samples)",
-                ));
-            }
-            if ppo.target_kl.is_some_and(|t| !(t > 0.0 && t.is_finite())) {
-                return Err(invalid(path, "[ppo] `target_kl` must be positive"));
-            }
-        }
-        if let Some(rs) = &self.rs {
-            if rs.samples_per_prompt == 0 || rs.max_new_tokens == 0 {
-                return Err(invalid(
-                    path,
-                    "[rs] `samples_per_prompt` and `max_new_tokens` must be positive",
-                ));
-            }
-            // Best-of-K needs K different answers: greedy decoding would give K copies.
-            if !(rs.top_p > 0.0 && rs.top_p <= 1.0 && rs.temperature > 0.0) {
-                return Err(invalid(
-                    path,
-                    "[rs] `top_p` must be in (0, 1] and `temperature` > 0 (it samples K answers)",
-                ));
-            }
-        }
-        if let Some(d) = &self.distill {
-            if d.max_new_tokens == 0 || d.preprompt.trim().is_empty() {
-                return Err(invalid(
-                    path,
-                    "[distill] needs a non-empty `preprompt` and a positive `max_new_tokens`",
-                ));
-            }
-            if !(d.top_p > 0.0 && d.top_p <= 1.0 && d.temperature >= 0.0) {
-                return Err(invalid(
-                    path,
-                    "[distill] `top_p` must be in (0, 1] and `temperature` >= 0",
-                ));
-            }
-        }
         if !["f32", "bf16"].contains(&self.runtime.dtype.as_str()) {
             return Err(invalid(
                 path,
@@ -706,28 +460,64 @@ impl Recipe {
     /// The resolved recipe as TOML, for the run's output directory. Fails only for a path that
     /// is not valid UTF-8, which [`Recipe::load`] refuses.
     pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
-        toml::to_string_pretty(self)
+        let mut text = toml::to_string_pretty(self)?;
+        if let Some((name, value)) = &self.section {
+            let mut table = toml::Table::new();
+            table.insert(name.clone(), value.clone());
+            text.push('\n');
+            text.push_str(&toml::to_string_pretty(&table)?);
+        }
+        Ok(text)
     }
 }
 
-/// The `--set` that turned a recipe that deserialized (or failed otherwise) into one failing with
-/// `message`: the overrides are applied one at a time to the file's table.
-fn blame_deserialize<'a>(
+/// The `--set` that turned a recipe that parsed (or failed otherwise) into one failing with
+/// `message`: the overrides are applied one at a time to the file's table, and `parse` gives
+/// each table's error.
+fn blame<'a>(
     file_table: &toml::Table,
     overrides: &'a [String],
     message: &str,
+    parse: impl Fn(&toml::Table) -> Option<String>,
 ) -> Option<&'a str> {
     let mut table = file_table.clone();
-    let mut before = Recipe::from_table(table.clone()).err();
+    let mut before = parse(&table);
     for assignment in overrides {
         apply_override(&mut table, assignment).ok()?;
-        let after = Recipe::from_table(table.clone()).err();
+        let after = parse(&table);
         if after.as_deref() == Some(message) && before.as_deref() != Some(message) {
             return Some(assignment.trim());
         }
         before = after;
     }
     None
+}
+
+/// `a/b/../c` as `a/c`, without touching the file system: printed paths then read as a user
+/// would write them. A leading `..` (above the start) is kept.
+pub fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                match out.components().next_back() {
+                    Some(Component::Normal(_)) => {
+                        out.pop();
+                    }
+                    // Above the root is the root.
+                    Some(Component::RootDir | Component::Prefix(_)) => {}
+                    _ => out.push(".."),
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
 }
 
 /// Whether a validation message (`[section] \`key\` ...`) is about the key `assignment` sets.

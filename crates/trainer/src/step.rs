@@ -9,8 +9,8 @@ use burn::prelude::*;
 use data::batch::batch_order;
 use llama::Llama;
 
+use crate::error::{Result, TrainError};
 use crate::optim::clip_grad_norm;
-use crate::run::{Result, TrainError};
 use crate::schedule::{learning_rate, warmup_steps};
 use crate::Recipe;
 
@@ -121,7 +121,7 @@ pub fn optimizer_step(
 }
 
 fn diverged(step: usize, loss: f64, grad_norm: f64, out: &Path) -> TrainError {
-    let kept = match crate::run::find_checkpoint(out, "latest") {
+    let kept = match crate::checkpoint::find_checkpoint(out, "latest") {
         Ok(dir) => format!("the last checkpoint, {}, is kept", dir.display()),
         Err(_) => "no checkpoint had been saved yet".to_string(),
     };
@@ -134,4 +134,21 @@ fn diverged(step: usize, loss: f64, grad_norm: f64, out: &Path) -> TrainError {
 /// at the last step.
 pub fn due(done: usize, every: usize, total_steps: usize) -> bool {
     done == total_steps || (every > 0 && done.is_multiple_of(every))
+}
+
+/// A benchmark's optimizer step: global-norm clipping and AdamW at the recipe's peak rate (no
+/// schedule or checks), then one parameter read back, which waits for the step to finish on
+/// asynchronous backends.
+pub fn bench_step(
+    recipe: &Recipe,
+    optimizer: &mut ModuleOptimizer,
+    model: Llama,
+    mut accumulator: GradientsAccumulator<Llama>,
+) -> Llama {
+    let train = &recipe.train;
+    let mut grads = accumulator.grads();
+    clip_grad_norm(&model, &mut grads, train.grad_clip);
+    let model = optimizer.step(train.lr, model, grads);
+    let _ = llama::model::to_host(model.norm.gamma.val());
+    model
 }

@@ -1,17 +1,15 @@
 //! Global-norm clipping and AdamW's parameter groups on a tiny Llama.
 
-use std::path::Path;
-
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use llama::model::{hf_params, to_host, ParamRef};
+use llama::model::to_host;
+use llama::weights::{hf_params, ParamRef};
 use trainer::optim::{adamw, clip_grad_norm, grad_norm};
 use trainer::recipe::TrainSection;
 
 fn tiny_model() -> llama::Llama {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let config = llama::load_config(&root.join("configs/tiny-test.toml")).unwrap();
+    let config = llama::load_config(&test_support::tiny_test_config()).unwrap();
     llama::init_random(&config, &Device::flex().autodiff(), 5).unwrap()
 }
 

@@ -160,7 +160,7 @@ fn optimizer_values_are_range_checked_and_blamed_on_set() {
 
 #[test]
 fn output_lock_excludes_other_runs_and_guards_foreign_directories() {
-    use trainer::run::OutputLock;
+    use trainer::output::OutputLock;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("run");
     let held = OutputLock::acquire(&dir).unwrap();
@@ -210,4 +210,74 @@ fn output_lock_excludes_other_runs_and_guards_foreign_directories() {
         dir.join("checkpoint-2").exists(),
         "an existing run directory stays"
     );
+}
+
+/// A method's section as the core carries it: read after `--set`, paths resolved, checked,
+/// blamed on the `--set` that broke it, and written back into `recipe.toml`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestSection {
+    model: std::path::PathBuf,
+    #[serde(default)]
+    rate: f64,
+}
+
+impl trainer::Section for TestSection {
+    const NAME: &'static str = "method";
+
+    fn resolve_paths(&mut self, resolve: &mut dyn FnMut(&mut std::path::PathBuf)) {
+        resolve(&mut self.model);
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.rate < 0.0 {
+            return Err("[method] `rate` must be >= 0".into());
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_method_section_is_carried_checked_and_blamed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!("{MINIMAL}\n[method]\nmodel = \"../models/rm\"\nrate = 0.5\n");
+    let path = write(tmp.path(), &text);
+    let (recipe, section) = Recipe::load_with::<TestSection>(&path, &[]).unwrap();
+    let section = section.unwrap();
+    // Relative to the recipe, with `..` resolved.
+    let parent = tmp.path().parent().unwrap();
+    assert_eq!(section.model, parent.join("models/rm"));
+    assert_eq!(recipe.output.dir, tmp.path().join("runs/x"));
+    // recipe.toml holds the section with its resolved path, and reads back the same.
+    let saved = tmp.path().join("saved.toml");
+    std::fs::write(&saved, recipe.to_toml().unwrap()).unwrap();
+    let (again, again_section) = Recipe::load_with::<TestSection>(&saved, &[]).unwrap();
+    assert_eq!((again, again_section.unwrap()), (recipe, section));
+
+    let err = |set: &[&str]| {
+        let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+        Recipe::load_with::<TestSection>(&path, &set)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(&["method.rate=-1.0"]);
+    assert!(
+        e.starts_with("--set method.rate=-1.0: [method] `rate`"),
+        "{e}"
+    );
+    let e = err(&["method.speed=2"]);
+    assert!(
+        e.starts_with("--set method.speed=2: [method]") && e.contains("speed"),
+        "{e}"
+    );
+    // Without the method, the section is an unknown one; a recipe may also lack it.
+    let e = Recipe::load(&path, &[]).unwrap_err().to_string();
+    assert!(e.contains("method"), "{e}");
+    let other = tempfile::tempdir().unwrap();
+    let plain = write(other.path(), MINIMAL);
+    assert!(Recipe::load_with::<TestSection>(&plain, &[])
+        .unwrap()
+        .1
+        .is_none());
+    assert!(Recipe::load_any(&path, &[]).is_ok());
 }

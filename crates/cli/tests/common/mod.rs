@@ -1,23 +1,15 @@
-//! Helpers shared by the binary's integration tests.
+//! Helpers shared by the binary's integration tests: running `train` and checking how it ends.
+//! The generic ones (paths, fixtures, `../shared`, optional Python tools) are in the
+//! `test-support` crate.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use test_support::{parse_jsonl, root, test_device_name};
 
-/// A golden model: a name under `tests/fixtures/golden/` (transformers 4.57.1), or a path under
-/// `tests/fixtures/` such as `golden-tf5/tiny-odd` (transformers 5.x).
-pub fn golden(name: &str) -> PathBuf {
-    if name.contains('/') {
-        root().join("tests/fixtures").join(name)
-    } else {
-        root().join("tests/fixtures/golden").join(name)
-    }
-}
-
+/// Runs the `train` binary in the repository root, so that relative paths in `args` and in the
+/// recipes resolve as they do for a user in a fresh clone.
 pub fn train(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_train"))
         .args(args)
@@ -34,7 +26,29 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A run that must succeed; its stderr is the failure message otherwise.
+#[track_caller]
+pub fn assert_success(out: &Output) {
+    assert!(out.status.success(), "{}", stderr(out));
+}
+
+/// The whole stdout of a successful `--json` run, parsed as one JSON value.
+#[track_caller]
+pub fn json_output(out: &Output) -> serde_json::Value {
+    assert_success(out);
+    serde_json::from_str(stdout(out).trim()).unwrap()
+}
+
+/// The last line of stdout of a successful run, parsed as JSON: the summary a training command
+/// prints after its progress output.
+#[track_caller]
+pub fn json_summary(out: &Output) -> serde_json::Value {
+    assert_success(out);
+    serde_json::from_str(stdout(out).lines().last().expect("a JSON line")).unwrap()
+}
+
 /// A user mistake: non-zero exit, one line on stderr naming `needle`, no panic.
+#[track_caller]
 pub fn assert_user_error(out: &Output, needle: &str) {
     let err = stderr(out);
     assert!(!out.status.success(), "should fail: {err}");
@@ -46,95 +60,9 @@ pub fn assert_user_error(out: &Output, needle: &str) {
     assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
 }
 
-/// An optional tool that scripts/test.sh found, named by `var`. Without it the check is skipped
-/// with a reason, unless REQUIRE_TORCH=1 (CI), where it fails.
-fn optional_tool(var: &str, what: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(value) if !value.is_empty() => Some(value),
-        _ if std::env::var("REQUIRE_TORCH").as_deref() == Ok("1") => {
-            panic!("REQUIRE_TORCH=1 but {var} is not set (run scripts/test.sh)")
-        }
-        _ => {
-            eprintln!("skipped: {var} not set (scripts/test.sh sets it when {what})");
-            None
-        }
-    }
-}
-
-/// The Python with `transformers` 4.57.1 (LLAMA_PYTHON).
-pub fn python_with_transformers() -> Option<String> {
-    optional_tool("LLAMA_PYTHON", ".venv has transformers")
-}
-
-/// The transformers 5.x overlay (LLAMA_TRANSFORMERS5), a PYTHONPATH entry used with
-/// LLAMA_PYTHON.
-pub fn transformers5_path() -> Option<String> {
-    optional_tool("LLAMA_TRANSFORMERS5", ".venv/transformers5 exists")
-}
-
-pub fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dest = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_tree(&entry.path(), &dest);
-        } else {
-            std::fs::copy(entry.path(), dest).unwrap();
-        }
-    }
-}
-
-pub fn losses_by_step(metrics: &[serde_json::Value]) -> Vec<(u64, f64)> {
-    metrics
-        .iter()
-        .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()?)))
-        .collect()
-}
-
-/// Runs `train <command> --recipe <recipe>` into `out`, on LLAMA_TEST_DEVICE when set (flex by
-/// default); returns the process output and the lines of metrics.jsonl.
-pub fn run_recipe(
-    command: &str,
-    recipe: &str,
-    out: &Path,
-    extra: &[&str],
-) -> (Output, Vec<serde_json::Value>) {
-    let dir = format!("output.dir=\"{}\"", out.display());
-    let device = format!(
-        "runtime.device=\"{}\"",
-        std::env::var("LLAMA_TEST_DEVICE").unwrap_or_else(|_| "flex".into())
-    );
-    let mut args = vec![command, "--recipe", recipe, "--set", &dir, "--set", &device];
-    args.extend_from_slice(extra);
-    let run = train(&args);
-    let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (run, metrics)
-}
-
-/// `../shared` beside the repository. Absent in a user's clone: the test is skipped with a
-/// reason, unless REQUIRE_SHARED=1 (CI), where it fails.
-pub fn shared_dir() -> Option<PathBuf> {
-    let dir = root().join("../shared");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("REQUIRE_SHARED=1 but {} is missing", dir.display());
-    }
-    eprintln!(
-        "skipped: {} not found (set REQUIRE_SHARED=1 to fail instead)",
-        dir.display()
-    );
-    None
-}
-
 /// A failure after some progress output: non-zero exit, no panic, and the last line of stderr
 /// is the error naming `needle`.
+#[track_caller]
 pub fn assert_failed_with(out: &Output, needle: &str) {
     let err = stderr(out);
     assert!(!out.status.success(), "should fail: {err}");
@@ -147,4 +75,71 @@ pub fn assert_failed_with(out: &Output, needle: &str) {
         last.starts_with("error: ") && last.contains(needle),
         "expected `{needle}` in the last line: {err}"
     );
+}
+
+/// `--set` before each of `overrides`: the arguments that change a recipe's values.
+pub fn sets<'a>(overrides: &[&'a str]) -> Vec<&'a str> {
+    overrides.iter().flat_map(|o| ["--set", *o]).collect()
+}
+
+/// `--resume latest`, then `overrides` as [`sets`]: the arguments that continue a run.
+pub fn resume_latest<'a>(overrides: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--resume", "latest"];
+    args.extend(sets(overrides));
+    args
+}
+
+/// The path as an argument of `train` (the tests' paths are UTF-8).
+pub fn arg(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
+}
+
+/// `train generate --model <model>` followed by `args`.
+pub fn generate(model: &Path, args: &[&str]) -> Output {
+    train(&[&["generate", "--model", arg(model)][..], args].concat())
+}
+
+/// `train export --checkpoint <checkpoint> --out <out>` followed by `args`.
+pub fn export(checkpoint: &Path, out: &Path, args: &[&str]) -> Output {
+    let paths = ["--checkpoint", arg(checkpoint), "--out", arg(out)];
+    train(&[&["export"][..], &paths, args].concat())
+}
+
+/// `train score --model <model> --data <data>` followed by `args`.
+pub fn score(model: &Path, data: &Path, args: &[&str]) -> Output {
+    let paths = ["--model", arg(model), "--data", arg(data)];
+    train(&[&["score"][..], &paths, args].concat())
+}
+
+/// `train eval safety --model <model> --prompts <prompts>` followed by `args`.
+pub fn eval_safety(model: &Path, prompts: &Path, args: &[&str]) -> Output {
+    let paths = ["--model", arg(model), "--prompts", arg(prompts)];
+    train(&[&["eval", "safety"][..], &paths, args].concat())
+}
+
+/// (step, loss) of the metrics lines that have both.
+pub fn losses_by_step(metrics: &[serde_json::Value]) -> Vec<(u64, f64)> {
+    metrics
+        .iter()
+        .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()?)))
+        .collect()
+}
+
+/// Runs `train <command> --recipe <recipe>` into `out`, on LLAMA_TEST_DEVICE when set (flex by
+/// default); returns the process output and the lines of metrics.jsonl (none if it has none).
+pub fn run_recipe(
+    command: &str,
+    recipe: &str,
+    out: &Path,
+    extra: &[&str],
+) -> (Output, Vec<serde_json::Value>) {
+    let dir = format!("output.dir=\"{}\"", out.display());
+    let device = format!("runtime.device=\"{}\"", test_device_name());
+    let mut args = vec![command, "--recipe", recipe];
+    args.extend(sets(&[&dir, &device]));
+    args.extend_from_slice(extra);
+    let run = train(&args);
+    let metrics =
+        parse_jsonl(&std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default());
+    (run, metrics)
 }

@@ -1,24 +1,8 @@
 //! Helpers shared by the model's integration tests.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-
 use burn::prelude::*;
 use llama::model::to_host;
-
-pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-/// A golden model: a name under `tests/fixtures/golden/` (made with transformers 4.57.1), or a
-/// path under `tests/fixtures/` such as `golden-tf5/tiny-odd` (made with transformers 5.x).
-pub fn golden_dir(name: &str) -> PathBuf {
-    if name.contains('/') {
-        fixtures().join(name)
-    } else {
-        fixtures().join("golden").join(name)
-    }
-}
 
 /// Every golden model, from both pinned transformers versions (their config.json layouts differ).
 pub const GOLDEN_MODELS: [&str; 6] = [
@@ -32,7 +16,7 @@ pub const GOLDEN_MODELS: [&str; 6] = [
 
 /// The device the tests run on: `LLAMA_TEST_DEVICE` (e.g. `tch:cpu`), flex by default.
 pub fn test_device() -> Device {
-    let name = std::env::var("LLAMA_TEST_DEVICE").unwrap_or_else(|_| "flex".into());
+    let name = test_support::test_device_name();
     llama::parse_device(&name).unwrap_or_else(|e| panic!("LLAMA_TEST_DEVICE: {e}"))
 }
 
@@ -44,7 +28,7 @@ pub struct Golden {
 }
 
 pub fn load_golden(name: &str) -> Golden {
-    let dir = golden_dir(name);
+    let dir = test_support::golden_dir(name);
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("golden.json")).expect("golden.json"),
     )

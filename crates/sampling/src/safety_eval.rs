@@ -3,13 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
+use data::load_prompts;
 use data::Tokenizer;
 use llama::{Llama, LlamaConfig};
+use reward::RewardModel;
 use serde::Serialize;
-use trainer::run::Result;
+use trainer::Result;
 
 use crate::answers::{generate_answers, score_answers, AnswerSettings};
-use crate::prompts::load_prompts;
 use crate::refusal::RefusalDetector;
 
 /// A prompt set to evaluate on.
@@ -88,7 +89,7 @@ pub fn evaluate(
     config: &LlamaConfig,
     tokenizer: &Tokenizer,
     sets: &[PromptSet],
-    reward_model: Option<(&Llama, &LlamaConfig)>,
+    reward_model: Option<&RewardModel>,
     detector: &RefusalDetector,
     settings: &AnswerSettings,
     limit: Option<usize>,
@@ -105,9 +106,8 @@ pub fn evaluate(
         }
         let answers = generate_answers(model, config, tokenizer, &prompts, None, settings, 1)?;
         let scores = match reward_model {
-            Some((rm, rm_config)) => Some(score_answers(
+            Some(rm) => Some(score_answers(
                 rm,
-                rm_config,
                 tokenizer,
                 &prompts,
                 &answers,

@@ -1,18 +1,15 @@
-//! Rejection sampling fine-tuning (`train rs`), as in Llama 2's first RLHF rounds: sample K
-//! answers to each prompt, keep the one the reward model scores best (optionally only above a
-//! threshold), and fine-tune on the kept answers with the SFT trainer.
+//! The stage rejection sampling and context distillation share: generate answers to prompts,
+//! keep some (the method decides which), then fine-tune on the kept ones with the SFT trainer.
+//! The generation runs once; a resumed run goes straight on with SFT.
 
 use std::path::{Path, PathBuf};
 
-use data::Tokenizer;
+use data::{load_prompts, PromptRecord, Tokenizer};
 use llama::Head;
-use trainer::run::{io_err, Result, RunOptions, TrainError};
-use trainer::Recipe;
+use reward::RewardModel;
+use trainer::{io_err, Recipe, Result, RunOptions, TrainError};
 
-use crate::answers::{
-    generate_answers, load_reward_model, score_answers, write_sft_records, AnswerSettings,
-};
-use crate::prompts::{load_prompts, PromptRecord};
+use crate::answers::{score_answers, write_sft_records, Answer};
 
 /// What a generate-then-fine-tune run reports.
 #[derive(Debug, Clone)]
@@ -54,7 +51,7 @@ pub fn generate_then_sft(
         ));
     }
     // Held until the SFT stage (which locks its own `sft/` directory) has finished.
-    let lock = trainer::run::OutputLock::acquire(out)?;
+    let lock = trainer::output::OutputLock::acquire(out)?;
     if options.resume.is_none() {
         lock.check_replaceable(
             options.overwrite,
@@ -116,11 +113,13 @@ pub fn generate_then_sft(
     };
 
     let mut sft_recipe = recipe.clone();
+    sft_recipe.section = None;
     sft_recipe.data.train = Some(sft_data);
     sft_recipe.data.sources.clear();
     sft_recipe.data.format = Some("prompt-response".into());
     sft_recipe.output.dir = out.join("sft");
-    let has_checkpoint = trainer::run::find_checkpoint(&sft_recipe.output.dir, "latest").is_ok();
+    let has_checkpoint =
+        trainer::checkpoint::find_checkpoint(&sft_recipe.output.dir, "latest").is_ok();
     let sft_options = RunOptions {
         overwrite: !has_checkpoint,
         resume: has_checkpoint.then(|| "latest".to_string()),
@@ -140,8 +139,7 @@ pub struct Inputs {
     pub prompts: Vec<PromptRecord>,
     pub device: burn::prelude::Device,
     pub tokenizer: Tokenizer,
-    pub reward_config: llama::LlamaConfig,
-    pub reward_model: llama::Llama,
+    pub reward_model: RewardModel,
 }
 
 impl Inputs {
@@ -152,92 +150,34 @@ impl Inputs {
         let prompts = load_prompts(path)?;
         let device = llama::parse_device(&recipe.runtime.device)?;
         let tokenizer = Tokenizer::from_file(&recipe.model.tokenizer)?;
-        let (reward_config, reward_model) = load_reward_model(reward_model, &device, &tokenizer)?;
+        let reward_model = RewardModel::for_policy(reward_model, &device, &tokenizer, false, "")?;
         Ok(Self {
             prompts,
             device,
             tokenizer,
-            reward_config,
             reward_model,
         })
     }
 
     /// The model to sample from, as `[model]` names it.
     pub fn policy(&self, recipe: &Recipe) -> Result<(llama::LlamaConfig, llama::Llama)> {
-        let (config, model) = trainer::run::load_model(recipe, &self.device, Head::Lm)?;
-        trainer::run::check_generation_vocab(&self.tokenizer, &config, &recipe.model.tokenizer)?;
+        let (config, model) = trainer::session::load_model(recipe, &self.device, Head::Lm)?;
+        trainer::session::check_generation_vocab(
+            &self.tokenizer,
+            &config,
+            &recipe.model.tokenizer,
+        )?;
         Ok((config, model))
     }
 
     /// Reward-model scores of answers to these prompts.
-    pub fn score(&self, answers: &[crate::answers::Answer], batch: usize) -> Result<Vec<f64>> {
+    pub fn score(&self, answers: &[Answer], batch: usize) -> Result<Vec<f64>> {
         score_answers(
             &self.reward_model,
-            &self.reward_config,
             &self.tokenizer,
             &self.prompts,
             answers,
             batch,
         )
     }
-}
-
-/// Runs rejection sampling fine-tuning as the recipe's `[rs]` section says.
-pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<StageSummary> {
-    let section = recipe
-        .rs
-        .clone()
-        .ok_or_else(|| TrainError::Invalid("the recipe has no [rs] section".into()))?;
-    generate_then_sft(recipe, options, &section.reward_model, |inputs| {
-        let prompts = &inputs.prompts;
-        let (config, model) = inputs.policy(recipe)?;
-        let settings = AnswerSettings {
-            max_new_tokens: section.max_new_tokens,
-            temperature: section.temperature,
-            top_p: section.top_p,
-            seed: recipe.train.seed,
-            batch_size: recipe.micro_batch_size().max(section.samples_per_prompt),
-        };
-        let k = section.samples_per_prompt;
-        eprintln!("sampling {k} answers to each of {} prompts", prompts.len());
-        let answers = generate_answers(
-            &model,
-            &config,
-            &inputs.tokenizer,
-            prompts,
-            None,
-            &settings,
-            k,
-        )?;
-        let scores = inputs.score(&answers, settings.batch_size)?;
-        let mut candidates = Vec::with_capacity(answers.len());
-        let mut kept = Vec::new();
-        for (p, prompt) in prompts.iter().enumerate() {
-            let group: Vec<usize> = (p * k..(p + 1) * k).collect();
-            let best = group
-                .iter()
-                .copied()
-                .filter(|&i| !answers[i].text.is_empty())
-                .filter(|&i| answers[i].ended || section.keep_unfinished)
-                .max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-            let keep = best.filter(|&i| section.threshold.is_none_or(|t| scores[i] >= t));
-            for &i in &group {
-                candidates.push(serde_json::json!({
-                    "prompt": prompt.text(),
-                    "answer": answers[i].text,
-                    "score": scores[i],
-                    "ended_with_eos": answers[i].ended,
-                    "kept": Some(i) == keep,
-                }));
-            }
-            if let Some(i) = keep {
-                kept.push((prompt.clone(), answers[i].text.clone()));
-            }
-        }
-        Ok(Selection {
-            prompts: prompts.len(),
-            kept,
-            candidates,
-        })
-    })
 }

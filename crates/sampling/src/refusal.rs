@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use trainer::run::{io_err, Result, TrainError};
+use trainer::{io_err, Result, TrainError};
 
 /// Phrases that mark a refusal in English chat models' answers.
 pub const DEFAULT_PHRASES: &[&str] = &[

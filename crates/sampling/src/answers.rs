@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use data::{render_dialog, Message, Role, Tokenizer};
+use data::render::drop_after_bos;
+use data::{render_dialog, Message, PromptRecord, Role, Tokenizer};
 use llama::{Llama, LlamaConfig, SamplingParams};
-use trainer::run::{Result, TrainError};
-
-use crate::prompts::PromptRecord;
+use reward::RewardModel;
+use trainer::{Result, TrainError};
 
 #[derive(Debug, Clone)]
 pub struct AnswerSettings {
@@ -18,6 +18,26 @@ pub struct AnswerSettings {
     pub seed: u64,
     /// Sequences per generation batch.
     pub batch_size: usize,
+}
+
+impl AnswerSettings {
+    /// A method's sampling settings, with the recipe's seed and `batch_size` sequences per
+    /// generation batch.
+    pub fn new(
+        max_new_tokens: usize,
+        temperature: f64,
+        top_p: f64,
+        seed: u64,
+        batch: usize,
+    ) -> Self {
+        Self {
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            batch_size: batch,
+        }
+    }
 }
 
 /// A generated answer to `prompts[prompt]`.
@@ -46,10 +66,8 @@ pub fn prompt_ids(
     }
     messages.extend(prompt.messages.iter().cloned());
     let mut ids = render_dialog(tokenizer, &messages)?.ids;
-    if ids.len() > room {
-        let excess = ids.len() - room;
-        ids.drain(1..1 + excess.min(ids.len() - 1));
-    }
+    let excess = ids.len().saturating_sub(room);
+    drop_after_bos(&mut ids, excess);
     Ok(ids)
 }
 
@@ -113,14 +131,13 @@ pub fn generate_answers(
 
 /// Reward-model scores of each answer to its prompt (rendered without any system pre-prompt).
 pub fn score_answers(
-    reward_model: &Llama,
-    reward_config: &LlamaConfig,
+    rm: &RewardModel,
     tokenizer: &Tokenizer,
     prompts: &[PromptRecord],
     answers: &[Answer],
     batch_size: usize,
 ) -> Result<Vec<f64>> {
-    let room = reward_config.max_position_embeddings;
+    let room = rm.config.max_position_embeddings;
     let sequences: Vec<Vec<u32>> = answers
         .iter()
         .map(|a| {
@@ -135,31 +152,7 @@ pub fn score_answers(
             Ok(ids)
         })
         .collect::<Result<_>>()?;
-    reward::score::score_sequences(
-        reward_model,
-        &sequences,
-        batch_size,
-        reward::train::reward_pad_id(reward_config),
-    )
-}
-
-/// Loads a reward model on `device` and checks that its tokenizer (when it ships one) is the
-/// policy's.
-pub fn load_reward_model(
-    dir: &Path,
-    device: &burn::prelude::Device,
-    tokenizer: &Tokenizer,
-) -> Result<(LlamaConfig, Llama)> {
-    let loaded = reward::score::load_reward_model(dir, device)?;
-    trainer::run::check_vocab(tokenizer, &loaded.0, dir)?;
-    let own = dir.join("tokenizer.json");
-    if own.exists() && !Tokenizer::from_file(&own)?.same_vocabulary(tokenizer) {
-        return Err(TrainError::Invalid(format!(
-            "{}: the reward model's tokenizer differs from the model's",
-            own.display()
-        )));
-    }
-    Ok(loaded)
+    rm.score(&sequences, tokenizer, batch_size)
 }
 
 /// Writes `{"prompt": [messages], "response": text}` records (the `prompt-response` format) that
@@ -171,5 +164,5 @@ pub fn write_sft_records(path: &Path, records: &[(&PromptRecord, &str)]) -> Resu
             serde_json::json!({"prompt": prompt.messages, "response": response}).to_string() + "\n"
         })
         .collect();
-    std::fs::write(path, text).map_err(trainer::run::io_err(path))
+    std::fs::write(path, text).map_err(trainer::io_err(path))
 }

@@ -1,0 +1,371 @@
+//! One PPO iteration: rollout → score → advantages → update → report. Sampling is KV-cached
+//! and without autodiff; scoring takes the old and reference log-probabilities, the value
+//! model's estimates and the reward models' scores; the update (`update.rs`) runs clipped PPO
+//! over `ppo_epochs` passes in mini-batches.
+
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use data::Tokenizer;
+use llama::{Llama, LlamaConfig, SamplingParams};
+use reward::RewardModel;
+use trainer::optim::adamw;
+use trainer::recipe::TrainSection;
+use trainer::{Result, TrainError};
+
+use crate::algo::{
+    advantages, mean_std, shape_rewards, KlController, ModelScores, RewardSource, Rewards,
+};
+use crate::rollout::{gather_rows, pad_rollouts, token_logprobs, token_values, Rollout};
+use crate::section::PpoSection;
+use crate::update::Targets;
+
+/// Everything one iteration reports.
+#[derive(Debug, Clone, Default)]
+pub struct IterationReport {
+    pub values: Vec<(&'static str, f64)>,
+    pub reward_mean: f64,
+    pub kl: f64,
+    pub samples: Vec<serde_json::Value>,
+    pub generation_s: f64,
+    pub scoring_s: f64,
+    pub update_s: f64,
+}
+
+impl IterationReport {
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.values.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+}
+
+/// The models and optimizer state of a PPO run.
+pub struct Ppo {
+    pub policy: Llama,
+    pub value: Llama,
+    /// The frozen initial policy.
+    pub reference: Llama,
+    pub helpfulness: Option<RewardModel>,
+    pub safety: Option<RewardModel>,
+    pub policy_optimizer: ModuleOptimizer,
+    pub value_optimizer: ModuleOptimizer,
+    pub kl: KlController,
+    pub settings: PpoSection,
+    pub lr: f64,
+    pub value_lr: f64,
+    pub grad_clip: Option<f64>,
+    pub mini_batch: usize,
+    pub seed: u64,
+    pub eos: u32,
+    pub pad: u32,
+    pub max_positions: usize,
+    /// Ids the policy may generate: those its tokenizer can decode (the vocabulary unless the
+    /// embedding is padded past the tokenizer). Sampling and log-probs both use only these.
+    pub vocab_limit: usize,
+}
+
+/// The models of a PPO run.
+pub struct Models {
+    pub policy: Llama,
+    pub value: Llama,
+    pub reference: Llama,
+    pub helpfulness: Option<RewardModel>,
+    pub safety: Option<RewardModel>,
+}
+
+/// A prompt to roll out.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    pub category: Option<String>,
+}
+
+/// Old and reference log-probabilities and old values at every response token, and the
+/// entropy of the sampling policy summed over them.
+struct Scored {
+    old_logp: Vec<Vec<f64>>,
+    ref_logp: Vec<Vec<f64>>,
+    old_values: Vec<Vec<f64>>,
+    entropy_sum: f64,
+}
+
+impl Ppo {
+    /// A run's state from its models: `policy` and `value` on an autodiff device, `reference`
+    /// and the reward models without autodiff. Fresh optimizers; β from the settings.
+    pub fn new(
+        models: Models,
+        config: &LlamaConfig,
+        train: &TrainSection,
+        mini_batch: usize,
+        settings: PpoSection,
+    ) -> Self {
+        Self {
+            policy: models.policy,
+            value: models.value,
+            reference: models.reference,
+            helpfulness: models.helpfulness,
+            safety: models.safety,
+            policy_optimizer: adamw(train),
+            value_optimizer: adamw(train),
+            kl: KlController {
+                beta: settings.kl_coef,
+                target: settings.target_kl,
+                horizon: settings.kl_horizon,
+            },
+            lr: train.lr,
+            value_lr: settings.value_lr.unwrap_or(train.lr),
+            settings,
+            grad_clip: train.grad_clip,
+            mini_batch,
+            seed: train.seed,
+            eos: config.eos_token_id,
+            pad: config.pad_token_id.unwrap_or(0),
+            max_positions: config.max_position_embeddings,
+            vocab_limit: config.vocab_size,
+        }
+    }
+
+    /// One PPO iteration on `prompts`.
+    pub fn iteration(
+        &mut self,
+        prompts: &[Prompt],
+        iteration: usize,
+        tokenizer: &Tokenizer,
+    ) -> Result<IterationReport> {
+        let s = self.settings.clone();
+
+        let started = Instant::now();
+        let sampler = self.policy.valid();
+        let rollouts = self.rollout(&sampler, prompts, iteration)?;
+        let generation_s = started.elapsed().as_secs_f64();
+
+        let started = Instant::now();
+        let scored = self.score(&sampler, &rollouts);
+        let helpful = self.reward_scores(self.helpfulness.as_ref(), &rollouts, tokenizer)?;
+        let safety = self.reward_scores(self.safety.as_ref(), &rollouts, tokenizer)?;
+        let safety_prompt: Vec<bool> = rollouts
+            .iter()
+            .map(|r| r.category.as_deref() == Some("safety"))
+            .collect();
+        let ended: Vec<bool> = rollouts.iter().map(|r| r.ended).collect();
+        let rewards = shape_rewards(
+            helpful.as_ref(),
+            safety.as_ref(),
+            &safety_prompt,
+            &ended,
+            &s,
+        );
+        let fit = advantages(
+            &rewards.shaped,
+            &scored.old_logp,
+            &scored.ref_logp,
+            &scored.old_values,
+            self.kl.beta,
+            s.gamma,
+            s.lam,
+        );
+        let scoring_s = started.elapsed().as_secs_f64();
+
+        let started = Instant::now();
+        let targets = Targets {
+            old_logp: &scored.old_logp,
+            old_values: &scored.old_values,
+            advantages: &fit.advantages,
+            returns: &fit.returns,
+        };
+        let update = self.update(&rollouts, &targets, iteration);
+        let update_s = started.elapsed().as_secs_f64();
+        let update_tokens = update.sequence_tokens;
+        let beta = self.kl.beta;
+        self.kl.update(fit.kl_mean, rollouts.len());
+
+        let (reward_mean, reward_std) = mean_std(&rewards.combined);
+        let generated_tokens: usize = rollouts.iter().map(|r| r.response.len()).sum();
+        let count = |f: &dyn Fn(usize) -> bool| {
+            (0..rollouts.len()).filter(|&i| f(i)).count() as f64 / rollouts.len() as f64
+        };
+        let lengths: Vec<f64> = rollouts.iter().map(|r| r.response.len() as f64).collect();
+        let mut values = vec![
+            ("reward_mean", reward_mean),
+            ("reward_std", reward_std),
+            ("kl", fit.kl_mean),
+            ("kl_coef", beta),
+            (
+                "entropy",
+                scored.entropy_sum / generated_tokens.max(1) as f64,
+            ),
+        ];
+        values.extend(update.metrics());
+        values.extend([
+            ("explained_variance", fit.explained_variance),
+            ("response_length", mean_std(&lengths).0),
+            ("eos_fraction", count(&|i| rollouts[i].ended)),
+            (
+                "safety_fraction",
+                count(&|i| rewards.sources[i] == RewardSource::Safety),
+            ),
+            (
+                "rollout_tokens_per_sec",
+                generated_tokens as f64 / generation_s.max(1e-9),
+            ),
+            (
+                "update_tokens_per_sec",
+                update_tokens as f64 / update_s.max(1e-9),
+            ),
+            ("generation_s", generation_s),
+            ("scoring_s", scoring_s),
+            ("update_s", update_s),
+        ]);
+        for (scores, mean_key, std_key) in [
+            (&helpful, "helpfulness_score_mean", "helpfulness_score_std"),
+            (&safety, "safety_score_mean", "safety_score_std"),
+        ] {
+            if let Some(scores) = scores {
+                let (m, sd) = mean_std(&scores.raw);
+                values.extend([(mean_key, m), (std_key, sd)]);
+            }
+        }
+        let samples = samples(
+            &rollouts, &rewards, &helpful, &safety, iteration, &s, tokenizer,
+        );
+        Ok(IterationReport {
+            values,
+            reward_mean,
+            kl: fit.kl_mean,
+            samples,
+            generation_s,
+            scoring_s,
+            update_s,
+        })
+    }
+
+    /// Samples one answer to every prompt from `sampler` (the policy without autodiff).
+    fn rollout(
+        &self,
+        sampler: &Llama,
+        prompts: &[Prompt],
+        iteration: usize,
+    ) -> Result<Vec<Rollout>> {
+        let s = &self.settings;
+        let params = SamplingParams {
+            max_new_tokens: s.max_new_tokens,
+            temperature: s.temperature as f32,
+            top_p: s.top_p as f32,
+            seed: self
+                .seed
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .wrapping_add(iteration as u64),
+            eos_token_id: Some(self.eos),
+            pad_token_id: self.pad,
+            use_cache: true,
+            max_positions: self.max_positions,
+            vocab_limit: Some(self.vocab_limit),
+        };
+        let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+        let generated = llama::generate(sampler, &prompt_ids, &params)?;
+        let rollouts: Vec<Rollout> = prompts
+            .iter()
+            .zip(generated)
+            .map(|(p, g)| Rollout {
+                prompt: p.ids.clone(),
+                ended: g.stopped_at_eos,
+                response: g.tokens,
+                category: p.category.clone(),
+            })
+            .collect();
+        if rollouts.iter().any(|r| r.response.is_empty()) {
+            return Err(TrainError::Invalid(
+                "a prompt left no room for a response within the model's context".into(),
+            ));
+        }
+        Ok(rollouts)
+    }
+
+    /// Log-probabilities under the sampling policy and the reference, values, and the
+    /// sampling policy's entropy (a metric only, so taken here once, without autodiff).
+    fn score(&self, sampler: &Llama, rollouts: &[Rollout]) -> Scored {
+        let s = &self.settings;
+        let mut scored = Scored {
+            old_logp: Vec::with_capacity(rollouts.len()),
+            ref_logp: Vec::with_capacity(rollouts.len()),
+            old_values: Vec::with_capacity(rollouts.len()),
+            entropy_sum: 0.0,
+        };
+        let frozen_value = self.value.valid();
+        let all: Vec<&Rollout> = rollouts.iter().collect();
+        for chunk in all.chunks(self.mini_batch.max(1)) {
+            let padded = pad_rollouts(chunk, self.pad);
+            let rows = |t| gather_rows(chunk, &llama::model::to_host(t), padded.width);
+            let (logp, entropy) =
+                token_logprobs(sampler, &padded, s.temperature, self.vocab_limit, true);
+            scored.old_logp.extend(rows(logp));
+            if let Some(entropy) = entropy {
+                scored.entropy_sum += rows(entropy).iter().flatten().sum::<f64>();
+            }
+            let (logp, _) = token_logprobs(
+                &self.reference,
+                &padded,
+                s.temperature,
+                self.vocab_limit,
+                false,
+            );
+            scored.ref_logp.extend(rows(logp));
+            scored
+                .old_values
+                .extend(rows(token_values(&frozen_value, &padded)));
+        }
+        scored
+    }
+
+    /// A reward model's scores of the rollouts, raw and as rewarded.
+    fn reward_scores(
+        &self,
+        rm: Option<&RewardModel>,
+        rollouts: &[Rollout],
+        tokenizer: &Tokenizer,
+    ) -> Result<Option<ModelScores>> {
+        let Some(rm) = rm else {
+            return Ok(None);
+        };
+        let sequences: Vec<Vec<u32>> = rollouts.iter().map(Rollout::sequence).collect();
+        let raw = rm.score(&sequences, tokenizer, self.mini_batch.max(1))?;
+        let rewarded = match rm.stats {
+            Some(stats) if self.settings.normalize_reward => raw
+                .iter()
+                .map(|x| (x - stats.mean) / stats.std.max(1e-8))
+                .collect(),
+            _ => raw.clone(),
+        };
+        Ok(Some(ModelScores { raw, rewarded }))
+    }
+}
+
+/// The first `settings.samples` rollouts as JSON, for `samples.jsonl` and TensorBoard.
+fn samples(
+    rollouts: &[Rollout],
+    rewards: &Rewards,
+    helpful: &Option<ModelScores>,
+    safety: &Option<ModelScores>,
+    iteration: usize,
+    s: &PpoSection,
+    tokenizer: &Tokenizer,
+) -> Vec<serde_json::Value> {
+    rollouts
+        .iter()
+        .enumerate()
+        .take(s.samples)
+        .map(|(i, r)| {
+            serde_json::json!({
+                "iteration": iteration + 1,
+                "prompt": tokenizer.decode(&r.prompt).unwrap_or_default(),
+                "response": tokenizer.decode(&r.response).unwrap_or_default(),
+                "category": r.category,
+                "reward": rewards.combined[i],
+                "source": rewards.sources[i],
+                "helpfulness_score": helpful.as_ref().map(|v| v.raw[i]),
+                "safety_score": safety.as_ref().map(|v| v.raw[i]),
+                "ended_with_eos": r.ended,
+            })
+        })
+        .collect()
+}

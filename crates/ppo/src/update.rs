@@ -1,0 +1,157 @@
+//! The PPO update: `ppo_epochs` passes over the rollouts in shuffled mini-batches, one clipped
+//! policy step and one clipped value step per mini-batch. Losses and clip statistics are summed
+//! on the device; the gradient norms are the only host reads of a mini-batch.
+
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::prelude::*;
+use llama::Llama;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use trainer::optim::clip_grad_norm;
+use trainer::step::DeviceSum;
+
+use crate::algo::{policy_loss, value_loss};
+use crate::iteration::Ppo;
+use crate::rollout::{pad_rollouts, response_mask, scatter, token_logprobs, token_values, Rollout};
+
+/// Per-token quantities of each rollout (at its response positions) that the update fits.
+pub struct Targets<'a> {
+    pub old_logp: &'a [Vec<f64>],
+    pub old_values: &'a [Vec<f64>],
+    pub advantages: &'a [Vec<f64>],
+    pub returns: &'a [Vec<f64>],
+}
+
+/// What the update measured.
+#[derive(Default)]
+pub struct UpdateStats {
+    /// Sums over mini-batches; divided by `steps` for the metrics.
+    policy_loss: DeviceSum,
+    value_loss: DeviceSum,
+    steps: usize,
+    /// Sums over response tokens; divided by `tokens` for the metrics.
+    clipped: DeviceSum,
+    approx_kl: DeviceSum,
+    tokens: usize,
+    /// Prompt and response tokens through the models (for update tokens/s).
+    pub sequence_tokens: usize,
+    grad_norm: f64,
+    value_grad_norm: f64,
+}
+
+impl UpdateStats {
+    /// The update's metrics (one host read of each device sum).
+    pub fn metrics(self) -> [(&'static str, f64); 6] {
+        let seen = self.tokens.max(1) as f64;
+        let steps = self.steps.max(1) as f64;
+        [
+            ("clip_fraction", self.clipped.read() / seen),
+            ("approx_kl", self.approx_kl.read() / seen),
+            ("policy_loss", self.policy_loss.read() / steps),
+            ("value_loss", self.value_loss.read() / steps),
+            ("grad_norm", self.grad_norm),
+            ("value_grad_norm", self.value_grad_norm),
+        ]
+    }
+}
+
+/// One AdamW step of `model` on `loss`, its gradients clipped by their global norm (returned,
+/// before clipping).
+fn clipped_step(
+    optimizer: &mut ModuleOptimizer,
+    model: Llama,
+    loss: Tensor<1>,
+    lr: f64,
+    grad_clip: Option<f64>,
+) -> (Llama, f64) {
+    let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+    let grad_norm = clip_grad_norm(&model, &mut grads, grad_clip);
+    (optimizer.step(lr, model, grads), grad_norm)
+}
+
+impl Ppo {
+    /// `ppo_epochs` passes over the rollouts in shuffled mini-batches: one clipped policy step
+    /// and one clipped value step per mini-batch.
+    pub(crate) fn update(
+        &mut self,
+        rollouts: &[Rollout],
+        t: &Targets<'_>,
+        iteration: usize,
+    ) -> UpdateStats {
+        let s = self.settings.clone();
+        let mini = self.mini_batch.max(1);
+        let device = self.policy.device();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            self.seed ^ (iteration as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
+        );
+        let mut u = UpdateStats::default();
+        for _epoch in 0..s.ppo_epochs {
+            let mut order: Vec<usize> = (0..rollouts.len()).collect();
+            order.shuffle(&mut rng);
+            for chunk in order.chunks(mini) {
+                let batch: Vec<&Rollout> = chunk.iter().map(|&i| &rollouts[i]).collect();
+                let padded = pad_rollouts(&batch, self.pad);
+                let width = padded.width;
+                let tensor = |field: &[Vec<f64>]| {
+                    let rows: Vec<&[f64]> = chunk.iter().map(|&i| field[i].as_slice()).collect();
+                    scatter(&batch, &rows, width, &device)
+                };
+                let mask = response_mask(&batch, width, &device);
+                let count: usize = batch.iter().map(|r| r.response.len()).sum();
+                u.sequence_tokens += batch
+                    .iter()
+                    .map(|r| r.prompt.len() + r.response.len())
+                    .sum::<usize>();
+
+                let (logp, _) = token_logprobs(
+                    &self.policy,
+                    &padded,
+                    s.temperature,
+                    self.vocab_limit,
+                    false,
+                );
+                let old_t = tensor(t.old_logp);
+                let log_ratio = logp.clone().detach() - old_t.clone();
+                u.approx_kl
+                    .add((log_ratio.clone().square() * mask.clone()).sum() * 0.5);
+                let outside = (log_ratio.exp() - 1.0).abs().greater_elem(s.clip_range);
+                u.clipped.add((outside.float() * mask.clone()).sum());
+                u.tokens += count;
+                u.steps += 1;
+                let advantages = tensor(t.advantages);
+                let loss = policy_loss(logp, old_t, advantages, mask.clone(), s.clip_range, count);
+                u.policy_loss.add(loss.clone());
+                let (policy, grad_norm) = clipped_step(
+                    &mut self.policy_optimizer,
+                    self.policy.clone(),
+                    loss,
+                    self.lr,
+                    self.grad_clip,
+                );
+                self.policy = policy;
+                u.grad_norm = grad_norm;
+
+                let values = token_values(&self.value, &padded);
+                let vloss = value_loss(
+                    values,
+                    tensor(t.old_values),
+                    tensor(t.returns),
+                    mask,
+                    s.value_clip_range,
+                    count,
+                ) * s.value_coef;
+                u.value_loss.add(vloss.clone());
+                let (value, grad_norm) = clipped_step(
+                    &mut self.value_optimizer,
+                    self.value.clone(),
+                    vloss,
+                    self.value_lr,
+                    self.grad_clip,
+                );
+                self.value = value;
+                u.value_grad_norm = grad_norm;
+            }
+        }
+        u
+    }
+}

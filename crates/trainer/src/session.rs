@@ -1,0 +1,476 @@
+//! The training session every trainer runs in, as torchtune's recipes do it: setup, then one
+//! loop. [`Session::open`] claims the output directory and loads the tokenizer; the method
+//! loads its data ([`Session::data`]) and model ([`Session::model`]); [`Session::start`]
+//! restores the step and writes the run's directory, and the returned [`Run`] is the loop's
+//! companion: its optimizer steps, metrics, checkpoints and last words. Precision, adapters,
+//! activation checkpointing and devices are decided here once for every method.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::optim::{GradientsAccumulator, ModuleOptimizer};
+use burn::prelude::Device;
+use data::Tokenizer;
+use llama::{Head, Llama, LlamaConfig};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::error::{io_err, Result, TrainError};
+use crate::metrics::MetricsLogger;
+use crate::output::OutputLock;
+use crate::step::{due, optimizer_step, EpochBatches, Stepped};
+use crate::Recipe;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Replace an output directory that holds another run.
+    pub overwrite: bool,
+    /// Continue from a checkpoint directory, or `latest` in the output directory.
+    pub resume: Option<String>,
+}
+
+/// What a finished run reports; `E` is the method's evaluation (SFT: the eval loss).
+#[derive(Debug, Clone)]
+pub struct Summary<E> {
+    pub steps: usize,
+    pub final_loss: f64,
+    pub eval: Option<E>,
+    pub checkpoint: PathBuf,
+}
+
+impl<E> Summary<E> {
+    /// The report of a resumed run that had already finished: nothing was trained.
+    pub fn finished(session: &Session, items: usize) -> Self {
+        Self {
+            steps: total_steps(session.recipe, items),
+            final_loss: f64::NAN,
+            eval: None,
+            checkpoint: session.resume.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// A run being set up. Nothing on disk changes before [`Session::start`] (partial checkpoints
+/// of a killed save aside), so a failure during setup leaves the output directory as it was.
+pub struct Session<'r> {
+    pub recipe: &'r Recipe,
+    /// The device models with gradients live on (autodiff).
+    pub device: Device,
+    pub tokenizer: Tokenizer,
+    /// The checkpoint being resumed.
+    pub resume: Option<PathBuf>,
+    /// Its trainer state, once [`Session::model`] has loaded it.
+    pub state: Option<TrainerState>,
+    lock: OutputLock,
+}
+
+impl<'r> Session<'r> {
+    /// The device and tokenizer; the output directory locked for this run, `--resume`
+    /// resolved, and a directory holding another run refused unless `--overwrite` (and then
+    /// only a run of ours).
+    pub fn open(recipe: &'r Recipe, options: &RunOptions) -> Result<Self> {
+        let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
+        let tokenizer = Tokenizer::from_file(&recipe.model.tokenizer)?;
+        let out = &recipe.output.dir;
+        let lock = OutputLock::acquire(out)?;
+        let resume = match &options.resume {
+            Some(which) => Some(checkpoint::find_checkpoint(out, which)?),
+            None => None,
+        };
+        if resume.is_none() {
+            lock.check_replaceable(options.overwrite, "use --overwrite to replace it")?;
+        }
+        lock.remove_stale_partials()?;
+        Ok(Self {
+            recipe,
+            device,
+            tokenizer,
+            resume,
+            state: None,
+            lock,
+        })
+    }
+
+    /// The device without autodiff, for frozen models (reference policy, reward models).
+    pub fn inference_device(&self) -> Device {
+        self.device.clone().inner()
+    }
+
+    /// The recipe's `[data]`, tokenized; examples truncated, dropped or skipped are counted on
+    /// stderr.
+    pub fn data(&self) -> Result<data::LoadedData> {
+        let recipe = self.recipe;
+        let data = data::load_data(
+            &recipe.data,
+            Path::new(""),
+            &self.tokenizer,
+            recipe.train.seed,
+        )?;
+        let count = |f: fn(&data::SourceStats) -> usize| data.sources.iter().map(f).sum::<usize>();
+        let (truncated, dropped) = (count(|s| s.truncated), count(|s| s.dropped));
+        if truncated + dropped + data.errors() > 0 {
+            eprintln!(
+                "data: {} training and {} evaluation examples kept; {truncated} truncated and \
+                 {dropped} dropped at max_seq_len {}; {} malformed records skipped",
+                data.train.len(),
+                data.eval.len(),
+                recipe.data.max_seq_len,
+                data.errors()
+            );
+        }
+        Ok(data)
+    }
+
+    /// Refuses training data smaller than one global batch; `what` names the items
+    /// ("sequences", "pairs", "prompts").
+    pub fn check_one_batch(&self, items: usize, what: &str) -> Result<()> {
+        if items < self.recipe.train.batch_size {
+            return Err(TrainError::Invalid(format!(
+                "the training data has {items} {what}, fewer than one batch of {}",
+                self.recipe.train.batch_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The model to train with `head`: from the checkpoint being resumed (with the parameter
+    /// ids its optimizer state refers to; it must have been trained with this tokenizer), or
+    /// as `[model]` names it. Its vocabulary must hold the tokenizer's and its context
+    /// `data.max_seq_len`.
+    pub fn model(&mut self, head: Head) -> Result<(LlamaConfig, Llama)> {
+        let (config, model) = match &self.resume {
+            Some(dir) => {
+                let state = checkpoint::read_state(dir)?;
+                check_resumed_tokenizer(&self.tokenizer, dir)?;
+                let loaded =
+                    llama::load_pretrained_with_ids(dir, &self.device, Some(&state.param_ids))?;
+                if loaded.1.head() != head {
+                    return Err(TrainError::Invalid(format!(
+                        "{}: the checkpoint has a {:?} head, this trainer needs a {head:?} head",
+                        dir.display(),
+                        loaded.1.head()
+                    )));
+                }
+                self.state = Some(state);
+                loaded
+            }
+            None => load_model(self.recipe, &self.device, head)?,
+        };
+        check_vocab(&self.tokenizer, &config, &self.recipe.model.tokenizer)?;
+        let max_seq_len = self.recipe.data.max_seq_len;
+        if max_seq_len > config.max_position_embeddings {
+            return Err(TrainError::Invalid(format!(
+                "data.max_seq_len {max_seq_len} exceeds the model's context of {} tokens \
+                 (max_position_embeddings)",
+                config.max_position_embeddings
+            )));
+        }
+        Ok((config, model))
+    }
+
+    /// AdamW as the recipe says, with the state saved in the resumed checkpoint's `subdir`
+    /// (`""`: the checkpoint itself).
+    pub fn optimizer(&self, subdir: &str) -> Result<ModuleOptimizer> {
+        let dir = self.resume.as_ref().map(|d| d.join(subdir));
+        checkpoint::optimizer(self.recipe, dir.as_deref())
+    }
+
+    /// Starts the loop over `items` training items: the total steps (`max_steps`, or `epochs`
+    /// passes in batches of `batch_size`), the step to start at, and the trained model's AdamW
+    /// (its state restored when resuming). `None` when the resumed checkpoint already finished
+    /// the run (said on stderr; nothing on disk has changed). Otherwise the output directory is
+    /// emptied (fresh runs), marked as ours, given the resolved `recipe.toml`, and metrics are
+    /// opened.
+    pub fn start(self, items: usize) -> Result<Option<(Run<'r>, ModuleOptimizer)>> {
+        let recipe = self.recipe;
+        let total = total_steps(recipe, items);
+        let start = self.state.as_ref().map_or(0, |s| s.step);
+        if let (Some(dir), Some(_)) = (&self.resume, &self.state) {
+            if start >= total {
+                eprintln!(
+                    "{} is at step {start} of {total}: the run is finished, nothing to do \
+                     (raise train.max_steps or train.epochs to train further)",
+                    dir.display()
+                );
+                return Ok(None);
+            }
+        }
+        // Before anything is written: a state that does not load leaves the directory as it was.
+        let optimizer = self.optimizer("")?;
+        if self.resume.is_none() {
+            self.lock.clear()?;
+        }
+        self.lock.mark()?;
+        let recipe_path = self.lock.dir().join("recipe.toml");
+        let text = recipe
+            .to_toml()
+            .map_err(|e| TrainError::Invalid(format!("writing recipe.toml: {e}")))?;
+        std::fs::write(&recipe_path, text).map_err(io_err(&recipe_path))?;
+        let out = &recipe.output.dir;
+        let metrics = MetricsLogger::open(out, start, total).map_err(io_err(out))?;
+        if let Some(dir) = &self.resume {
+            eprintln!("resuming from {} at step {start}", dir.display());
+        }
+        let run = Run {
+            recipe,
+            device: self.device,
+            tokenizer: self.tokenizer,
+            resumed: self.resume.zip(self.state),
+            start,
+            total,
+            metrics,
+            metrics_path: out.join(crate::metrics::METRICS_FILE),
+            started: Instant::now(),
+            window: Window::default(),
+            _lock: self.lock,
+        };
+        Ok(Some((run, optimizer)))
+    }
+}
+
+/// A run's loop: steps `start..total`, with the optimizer step, metrics and checkpoints every
+/// method shares. Holds the output directory's lock until dropped.
+pub struct Run<'r> {
+    pub recipe: &'r Recipe,
+    pub device: Device,
+    pub tokenizer: Tokenizer,
+    /// The checkpoint resumed and its trainer state (PPO restores more from it).
+    pub resumed: Option<(PathBuf, TrainerState)>,
+    pub start: usize,
+    pub total: usize,
+    metrics: MetricsLogger,
+    metrics_path: PathBuf,
+    started: Instant,
+    window: Window,
+    _lock: OutputLock,
+}
+
+/// What went through the model since the last logged step, for throughput.
+struct Window {
+    tokens: usize,
+    items: usize,
+    start: Instant,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Self {
+            tokens: 0,
+            items: 0,
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Run<'_> {
+    /// The order of every epoch's batches of items with these lengths.
+    pub fn batches(&self, lengths: Vec<usize>) -> EpochBatches {
+        EpochBatches::new(lengths, self.recipe)
+    }
+
+    /// Whether step `done` (1-based) does what happens `every` steps (0: only at the end).
+    pub fn due(&self, done: usize, every: usize) -> bool {
+        due(done, every, self.total)
+    }
+
+    /// Clips the accumulated gradients, stops on divergence, and applies AdamW at the
+    /// schedule's rate for `step` (0-based).
+    pub fn optimizer_step(
+        &self,
+        optimizer: &mut ModuleOptimizer,
+        model: Llama,
+        accumulator: GradientsAccumulator<Llama>,
+        step: usize,
+        loss: f64,
+    ) -> Result<Stepped> {
+        optimizer_step(
+            self.recipe,
+            optimizer,
+            model,
+            accumulator,
+            step,
+            self.total,
+            loss,
+        )
+    }
+
+    /// Counts `tokens` (padding included) in `items` sequences or pairs through the model, for
+    /// the throughput of the next logged step.
+    pub fn count(&mut self, tokens: usize, items: usize) {
+        self.window.tokens += tokens;
+        self.window.items += items;
+    }
+
+    /// After optimizer step `step` (0-based) with loss `loss`: moves the progress bar and, at
+    /// logging steps, writes `loss`, `lr`, `grad_norm`, `tokens_per_sec`, the method's `values`
+    /// and, when `items_per_sec` names it, the items/s since the last logged step.
+    pub fn log_step(
+        &mut self,
+        step: usize,
+        loss: f64,
+        stepped: &Stepped,
+        values: &[(&str, f64)],
+        items_per_sec: Option<&str>,
+    ) -> Result<()> {
+        let done = step + 1;
+        self.progress(done);
+        if !self.due(done, self.recipe.train.log_every.max(1)) {
+            return Ok(());
+        }
+        let seconds = self.window.start.elapsed().as_secs_f64().max(1e-9);
+        let mut line = vec![
+            ("loss", loss),
+            ("lr", stepped.lr),
+            ("grad_norm", stepped.grad_norm),
+            ("tokens_per_sec", self.window.tokens as f64 / seconds),
+        ];
+        if let Some(name) = items_per_sec {
+            line.push((name, self.window.items as f64 / seconds));
+        }
+        line.extend_from_slice(values);
+        self.window = Window::default();
+        self.log("train", done, &line)
+    }
+
+    /// Moves the progress bar to step `done`.
+    pub fn progress(&mut self, done: usize) {
+        self.metrics.progress(done);
+    }
+
+    /// One line of `metrics.jsonl` (and TensorBoard scalars) in `group`, when `done` is a
+    /// logging step or `always`.
+    pub fn log(&mut self, group: &str, done: usize, values: &[(&str, f64)]) -> Result<()> {
+        self.metrics
+            .log(group, done, values)
+            .map_err(io_err(&self.metrics_path))
+    }
+
+    /// A TensorBoard text summary (PPO's samples).
+    pub fn text(&mut self, tag: &str, done: usize, markdown: &str) {
+        self.metrics.text(tag, done, markdown);
+    }
+
+    /// Writes `checkpoint-<step>`: `model` as a Hugging Face directory with the recipe's
+    /// tokenizer, `optimizer`'s state and `trainer_state.json`; `more` may write further files
+    /// into the directory and add to the state before it is written.
+    pub fn save(
+        &self,
+        step: usize,
+        model: &Llama,
+        config: &LlamaConfig,
+        optimizer: &ModuleOptimizer,
+        more: impl FnOnce(&Path, &mut TrainerState) -> Result<()>,
+    ) -> Result<PathBuf> {
+        checkpoint::save_checkpoint(self.recipe, step, |dir| {
+            checkpoint::write_model(model, config, self.recipe, dir)?;
+            let mut state = TrainerState {
+                step,
+                total_steps: self.total,
+                seed: self.recipe.train.seed,
+                param_ids: llama::weights::param_ids(model),
+                extra: serde_json::Value::Null,
+            };
+            more(dir, &mut state)?;
+            checkpoint::write_training_state(dir, optimizer, &state)
+        })
+    }
+
+    /// Closes the metrics and says where the run ended; `unit` names the steps.
+    pub fn finish(mut self, checkpoint: &Path, unit: &str) {
+        self.metrics.finish();
+        eprintln!(
+            "finished {} {unit} in {:.1} s; checkpoint {}",
+            self.total,
+            self.started.elapsed().as_secs_f64(),
+            checkpoint.display()
+        );
+    }
+}
+
+/// Steps of a run: `max_steps`, or `epochs` passes over `items` in batches of `batch_size`.
+pub fn total_steps(recipe: &Recipe, items: usize) -> usize {
+    let steps_per_epoch = items.div_ceil(recipe.train.batch_size);
+    recipe
+        .train
+        .max_steps
+        .unwrap_or(recipe.train.epochs * steps_per_epoch)
+}
+
+/// Loads the model the recipe names, with `head`: a checkpoint, or a fresh model of an
+/// architecture.
+pub fn load_model(recipe: &Recipe, device: &Device, head: Head) -> Result<(LlamaConfig, Llama)> {
+    match (&recipe.model.checkpoint, &recipe.model.config) {
+        (Some(dir), _) => Ok(llama::load_pretrained_as(
+            dir,
+            device,
+            head,
+            recipe.train.seed,
+        )?),
+        (None, Some(config)) => {
+            let config = llama::load_config(config)?;
+            let model = llama::init_random_with_head(&config, device, head, recipe.train.seed)?;
+            Ok((config, model))
+        }
+        (None, None) => Err(TrainError::Invalid(
+            "[model] needs `config` or `checkpoint`".into(),
+        )),
+    }
+}
+
+/// Refuses to resume a checkpoint with another tokenizer than the one it was trained with
+/// (saved beside its weights), which would also be written into the new checkpoints.
+fn check_resumed_tokenizer(tokenizer: &Tokenizer, checkpoint: &Path) -> Result<()> {
+    let saved = [
+        Some(checkpoint.join("tokenizer.json")),
+        tokenizer.path.file_name().map(|name| checkpoint.join(name)),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.is_file());
+    let Some(saved) = saved else {
+        return Ok(());
+    };
+    if !Tokenizer::from_file(&saved)?.same_vocabulary(tokenizer) {
+        return Err(TrainError::Invalid(format!(
+            "{}: the recipe's tokenizer differs from the one this checkpoint was trained with \
+             ({}); resume with model.tokenizer = that file",
+            tokenizer.path.display(),
+            saved.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a tokenizer with more tokens than the model's vocabulary (`path`: the model).
+pub fn check_vocab(tokenizer: &Tokenizer, config: &LlamaConfig, path: &Path) -> Result<()> {
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(TrainError::Invalid(format!(
+            "{}: tokenizer has {} tokens but the model's vocabulary is {}",
+            path.display(),
+            tokenizer.vocab_size(),
+            config.vocab_size
+        )));
+    }
+    Ok(())
+}
+
+/// [`check_vocab`] for a model that generates: an embedding padded past its tokenizer is
+/// legitimate, and said once here; generation never picks the ids the tokenizer lacks.
+pub fn check_generation_vocab(
+    tokenizer: &Tokenizer,
+    config: &LlamaConfig,
+    path: &Path,
+) -> Result<()> {
+    check_vocab(tokenizer, config, path)?;
+    if tokenizer.vocab_size() < config.vocab_size {
+        eprintln!(
+            "note: {} has {} tokens and the model's vocabulary {}; ids {} to {} are embedding \
+             padding and are never generated",
+            path.display(),
+            tokenizer.vocab_size(),
+            config.vocab_size,
+            tokenizer.vocab_size(),
+            config.vocab_size - 1
+        );
+    }
+    Ok(())
+}
