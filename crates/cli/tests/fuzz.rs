@@ -4,33 +4,22 @@
 //! hang (the whole run has a deadline). Seeded, so a failure reproduces; bounded by a fixed
 //! number of cases.
 
+mod common;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use common::{load_recipe, recipe_files as files};
 use data::{load_source, LengthPolicy, OnError, SourceConfig, Tokenizer, Truncation};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use test_support::{fixture_tokenizer_path, golden_dir, root};
-use trainer::{Recipe, Section};
+use test_support::{fixture_tokenizer_path, golden_dir};
 
 const CASES_PER_FILE: usize = 60;
 /// Far above what the cases need (seconds): reaching it means a reader hangs.
 const DEADLINE: Duration = Duration::from_secs(300);
-
-fn files(dir: &str, extensions: &[&str]) -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(root().join(dir))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            extensions.iter().any(|e| name.ends_with(e))
-        })
-        .collect();
-    found.sort();
-    found
-}
 
 /// One mutation of `bytes`: a truncation, random bytes written over it, or (for TOML and JSON
 /// text) a random key removed.
@@ -130,13 +119,6 @@ fn check(case: &str, read: impl FnOnce() -> Result<(), String>) {
     }
 }
 
-fn load<S: Section>(file: &Path) -> Result<(), String> {
-    let set = ["train.seed=3".to_string()];
-    Recipe::load_with::<S>(file, &set)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
 fn fuzz_all(current: Arc<Mutex<String>>) -> usize {
     let tmp = tempfile::tempdir().unwrap();
     let tokenizer = Tokenizer::from_file(&fixture_tokenizer_path()).expect("fixture tokenizer");
@@ -186,13 +168,15 @@ fn fuzz_all(current: Arc<Mutex<String>>) -> usize {
                 // Read as every command reads recipes: the core alone, and with each
                 // method's section.
                 "recipe" => {
-                    check(&case, || load::<trainer::recipe::NoSection>(&file));
-                    check(&case, || load::<reward::RewardSection>(&file));
-                    check(&case, || load::<ppo::PpoSection>(&file));
+                    check(&case, || load_recipe::<trainer::recipe::NoSection>(&file));
+                    check(&case, || load_recipe::<reward::RewardSection>(&file));
+                    check(&case, || load_recipe::<ppo::PpoSection>(&file));
                     check(&case, || {
-                        load::<sampling::rejection_sampling::RsSection>(&file)
+                        load_recipe::<sampling::rejection_sampling::RsSection>(&file)
                     });
-                    check(&case, || load::<sampling::distill::DistillSection>(&file));
+                    check(&case, || {
+                        load_recipe::<sampling::distill::DistillSection>(&file)
+                    });
                 }
                 "config" => check(&case, || {
                     llama::load_config(&file)
@@ -232,54 +216,5 @@ fn readers_never_panic_or_hang_on_mutated_files() {
             "no answer after {DEADLINE:?}: a reader hangs on {}",
             current.lock().unwrap()
         ),
-    }
-}
-
-/// Reads a recipe as one command does.
-type Loader = fn(&Path) -> Result<(), String>;
-
-/// Every recipe shipped in `recipes/`, `experiments/` and the test fixtures loads (unmutated)
-/// for the command its method section names, and is refused by the others.
-#[test]
-fn shipped_recipes_load_for_their_command() {
-    let mut recipes = Vec::new();
-    for dir in ["recipes", "tests/fixtures/recipes"] {
-        recipes.extend(files(dir, &[".toml"]));
-    }
-    for entry in std::fs::read_dir(root().join("experiments")).unwrap() {
-        let dir = entry.unwrap().path();
-        if dir.is_dir() {
-            let relative = dir
-                .strip_prefix(root())
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            recipes.extend(files(&relative, &[".toml"]));
-        }
-    }
-    assert!(recipes.len() >= 15, "{recipes:?}");
-    for path in recipes {
-        let text = std::fs::read_to_string(&path).unwrap();
-        let table: toml::Table = text.parse().unwrap();
-        let loaders: [(&str, Loader); 5] = [
-            ("", load::<trainer::recipe::NoSection>),
-            ("reward", load::<reward::RewardSection>),
-            ("ppo", load::<ppo::PpoSection>),
-            ("rs", load::<sampling::rejection_sampling::RsSection>),
-            ("distill", load::<sampling::distill::DistillSection>),
-        ];
-        let own = loaders
-            .iter()
-            .map(|(name, _)| *name)
-            .find(|name| table.contains_key(*name))
-            .unwrap_or("");
-        for (name, load) in loaders {
-            let result = load(&path);
-            if name == own {
-                assert!(result.is_ok(), "{}: {result:?}", path.display());
-            } else if !own.is_empty() {
-                assert!(result.is_err(), "{} loaded as [{name}]", path.display());
-            }
-        }
     }
 }

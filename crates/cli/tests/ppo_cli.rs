@@ -93,6 +93,34 @@ fn ppo_runs_resumes_exactly_and_exports() {
         assert!(checkpoint.join(file).exists(), "{file}");
     }
 
+    // A damaged value optimizer or KL controller state stops a resume before anything is
+    // written; a finished run exits without reading them.
+    let damaged = tmp.path().join("damaged");
+    copy_tree(&full, &damaged);
+    let value_optimizer = damaged.join("checkpoint-4/value/optimizer.bpk");
+    std::fs::write(&value_optimizer, b"not an optimizer").unwrap();
+    let resume = [&two_models[..], &resume_latest(&[])].concat();
+    let (run, _) = ppo(&damaged, &rm, &resume);
+    assert_success(&run);
+    assert!(stderr(&run).contains("nothing to do"), "{}", stderr(&run));
+    std::fs::remove_dir_all(damaged.join("checkpoint-4")).unwrap();
+    std::fs::write(damaged.join("checkpoint-2/value/optimizer.bpk"), b"x").unwrap();
+    let before = |name: &str| std::fs::read(damaged.join(name)).unwrap();
+    let (recipe, metrics_before) = (before("recipe.toml"), before("metrics.jsonl"));
+    let (run, _) = ppo(&damaged, &rm, &resume);
+    assert_user_error(&run, "optimizer.bpk");
+    copy_tree(
+        &full.join("checkpoint-2/value"),
+        &damaged.join("checkpoint-2/value"),
+    );
+    edit_json(&damaged.join("checkpoint-2/trainer_state.json"), |state| {
+        state["extra"]["kl"] = serde_json::json!("broken")
+    });
+    let (run, _) = ppo(&damaged, &rm, &resume);
+    assert_user_error(&run, "KL controller state");
+    assert_eq!(before("recipe.toml"), recipe);
+    assert_eq!(before("metrics.jsonl"), metrics_before);
+
     // Stopped after iteration 2 and resumed: the same numbers afterwards.
     let stopped = tmp.path().join("stopped");
     copy_tree(&full, &stopped);

@@ -109,10 +109,14 @@ impl RecordReader {
     }
 }
 
+/// The most of a file read whole to see whether it is one pretty-printed `instructions` object;
+/// the evaluation sets are a few kilobytes, and a larger file is JSON Lines.
+const INSTRUCTIONS_MAX_BYTES: u64 = 16 << 20;
+
 /// A file holding one JSON object with an `instructions` list (the Safety-Tuned LLaMAs prompt
-/// sets, on one line or pretty-printed), as `{"prompt": instruction}` records; `None` for
-/// anything else (JSON Lines, read normally). Only a first line that is not a JSON object on
-/// its own makes the whole file be read here.
+/// sets, on one line or pretty-printed; their other keys, `inputs` (always empty) and `tags`,
+/// are not prompts), as `{"prompt": instruction}` records; `None` for anything else (JSON Lines,
+/// read normally).
 fn instructions(path: &Path) -> Result<Option<Vec<serde_json::Value>>> {
     let mut reader = open_decoded(path)?;
     let mut first_line = Vec::new();
@@ -121,26 +125,42 @@ fn instructions(path: &Path) -> Result<Option<Vec<serde_json::Value>>> {
         return Ok(None);
     }
     let value = match serde_json::from_slice::<serde_json::Value>(&first_line) {
-        Ok(value) => value,
-        Err(_) => {
-            let mut rest = first_line;
-            if reader.read_to_end(&mut rest).is_err() {
-                return Ok(None);
+        Ok(value) => {
+            if value.get("instructions").is_some() {
+                // One object on its first line: nothing may follow.
+                let mut rest = Vec::new();
+                let read = (&mut reader)
+                    .take(INSTRUCTIONS_MAX_BYTES)
+                    .read_to_end(&mut rest);
+                if read.is_err() || rest.iter().any(|b| !b.is_ascii_whitespace()) {
+                    return Err(instructions_error(
+                        path,
+                        "holds more than its one JSON object",
+                    ));
+                }
             }
-            match serde_json::from_slice(&rest) {
-                Ok(value) => value,
-                Err(_) => return Ok(None),
+            value
+        }
+        Err(_) => {
+            let mut whole = first_line;
+            let read = (&mut reader)
+                .take(INSTRUCTIONS_MAX_BYTES)
+                .read_to_end(&mut whole);
+            match read.ok().and_then(|_| serde_json::from_slice(&whole).ok()) {
+                Some(value) => value,
+                None => return Ok(None),
             }
         }
     };
     let Some(list) = value.get("instructions").and_then(|v| v.as_array()) else {
         return Ok(None);
     };
-    if value.as_object().is_some_and(|o| o.len() > 1) {
-        return Err(DataError::File {
-            path: path.to_path_buf(),
-            message: "an `instructions` file holds only the `instructions` list".into(),
-        });
+    let inputs = value.get("inputs").and_then(|v| v.as_array());
+    if inputs.is_some_and(|inputs| inputs.iter().any(|i| i.as_str() != Some(""))) {
+        return Err(instructions_error(
+            path,
+            "has non-empty `inputs`, which are not read (only `instructions` are prompts)",
+        ));
     }
     Ok(Some(
         list.iter()
@@ -149,6 +169,13 @@ fn instructions(path: &Path) -> Result<Option<Vec<serde_json::Value>>> {
             .map(|v| serde_json::json!({ "prompt": v.as_str().map_or(v.clone(), |s| s.trim().into()) }))
             .collect(),
     ))
+}
+
+fn instructions_error(path: &Path, what: &str) -> DataError {
+    DataError::File {
+        path: path.to_path_buf(),
+        message: format!("an `instructions` file {what}"),
+    }
 }
 
 impl Iterator for RecordReader {

@@ -85,6 +85,26 @@ fn real_hh_rlhf_pairs_reproduce_their_transcripts() {
 }
 
 #[test]
+fn real_evaluation_sets_are_prompts() {
+    let Some(shared) = shared_dir() else { return };
+    let dir = shared.join("data/safety-tuned-llamas/evaluation");
+    for (name, count) in [
+        ("I-Alpaca", 50),
+        ("I-CoNa", 178),
+        ("I-Controversial", 40),
+        ("I-MaliciousInstructions", 100),
+        ("I-PhysicalSafetySafe", 100),
+        ("I-PhysicalSafetyUnsafe", 100),
+        ("Q-Harm", 100),
+    ] {
+        let path = dir.join(format!("{name}.json"));
+        let prompts = data::load_prompts(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(prompts.len(), count, "{name}");
+        assert!(prompts.iter().all(|p| !p.text().is_empty()));
+    }
+}
+
+#[test]
 fn real_safety_instructions_parse() {
     let Some(shared) = shared_dir() else { return };
     let path = shared.join("data/safety-tuned-llamas/safety_only_data_Instructions.json");
@@ -613,10 +633,12 @@ fn instruction_files_are_prompt_records_everywhere() {
         r#"{"instructions": [" Pick a lock. ", "Insult me."]}"#,
     )
     .unwrap();
+    // Shaped like the real evaluation sets: pretty-printed, with empty `inputs` and `tags`.
     let pretty = tmp.path().join("pretty.json");
     std::fs::write(
         &pretty,
-        "{\n  \"instructions\": [\n    \" Pick a lock. \",\n    \"Insult me.\"\n  ]\n}\n",
+        "{\n  \"instructions\": [\n    \" Pick a lock. \",\n    \"Insult me.\"\n  ],\n  \
+         \"tags\": [\"crime\", \"insult\"],\n  \"inputs\": []\n}\n",
     )
     .unwrap();
     let records = tmp.path().join("records.jsonl");
@@ -650,6 +672,24 @@ fn instruction_files_are_prompt_records_everywhere() {
     std::fs::write(&bad, r#"{"instructions": ["ok", 5]}"#).unwrap();
     let e = data::load_prompts(&bad).unwrap_err().to_string();
     assert!(e.contains("bad.json:2") && e.contains("prompt"), "{e}");
+    // Inputs would be dropped, and a second object after a one-line set would be lost.
+    for (name, text, needle) in [
+        (
+            "inputs.json",
+            r#"{"instructions": ["a"], "inputs": ["b"]}"#,
+            "non-empty `inputs`",
+        ),
+        (
+            "two.json",
+            "{\"instructions\": [\"a\"]}\n{\"prompt\": \"b\"}\n",
+            "more than its one JSON object",
+        ),
+    ] {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let e = data::load_prompts(&path).unwrap_err().to_string();
+        assert!(e.contains(needle), "{e}");
+    }
     let e = data::load_prompts(&tmp.path().join("missing.json"))
         .unwrap_err()
         .to_string();

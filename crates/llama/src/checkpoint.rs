@@ -1,5 +1,5 @@
-//! Hugging Face checkpoints: import (memory-mapped safetensors, single or sharded, f32/f16/bf16),
-//! random initialisation, and atomic export.
+//! Hugging Face checkpoint directories: import (weights read through `shards.rs`, named by
+//! `weights.rs`; f32/f16/bf16), random initialisation, and atomic export.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;

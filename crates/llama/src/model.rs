@@ -263,10 +263,6 @@ impl DecoderLayer {
 }
 
 impl Llama {
-    pub fn n_layers(&self) -> usize {
-        self.layers.len()
-    }
-
     pub fn vocab_size(&self) -> usize {
         self.embed_tokens.weight.dims()[0]
     }
@@ -457,7 +453,8 @@ pub fn token_log_probs(
     let [rows, time, vocab] = logits.dims();
     let limit = vocab.min(vocab_limit.max(1));
     let mut logits = logits;
-    // Skipped when they change nothing, so the SFT loss is computed exactly as before.
+    // Skipped when they change nothing: the full-vocabulary, temperature-1 case (the SFT loss)
+    // is then a plain log-softmax.
     if limit < vocab {
         logits = logits.slice([0..rows, 0..time, 0..limit]);
     }

@@ -104,6 +104,7 @@ fn value_model(session: &Session, s: &PpoSection) -> Result<(llama::LlamaConfig,
 pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Result<Summary> {
     let train = &recipe.train;
     let mut session = Session::open(recipe, options)?;
+    session.unit = "iteration";
     let prompts = prompts(&session)?;
     session.check_one_batch(prompts.len(), "prompts")?;
 
@@ -118,7 +119,8 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
                     &session.tokenizer,
                     settings.retokenize,
                     hint,
-                )?;
+                )?
+                .with_stats(p)?;
                 if settings.normalize_reward && rm.stats.is_none() {
                     return Err(TrainError::Invalid(format!(
                         "{}: no {} to normalise with (ppo.normalize_reward = true)",
@@ -144,9 +146,20 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
     // The reference is the initial policy, loaded again the same way (on resume too).
     let (_, reference) = load_model(recipe, &inner, Head::Lm)?;
     let (value_config, value) = value_model(&session, settings)?;
-    let value_optimizer = session.optimizer(VALUE_DIR)?;
     let vocab_limit = session.tokenizer.vocab_size().min(config.vocab_size);
-    // The KL controller of the run being resumed (read before anything is written).
+    let finished = Summary {
+        iterations: trainer::session::total_steps(recipe, prompts.len()),
+        first_reward_mean: None,
+        final_reward_mean: f64::NAN,
+        final_kl: f64::NAN,
+        checkpoint: session.resume.clone().unwrap_or_default(),
+    };
+    if session.finished_before(prompts.len()) {
+        return Ok(finished);
+    }
+    // The value model's optimizer and the KL controller of the run being resumed, read before
+    // anything is written.
+    let value_optimizer = session.optimizer(VALUE_DIR)?;
     let kl = match (&session.resume, &session.state) {
         (Some(dir), Some(state)) => Some(
             serde_json::from_value(state.extra["kl"].clone()).map_err(|e| {
@@ -154,13 +167,6 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
             })?,
         ),
         _ => None,
-    };
-    let finished = Summary {
-        iterations: trainer::session::total_steps(recipe, prompts.len()),
-        first_reward_mean: None,
-        final_reward_mean: f64::NAN,
-        final_kl: f64::NAN,
-        checkpoint: session.resume.clone().unwrap_or_default(),
     };
     let Some((mut run, policy_optimizer)) = session.start(prompts.len())? else {
         return Ok(finished);
@@ -217,7 +223,7 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
         last = report;
     }
     let run_total = run.total;
-    run.finish(&checkpoint, "iterations");
+    run.finish(&checkpoint);
     Ok(Summary {
         iterations: run_total,
         first_reward_mean: first_reward,

@@ -3,7 +3,7 @@
 //! `score` head, its pad id, the score statistics saved with it, its tokenizer checked against
 //! the policy's, and scores of token ids read at each sequence's last real token.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use data::Tokenizer;
 use llama::{Head, Llama, LlamaConfig, Side, StepInput};
@@ -20,11 +20,11 @@ pub fn reward_pad_id(config: &LlamaConfig) -> u32 {
 
 /// A frozen reward model.
 pub struct RewardModel {
-    pub dir: PathBuf,
     pub config: LlamaConfig,
     pub model: Llama,
     pub pad: u32,
-    /// Mean and std of its scores, saved with it by `train reward` (for normalising).
+    /// Mean and std of its scores, saved with it by `train reward`: read by
+    /// [`RewardModel::with_stats`] for the methods that normalise scores.
     pub stats: Option<RewardStats>,
     /// Its own tokenizer when it differs from the policy's and re-tokenizing was allowed: the
     /// policy's text is then decoded and encoded again for it.
@@ -43,20 +43,24 @@ impl RewardModel {
             )));
         }
         Ok(Self {
-            dir: dir.to_path_buf(),
             pad: reward_pad_id(&config),
-            stats: RewardStats::load(dir)?,
+            stats: None,
             config,
             model,
             tokenizer: None,
         })
     }
 
+    /// Reads the score statistics saved in `dir` beside the model (none when absent).
+    pub fn with_stats(mut self, dir: &Path) -> Result<Self> {
+        self.stats = RewardStats::load(dir)?;
+        Ok(self)
+    }
+
     /// A reward model already in memory (tests, benchmarks), with no statistics or tokenizer
     /// of its own.
     pub fn new(model: Llama, config: LlamaConfig) -> Self {
         Self {
-            dir: PathBuf::new(),
             pad: reward_pad_id(&config),
             stats: None,
             config,

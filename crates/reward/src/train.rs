@@ -128,7 +128,7 @@ pub fn run(recipe: &Recipe, section: &RewardSection, options: &RunOptions) -> Re
             checkpoint = run.save(done, &model, &config, &optimizer, |dir, _| stats.save(dir))?;
         }
     }
-    run.finish(&checkpoint, "steps");
+    run.finish(&checkpoint);
     Ok(Summary {
         steps: total_steps,
         final_loss: last_loss,

@@ -20,6 +20,16 @@ pub struct AnswerSettings {
     pub batch_size: usize,
 }
 
+/// Default answer length of the sampling methods' sections (`max_new_tokens`).
+pub fn default_answer_tokens() -> usize {
+    128
+}
+
+/// Default `temperature` and `top_p` of the sampling methods' sections.
+pub fn one() -> f64 {
+    1.0
+}
+
 impl AnswerSettings {
     /// A method's sampling settings, with the recipe's seed and `batch_size` sequences per
     /// generation batch.

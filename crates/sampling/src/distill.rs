@@ -8,9 +8,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use trainer::{Recipe, Result, RunOptions};
 
-use crate::answers::{generate_answers, AnswerSettings};
+use crate::answers::{default_answer_tokens, generate_answers, one, AnswerSettings};
 use crate::generate_then_sft::{generate_then_sft, Selection, StageSummary};
-use crate::rejection_sampling::{default_answer_tokens, one};
 
 /// `[distill]`: answers to each prompt of `data.train` with and without the safety
 /// `preprompt`; the pre-prompted answer is kept where the safety reward model scores it higher

@@ -52,64 +52,49 @@ pub fn generate_then_sft(
     }
     // Held until the SFT stage (which locks its own `sft/` directory) has finished.
     let lock = trainer::output::OutputLock::acquire(out)?;
-    if options.resume.is_none() {
+    let fresh = options.resume.is_none();
+    if fresh {
         lock.check_replaceable(
             options.overwrite,
             "use --overwrite to replace it, or --resume latest to continue it",
         )?;
-        lock.clear()?;
     }
-    lock.mark()?;
     let generated = out.join(GENERATED_DIR);
     let done = generated.join(DONE_FILE);
     let sft_data = generated.join("sft-data.jsonl");
-    let (prompts, kept) = if done.exists() {
-        let info: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&done).map_err(io_err(&done))?)
-                .map_err(|e| TrainError::Invalid(format!("{}: {e}", done.display())))?;
-        eprintln!(
-            "generation already done ({}); going on with SFT",
-            done.display()
-        );
-        (
-            info["prompts"].as_u64().unwrap_or(0) as usize,
-            info["kept"].as_u64().unwrap_or(0) as usize,
-        )
+    // Loaded before anything on disk changes: a bad input leaves the directory as it was.
+    let inputs = if !fresh && done.exists() {
+        None
     } else {
-        let inputs = Inputs::load(recipe, reward_model)?;
-        std::fs::create_dir_all(&generated).map_err(io_err(&generated))?;
-        let text = recipe
-            .to_toml()
-            .map_err(|e| TrainError::Invalid(format!("writing recipe.toml: {e}")))?;
-        std::fs::write(out.join("recipe.toml"), text).map_err(io_err(out))?;
-        let selection = generate(&inputs)?;
-        drop(inputs);
-        let path = generated.join("candidates.jsonl");
-        let lines: String = selection
-            .candidates
-            .iter()
-            .map(|c| c.to_string() + "\n")
-            .collect();
-        std::fs::write(&path, lines).map_err(io_err(&path))?;
-        eprintln!(
-            "kept answers for {} of {} prompts",
-            selection.kept.len(),
-            selection.prompts
-        );
-        if selection.kept.is_empty() {
-            return Err(TrainError::Invalid(
-                "no answer was kept: nothing to fine-tune on".into(),
-            ));
+        Some(Inputs::load(recipe, reward_model)?)
+    };
+    lock.begin(recipe, fresh)?;
+    let (prompts, kept) = match inputs {
+        None => {
+            let info: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&done).map_err(io_err(&done))?)
+                    .map_err(|e| TrainError::Invalid(format!("{}: {e}", done.display())))?;
+            eprintln!(
+                "generation already done ({}); going on with SFT",
+                done.display()
+            );
+            (
+                info["prompts"].as_u64().unwrap_or(0) as usize,
+                info["kept"].as_u64().unwrap_or(0) as usize,
+            )
         }
-        let records: Vec<(&PromptRecord, &str)> = selection
-            .kept
-            .iter()
-            .map(|(p, a)| (p, a.as_str()))
-            .collect();
-        write_sft_records(&sft_data, &records)?;
-        let info = serde_json::json!({"prompts": selection.prompts, "kept": records.len()});
-        std::fs::write(&done, info.to_string()).map_err(io_err(&done))?;
-        (selection.prompts, records.len())
+        Some(inputs) => {
+            std::fs::create_dir_all(&generated).map_err(io_err(&generated))?;
+            let selection = generate(&inputs)?;
+            drop(inputs);
+            let kept = record_selection(recipe, &selection, &generated, &sft_data)?;
+            std::fs::write(
+                &done,
+                serde_json::json!({"prompts": selection.prompts, "kept": kept}).to_string(),
+            )
+            .map_err(io_err(&done))?;
+            (selection.prompts, kept)
+        }
     };
 
     let mut sft_recipe = recipe.clone();
@@ -131,6 +116,46 @@ pub fn generate_then_sft(
         records: generated,
         sft,
     })
+}
+
+/// Records every candidate (`candidates.jsonl`) and writes the kept answers as SFT data;
+/// refuses a selection that cannot make one SFT batch, before the stage is marked done, so a
+/// rerun with other settings generates again.
+fn record_selection(
+    recipe: &Recipe,
+    selection: &Selection,
+    generated: &Path,
+    sft_data: &Path,
+) -> Result<usize> {
+    let path = generated.join("candidates.jsonl");
+    let lines: String = selection
+        .candidates
+        .iter()
+        .map(|c| c.to_string() + "\n")
+        .collect();
+    std::fs::write(&path, lines).map_err(io_err(&path))?;
+    let kept = selection.kept.len();
+    eprintln!("kept answers for {kept} of {} prompts", selection.prompts);
+    if kept == 0 {
+        return Err(TrainError::Invalid(
+            "no answer was kept: nothing to fine-tune on".into(),
+        ));
+    }
+    // Without packing each answer is one sequence; packing only makes fewer.
+    if kept < recipe.train.batch_size {
+        return Err(TrainError::Invalid(format!(
+            "{kept} answers were kept, fewer than one SFT batch of {} (train.batch_size): \
+             lower it, or keep more answers",
+            recipe.train.batch_size
+        )));
+    }
+    let records: Vec<(&PromptRecord, &str)> = selection
+        .kept
+        .iter()
+        .map(|(p, a)| (p, a.as_str()))
+        .collect();
+    write_sft_records(sft_data, &records)?;
+    Ok(kept)
 }
 
 /// What both methods start from: the prompts of `data.train`, the tokenizer, and the frozen

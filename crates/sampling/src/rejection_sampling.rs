@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use trainer::{Recipe, Result, RunOptions};
 
-use crate::answers::{generate_answers, AnswerSettings};
+use crate::answers::{default_answer_tokens, generate_answers, one, AnswerSettings};
 use crate::generate_then_sft::{generate_then_sft, Selection, StageSummary};
 
 /// `[rs]`: `samples_per_prompt` answers to each prompt of `data.train`, the best by the reward
@@ -34,12 +34,6 @@ pub struct RsSection {
 
 fn default_samples_per_prompt() -> usize {
     4
-}
-pub(crate) fn default_answer_tokens() -> usize {
-    128
-}
-pub(crate) fn one() -> f64 {
-    1.0
 }
 
 impl trainer::Section for RsSection {

@@ -99,7 +99,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             checkpoint = run.save(done, &model, &config, &optimizer, |_, _| Ok(()))?;
         }
     }
-    run.finish(&checkpoint, "steps");
+    run.finish(&checkpoint);
     Ok(Summary {
         steps: total_steps,
         final_loss: last_loss,

@@ -48,7 +48,7 @@ pub fn find_checkpoint(out: &Path, resume: &str) -> Result<PathBuf> {
 }
 
 /// Steps of the complete checkpoints in `out` (those with a trainer state), unordered.
-pub fn checkpoint_steps(out: &Path) -> Result<Vec<usize>> {
+fn checkpoint_steps(out: &Path) -> Result<Vec<usize>> {
     if !out.exists() {
         return Ok(Vec::new());
     }

@@ -173,6 +173,22 @@ impl OutputLock {
     }
 }
 
+impl OutputLock {
+    /// Starts a run in the directory: empties it when `fresh` (a resumed run keeps it), marks
+    /// it as ours, and writes the fully resolved recipe as `recipe.toml`.
+    pub fn begin(&self, recipe: &crate::Recipe, fresh: bool) -> Result<()> {
+        if fresh {
+            self.clear()?;
+        }
+        self.mark()?;
+        let path = self.dir().join("recipe.toml");
+        let text = recipe
+            .to_toml()
+            .map_err(|e| TrainError::Invalid(format!("writing recipe.toml: {e}")))?;
+        std::fs::write(&path, text).map_err(io_err(&path))
+    }
+}
+
 impl Drop for OutputLock {
     fn drop(&mut self) {
         if self.marked.get() {

@@ -426,6 +426,9 @@ impl Recipe {
                 "[train] `min_lr_ratio` must be within [0, 1]",
             ));
         }
+        if t.max_steps == Some(0) {
+            return Err(invalid(path, "[train] `max_steps` must be >= 1"));
+        }
         if t.epochs == 0 && t.max_steps.is_none() {
             return Err(invalid(path, "[train] needs `epochs` >= 1 or `max_steps`"));
         }
@@ -495,7 +498,7 @@ fn blame<'a>(
 
 /// `a/b/../c` as `a/c`, without touching the file system: printed paths then read as a user
 /// would write them. A leading `..` (above the start) is kept.
-pub fn normalize(path: &Path) -> PathBuf {
+fn normalize(path: &Path) -> PathBuf {
     use std::path::Component;
     let mut out = PathBuf::new();
     for component in path.components() {

@@ -1,9 +1,11 @@
 //! The training session every trainer runs in, as torchtune's recipes do it: setup, then one
-//! loop. [`Session::open`] claims the output directory and loads the tokenizer; the method
-//! loads its data ([`Session::data`]) and model ([`Session::model`]); [`Session::start`]
-//! restores the step and writes the run's directory, and the returned [`Run`] is the loop's
-//! companion: its optimizer steps, metrics, checkpoints and last words. Precision, adapters,
-//! activation checkpointing and devices are decided here once for every method.
+//! loop. [`Session::open`] claims the output directory, reads the checkpoint being resumed and
+//! loads the tokenizer; the method loads its data ([`Session::data`]) and the model it trains
+//! ([`Session::model`]); [`Session::start`] restores the step and the optimizer and writes the
+//! run's directory, and the returned [`Run`] is the loop's companion: its optimizer steps,
+//! metrics, checkpoints and last words. What applies to every trained model (its device, how
+//! it is loaded and resumed, its optimizer) lives here once; frozen models a method needs
+//! besides (PPO's reference and reward models) it loads itself.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -58,8 +60,10 @@ pub struct Session<'r> {
     pub tokenizer: Tokenizer,
     /// The checkpoint being resumed.
     pub resume: Option<PathBuf>,
-    /// Its trainer state, once [`Session::model`] has loaded it.
+    /// Its trainer state.
     pub state: Option<TrainerState>,
+    /// What the loop counts, for messages: "step" (PPO: "iteration").
+    pub unit: &'static str,
     lock: OutputLock,
 }
 
@@ -79,13 +83,15 @@ impl<'r> Session<'r> {
         if resume.is_none() {
             lock.check_replaceable(options.overwrite, "use --overwrite to replace it")?;
         }
+        let state = resume.as_deref().map(checkpoint::read_state).transpose()?;
         lock.remove_stale_partials()?;
         Ok(Self {
             recipe,
             device,
             tokenizer,
             resume,
-            state: None,
+            state,
+            unit: "step",
             lock,
         })
     }
@@ -137,9 +143,8 @@ impl<'r> Session<'r> {
     /// as `[model]` names it. Its vocabulary must hold the tokenizer's and its context
     /// `data.max_seq_len`.
     pub fn model(&mut self, head: Head) -> Result<(LlamaConfig, Llama)> {
-        let (config, model) = match &self.resume {
-            Some(dir) => {
-                let state = checkpoint::read_state(dir)?;
+        let (config, model) = match (&self.resume, &self.state) {
+            (Some(dir), Some(state)) => {
                 check_resumed_tokenizer(&self.tokenizer, dir)?;
                 let loaded =
                     llama::load_pretrained_with_ids(dir, &self.device, Some(&state.param_ids))?;
@@ -150,10 +155,9 @@ impl<'r> Session<'r> {
                         loaded.1.head()
                     )));
                 }
-                self.state = Some(state);
                 loaded
             }
-            None => load_model(self.recipe, &self.device, head)?,
+            _ => load_model(self.recipe, &self.device, head)?,
         };
         check_vocab(&self.tokenizer, &config, &self.recipe.model.tokenizer)?;
         let max_seq_len = self.recipe.data.max_seq_len;
@@ -181,40 +185,24 @@ impl<'r> Session<'r> {
     /// emptied (fresh runs), marked as ours, given the resolved `recipe.toml`, and metrics are
     /// opened.
     pub fn start(self, items: usize) -> Result<Option<(Run<'r>, ModuleOptimizer)>> {
+        if self.finished_before(items) {
+            return Ok(None);
+        }
         let recipe = self.recipe;
         let total = total_steps(recipe, items);
         let start = self.state.as_ref().map_or(0, |s| s.step);
-        if let (Some(dir), Some(_)) = (&self.resume, &self.state) {
-            if start >= total {
-                eprintln!(
-                    "{} is at step {start} of {total}: the run is finished, nothing to do \
-                     (raise train.max_steps or train.epochs to train further)",
-                    dir.display()
-                );
-                return Ok(None);
-            }
-        }
         // Before anything is written: a state that does not load leaves the directory as it was.
         let optimizer = self.optimizer("")?;
-        if self.resume.is_none() {
-            self.lock.clear()?;
-        }
-        self.lock.mark()?;
-        let recipe_path = self.lock.dir().join("recipe.toml");
-        let text = recipe
-            .to_toml()
-            .map_err(|e| TrainError::Invalid(format!("writing recipe.toml: {e}")))?;
-        std::fs::write(&recipe_path, text).map_err(io_err(&recipe_path))?;
+        self.lock.begin(recipe, self.resume.is_none())?;
         let out = &recipe.output.dir;
         let metrics = MetricsLogger::open(out, start, total).map_err(io_err(out))?;
         if let Some(dir) = &self.resume {
-            eprintln!("resuming from {} at step {start}", dir.display());
+            eprintln!("resuming from {} at {} {start}", dir.display(), self.unit);
         }
         let run = Run {
             recipe,
-            device: self.device,
             tokenizer: self.tokenizer,
-            resumed: self.resume.zip(self.state),
+            unit: self.unit,
             start,
             total,
             metrics,
@@ -227,14 +215,34 @@ impl<'r> Session<'r> {
     }
 }
 
+impl Session<'_> {
+    /// Whether the checkpoint being resumed already finished the run over `items` (said on
+    /// stderr): there is nothing to train. A method with more state to restore than
+    /// [`Session::start`] does asks this first, so a finished run exits before reading it.
+    pub fn finished_before(&self, items: usize) -> bool {
+        let total = total_steps(self.recipe, items);
+        match (&self.resume, &self.state) {
+            (Some(dir), Some(state)) if state.step >= total => {
+                eprintln!(
+                    "{} is at {} {} of {total}: the run is finished, nothing to do \
+                     (raise train.max_steps or train.epochs to train further)",
+                    dir.display(),
+                    self.unit,
+                    state.step
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A run's loop: steps `start..total`, with the optimizer step, metrics and checkpoints every
 /// method shares. Holds the output directory's lock until dropped.
 pub struct Run<'r> {
     pub recipe: &'r Recipe,
-    pub device: Device,
     pub tokenizer: Tokenizer,
-    /// The checkpoint resumed and its trainer state (PPO restores more from it).
-    pub resumed: Option<(PathBuf, TrainerState)>,
+    unit: &'static str,
     pub start: usize,
     pub total: usize,
     metrics: MetricsLogger,
@@ -336,8 +344,7 @@ impl Run<'_> {
         self.metrics.progress(done);
     }
 
-    /// One line of `metrics.jsonl` (and TensorBoard scalars) in `group`, when `done` is a
-    /// logging step or `always`.
+    /// One line of `metrics.jsonl` (and TensorBoard scalars) in `group` for step `done`.
     pub fn log(&mut self, group: &str, done: usize, values: &[(&str, f64)]) -> Result<()> {
         self.metrics
             .log(group, done, values)
@@ -374,12 +381,13 @@ impl Run<'_> {
         })
     }
 
-    /// Closes the metrics and says where the run ended; `unit` names the steps.
-    pub fn finish(mut self, checkpoint: &Path, unit: &str) {
+    /// Closes the metrics and says where the run ended.
+    pub fn finish(mut self, checkpoint: &Path) {
         self.metrics.finish();
         eprintln!(
-            "finished {} {unit} in {:.1} s; checkpoint {}",
+            "finished {} {}s in {:.1} s; checkpoint {}",
             self.total,
+            self.unit,
             self.started.elapsed().as_secs_f64(),
             checkpoint.display()
         );

@@ -129,6 +129,10 @@ fn optimizer_values_are_range_checked_and_blamed_on_set() {
             "--set train.eps=0.0: [train] `eps` must be a positive number",
         ),
         ("train.weight_decay=-0.1", "`weight_decay` must be >= 0"),
+        (
+            "train.max_steps=0",
+            "--set train.max_steps=0: [train] `max_steps` must be >= 1",
+        ),
         ("train.lr=\"fast\"", "--set train.lr=\"fast\": invalid type"),
         (
             "data.format=\"bogus\"",

@@ -150,7 +150,7 @@ fn a_session_starts_saves_and_resumes() {
         .unwrap();
     // keep_last = 1 removed the first.
     assert!(!first.exists() && second.join("more.txt").exists());
-    run.finish(&second, "steps");
+    run.finish(&second);
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 1, "{metrics}");
 

@@ -143,3 +143,26 @@ pub fn run_recipe(
         parse_jsonl(&std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default());
     (run, metrics)
 }
+
+/// The files in `dir` (relative to the repository root) whose names end with one of
+/// `extensions`, sorted.
+pub fn recipe_files(dir: &str, extensions: &[&str]) -> Vec<std::path::PathBuf> {
+    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(root().join(dir))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            extensions.iter().any(|e| name.ends_with(e))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Reads a recipe as the command whose method section is `S` does; `Ok` or the one-line error.
+pub fn load_recipe<S: trainer::Section>(file: &Path) -> Result<(), String> {
+    let set = ["train.seed=3".to_string()];
+    trainer::Recipe::load_with::<S>(file, &set)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
