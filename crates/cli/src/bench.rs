@@ -305,7 +305,7 @@ fn bench_data(args: DataBench) -> Result<()> {
             examples.len() as f64 / load_seconds,
             tokens as f64 / load_seconds,
             first_batch_seconds,
-            peak_rss_bytes().map_or("unknown".into(), crate::info::human_bytes),
+            peak_rss_bytes().map_or("unknown".into(), trainer::memory::human_bytes),
         );
     }
     Ok(())

@@ -1,13 +1,21 @@
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
+use trainer::memory::human_bytes;
 
 #[derive(Args)]
 pub struct InfoArgs {
-    /// Architecture file (configs/*.toml), Hugging Face config.json, or model directory
+    /// Architecture file (configs/*.toml), Hugging Face config.json, or model directory; with
+    /// --recipe, the architecture of every model of the plan instead of the recipe's paths
+    #[arg(long, required_unless_present = "recipe")]
+    config: Option<PathBuf>,
+    /// A training recipe: its run's memory plan (per device), by the command its section names
     #[arg(long)]
-    config: PathBuf,
+    recipe: Option<PathBuf>,
+    /// Override a recipe value, e.g. --set train.micro_batch_size=1 (repeatable)
+    #[arg(long, requires = "recipe")]
+    set: Vec<String>,
     /// Print a JSON object instead of a table
     #[arg(long)]
     json: bool,
@@ -38,7 +46,10 @@ const FOOTPRINTS: [Footprint; 2] = [
 ];
 
 pub fn run(args: InfoArgs) -> Result<()> {
-    let config = llama::load_config(&args.config)?;
+    let Some(config_path) = args.config.as_ref().filter(|_| args.recipe.is_none()) else {
+        return recipe_plan(&args);
+    };
+    let config = llama::load_config(config_path)?;
     let params = config.parameter_count();
     if args.json {
         let mut memory = serde_json::Map::new();
@@ -54,7 +65,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
             );
         }
         let out = serde_json::json!({
-            "config": args.config,
+            "config": config_path,
             "parameters": params,
             "layers": config.num_hidden_layers,
             "hidden_size": config.hidden_size,
@@ -67,7 +78,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
         println!("{out}");
         return Ok(());
     }
-    println!("{}", args.config.display());
+    println!("{}", config_path.display());
     println!(
         "  {} layers, hidden {}, {} heads ({} KV), MLP {}, vocab {}, context {}, {} head",
         config.num_hidden_layers,
@@ -110,11 +121,88 @@ fn human_count(n: u64) -> String {
     }
 }
 
-pub fn human_bytes(n: u64) -> String {
-    let gib = n as f64 / (1u64 << 30) as f64;
-    if gib >= 1.0 {
-        format!("{gib:.1} GiB")
+/// `train info --recipe`: the memory plan of the run the recipe describes, for the command its
+/// method section names (`[reward]`, `[ppo]`; none, `[rs]` or `[distill]`: SFT).
+fn recipe_plan(args: &InfoArgs) -> Result<()> {
+    let path = args.recipe.as_ref().context("give --config or --recipe")?;
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let table: toml::Table = text.parse().unwrap_or_default();
+    let given = args.config.as_deref().map(llama::load_config).transpose()?;
+    let config_of = |path: &std::path::Path| -> Result<llama::LlamaConfig> {
+        match &given {
+            Some(config) => Ok(config.clone()),
+            None => llama::load_config(path)
+                .with_context(|| format!("{} (or give --config)", path.display())),
+        }
+    };
+    let model_config = |recipe: &trainer::Recipe| -> Result<llama::LlamaConfig> {
+        let source = recipe
+            .model
+            .checkpoint
+            .as_ref()
+            .or(recipe.model.config.as_ref())
+            .context("[model] needs `config` or `checkpoint`")?;
+        config_of(source)
+    };
+    let (command, recipe, plan) = if table.contains_key("ppo") {
+        let (recipe, settings) = trainer::Recipe::load_with::<ppo::PpoSection>(path, &args.set)?;
+        let settings = settings.context("the recipe has no [ppo] section")?;
+        let policy = model_config(&recipe)?;
+        let load = |p: &Option<PathBuf>| p.as_deref().map(config_of).transpose();
+        let rms: Vec<_> = [
+            load(&settings.reward_model)?,
+            load(&settings.safety_reward_model)?,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let value = match load(&settings.value_model)? {
+            Some(value) => value,
+            None => rms.first().cloned().context("[ppo] needs a reward model")?,
+        };
+        let plan = ppo::train::memory_plan(&recipe, &settings, &policy, &value, &rms);
+        ("ppo", recipe, plan)
+    } else if table.contains_key("reward") {
+        let (recipe, _) = trainer::Recipe::load_with::<reward::RewardSection>(path, &args.set)?;
+        let plan = reward::train::memory_plan(&recipe, &model_config(&recipe)?);
+        ("reward", recipe, plan)
     } else {
-        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+        let recipe = trainer::Recipe::load_any(path, &args.set)?;
+        let plan = sft::train::memory_plan(&recipe, &model_config(&recipe)?);
+        ("sft", recipe, plan)
+    };
+    let device = llama::parse_device(&recipe.runtime.device)?;
+    let available = llama::host_memory_available(&device);
+    if args.json {
+        let out = serde_json::json!({
+            "recipe": path,
+            "command": command,
+            "device": recipe.runtime.device,
+            "memory": plan,
+            "available": available,
+            "fits": available.map(|a| plan.total <= a),
+        });
+        println!("{out}");
+        return Ok(());
     }
+    println!(
+        "{} (train {command}, {})",
+        path.display(),
+        recipe.runtime.device
+    );
+    for (name, bytes) in [
+        ("weights", plan.weights),
+        ("gradients", plan.gradients),
+        ("optimizer", plan.optimizer),
+        ("activations", plan.activations),
+        ("logits", plan.logits),
+        ("total", plan.total),
+    ] {
+        println!("  {name:<12} {:>12}", human_bytes(bytes));
+    }
+    match available {
+        Some(a) => println!("  available    {:>12}", human_bytes(a)),
+        None => println!("  available    not known for this device"),
+    }
+    Ok(())
 }

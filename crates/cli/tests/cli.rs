@@ -27,6 +27,55 @@ fn info_gives_exact_llama2_parameter_counts() {
     assert!(stdout(&out).contains("parameters"));
 }
 
+#[test]
+fn info_plans_the_memory_of_a_recipe_for_its_command() {
+    let params = |config: &str| {
+        json_output(&train(&["info", "--config", config, "--json"]))["parameters"]
+            .as_u64()
+            .unwrap()
+    };
+    let plan = |args: &[&str]| {
+        let v = json_output(&train(&[&["info", "--json"], args].concat()));
+        let m = &v["memory"];
+        let part = |k: &str| m[k].as_u64().unwrap();
+        let parts = ["weights", "gradients", "optimizer", "activations", "logits"];
+        assert_eq!(parts.iter().map(|k| part(k)).sum::<u64>(), part("total"));
+        (
+            v["command"].as_str().unwrap().to_string(),
+            part("weights"),
+            part("activations"),
+            part("logits"),
+        )
+    };
+    let bench = ["--recipe", "recipes/bench-sft-15m.toml"];
+    let p15 = params("configs/tiny-15m-untied.toml");
+    let (command, weights, activations, logits) = plan(&bench);
+    assert_eq!((command.as_str(), weights), ("sft", 4 * p15));
+    assert!(activations > 0 && logits > 0);
+    let halved = plan(&[&bench[..], &["--set", "train.micro_batch_size=4"]].concat());
+    assert_eq!((halved.2 * 2, halved.3 * 2), (activations, logits));
+    // Another architecture for the same recipe.
+    let (_, weights, _, _) = plan(&[&bench[..], &["--config", "configs/tiny-110m.toml"]].concat());
+    assert_eq!(weights, 4 * params("configs/tiny-110m.toml"));
+    // A reward model has no logits; PPO holds the policy, value, reference and two reward models.
+    let tiny = params("configs/tiny-test.toml");
+    let with_tiny =
+        |recipe: &str| plan(&["--recipe", recipe, "--config", "configs/tiny-test.toml"]);
+    let (command, _, _, logits) = with_tiny("recipes/reward-tiny.toml");
+    assert_eq!((command.as_str(), logits), ("reward", 0));
+    let (command, weights, _, _) = with_tiny("recipes/ppo-tiny.toml");
+    assert_eq!((command.as_str(), weights), ("ppo", 5 * 4 * tiny));
+    // A run prints its plan when it starts.
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, _) = sft(&tmp.path().join("run"), &sets(&["train.max_steps=1"]));
+    assert_success(&run);
+    assert!(
+        stderr(&run).contains("memory plan: weights"),
+        "{}",
+        stderr(&run)
+    );
+}
+
 fn generate_json(extra: &[&str]) -> Vec<serde_json::Value> {
     let out = generate(&golden_dir("tiny-gqa"), &[&["--json"][..], extra].concat());
     assert_success(&out);
@@ -327,6 +376,20 @@ fn sft_trains_deterministically_and_writes_a_usable_checkpoint() {
     };
     assert_eq!(losses(&a).len(), 30);
     assert_eq!(losses(&a), losses(&b), "same seed, same losses");
+    // Activation checkpointing recomputes instead of storing: the same losses and gradient
+    // norms (to rounding).
+    let checkpointed = [&steps[..], &sets(&["train.activation_checkpointing=true"])].concat();
+    let (_, c) = sft(&tmp.path().join("c"), &checkpointed);
+    let norms = |m: &[serde_json::Value]| -> Vec<f64> {
+        m.iter().filter_map(|v| v["grad_norm"].as_f64()).collect()
+    };
+    for (x, y) in [(losses(&a), losses(&c)), (norms(&a), norms(&c))] {
+        assert_eq!(x.len(), 30);
+        assert!(
+            x.iter().zip(&y).all(|(x, y)| (x - y).abs() <= 1e-5),
+            "{x:?} vs {y:?}"
+        );
+    }
     for line in a.iter().filter(|v| v.get("loss").is_some()) {
         for key in ["step", "lr", "grad_norm", "tokens_per_sec"] {
             assert!(line.get(key).is_some(), "{key} missing in {line}");

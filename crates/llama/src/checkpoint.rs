@@ -146,12 +146,7 @@ pub fn init_random_with_head(
 /// memory available to a CPU device: the allocation would otherwise abort the process. GPU
 /// devices hold only one tensor at a time on the host while loading, so they are not checked.
 fn check_host_memory(config: &LlamaConfig, device: &Device) -> Result<()> {
-    // burn's device is opaque; its debug form names the backend (`Flex`, `LibTorch(Cpu)`).
-    let name = format!("{device:?}");
-    if !(name.contains("Flex") || name.contains("Cpu")) {
-        return Ok(());
-    }
-    let Some(available) = available_memory() else {
+    let Some(available) = crate::device::host_memory_available(device) else {
         return Ok(());
     };
     let needed = config.parameter_count().saturating_mul(4);
@@ -166,14 +161,6 @@ fn check_host_memory(config: &LlamaConfig, device: &Device) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// `MemAvailable` of /proc/meminfo, in bytes (Linux); `None` where it cannot be read.
-fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
 }
 
 /// Initial values of one tensor: ones for norms; for the scalar head, normal with standard

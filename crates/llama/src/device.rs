@@ -64,3 +64,17 @@ fn not_built(name: &str) -> LlamaError {
         "device `{name}` needs libtorch: rebuild with `--features tch` (see README, \"Backends\")"
     ))
 }
+
+/// The memory a CPU device can still use (`MemAvailable` of /proc/meminfo, in bytes); `None`
+/// for GPU devices and where it cannot be read.
+pub fn host_memory_available(device: &Device) -> Option<u64> {
+    // burn's device is opaque; its debug form names the backend (`Flex`, `LibTorch(Cpu)`).
+    let name = format!("{device:?}");
+    if !(name.contains("Flex") || name.contains("Cpu")) {
+        return None;
+    }
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}

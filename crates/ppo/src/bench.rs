@@ -20,8 +20,8 @@ pub fn bench(
     let mut settings = settings.clone();
     settings.samples = 0;
     let train = &recipe.train;
-    let inner = llama::parse_device(&recipe.runtime.device)?;
-    let device = inner.clone().autodiff();
+    let device = trainer::session::training_device(recipe)?;
+    let inner = device.clone().inner();
     let tokenizer = data::Tokenizer::from_file(&recipe.model.tokenizer)?;
     let (config, policy) = load_model(recipe, &device, llama::Head::Lm)?;
     let (_, reference) = load_model(recipe, &inner, llama::Head::Lm)?;

@@ -9,7 +9,7 @@ use llama::Head;
 use reward::RewardModel;
 use trainer::metrics::reopen_jsonl;
 use trainer::session::{check_generation_vocab, load_model};
-use trainer::{io_err, Recipe, Result, Run, RunOptions, Session, TrainError};
+use trainer::{io_err, MemoryPlan, Pass, Recipe, Result, Run, RunOptions, Session, TrainError};
 
 use crate::iteration::{IterationReport, Models, Ppo, Prompt};
 use crate::section::PpoSection;
@@ -100,6 +100,36 @@ fn value_model(session: &Session, s: &PpoSection) -> Result<(llama::LlamaConfig,
     Ok((config, value))
 }
 
+/// The memory plan of PPO: the policy and the value model trained on mini-batches of prompt +
+/// response positions (the policy through its language-model head), the frozen reference and
+/// reward models (`reward_models`: their configs), and the KV cache of one iteration's
+/// generation.
+pub fn memory_plan(
+    recipe: &Recipe,
+    settings: &PpoSection,
+    policy: &llama::LlamaConfig,
+    value: &llama::LlamaConfig,
+    reward_models: &[llama::LlamaConfig],
+) -> MemoryPlan {
+    let positions = recipe.data.max_seq_len + settings.max_new_tokens;
+    let pass = |lm_head| Pass {
+        rows: recipe.micro_batch_size(),
+        positions,
+        lm_head,
+    };
+    let kv_cache = (recipe.train.batch_size * positions * 2 * policy.kv_dim()) as u64
+        * policy.num_hidden_layers as u64
+        * 4;
+    let mut plan = MemoryPlan::trained(policy, pass(true), &recipe.train)
+        .and(MemoryPlan::trained(value, pass(false), &recipe.train))
+        .and(MemoryPlan::frozen(policy))
+        .and(MemoryPlan::buffers(kv_cache));
+    for rm in reward_models {
+        plan = plan.and(MemoryPlan::frozen(rm));
+    }
+    plan
+}
+
 /// Runs PPO as the recipe and its `[ppo]` section say.
 pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Result<Summary> {
     let train = &recipe.train;
@@ -146,6 +176,18 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
     // The reference is the initial policy, loaded again the same way (on resume too).
     let (_, reference) = load_model(recipe, &inner, Head::Lm)?;
     let (value_config, value) = value_model(&session, settings)?;
+    let rm_configs: Vec<_> = [&helpfulness, &safety]
+        .into_iter()
+        .flatten()
+        .map(|rm| rm.config.clone())
+        .collect();
+    session.check_memory(&memory_plan(
+        recipe,
+        settings,
+        &config,
+        &value_config,
+        &rm_configs,
+    ))?;
     let vocab_limit = session.tokenizer.vocab_size().min(config.vocab_size);
     let finished = Summary {
         iterations: trainer::session::total_steps(recipe, prompts.len()),

@@ -12,7 +12,7 @@ use data::Tokenized;
 use llama::{Head, Llama};
 use trainer::optim::adamw;
 use trainer::step::{bench_step, DeviceSum};
-use trainer::{Recipe, Result, RunOptions, Session, TrainError};
+use trainer::{MemoryPlan, Pass, Recipe, Result, RunOptions, Session, TrainError};
 
 use crate::eval::{score_dataset, PairEval, RewardStats};
 use crate::loss::{batch_scores, pair_loss, pair_margins};
@@ -25,6 +25,17 @@ pub type Summary = trainer::Summary<PairEval>;
 fn pairs(items: Vec<data::Item>) -> PairDataset {
     let examples: Vec<Tokenized> = items.into_iter().map(|i| i.tokens).collect();
     pair_dataset(&examples)
+}
+
+/// The memory plan of reward-model training: both answers of each pair of a micro-batch in one
+/// pass of `data.max_seq_len` positions, through the scalar head.
+pub fn memory_plan(recipe: &Recipe, config: &llama::LlamaConfig) -> MemoryPlan {
+    let pass = Pass {
+        rows: 2 * recipe.micro_batch_size(),
+        positions: recipe.data.max_seq_len,
+        lm_head: false,
+    };
+    MemoryPlan::trained(config, pass, &recipe.train)
 }
 
 /// Trains a reward model as the recipe and its `[reward]` section say.
@@ -43,6 +54,7 @@ pub fn run(recipe: &Recipe, section: &RewardSection, options: &RunOptions) -> Re
     }
     session.check_one_batch(train_set.len(), "pairs")?;
     let (mut config, mut model) = session.model(Head::Score)?;
+    session.check_memory(&memory_plan(recipe, &config))?;
     let pad = reward_pad_id(&config);
     config.pad_token_id = Some(pad);
     let finished = Summary::finished(&session, train_set.len());
@@ -159,7 +171,7 @@ fn evaluate(
 pub fn bench(recipe: &Recipe, steps: usize) -> Result<(f64, f64)> {
     use rand::{Rng, SeedableRng};
     let train = &recipe.train;
-    let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
+    let device = trainer::session::training_device(recipe)?;
     let (config, mut model) = trainer::session::load_model(recipe, &device, Head::Score)?;
     let mut optimizer = adamw(train);
     let mut rng = rand::rngs::StdRng::seed_from_u64(train.seed);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsAccumulator;
 use data::batch::{
     items_at, lengths, sequence_dataset, Dataset, SequenceBatch, SequenceDataset, SequenceItem,
 };
@@ -13,9 +13,9 @@ use data::Tokenized;
 use llama::{Head, Llama};
 use trainer::optim::adamw;
 use trainer::step::{bench_step, DeviceSum};
-use trainer::{Recipe, Result, RunOptions, Session};
+use trainer::{MemoryPlan, Pass, Recipe, Result, RunOptions, Session};
 
-use crate::loss::sft_loss;
+use crate::loss::{sft_eval_loss, sft_loss_and_grads};
 
 /// What a finished run reports; `eval` is the last evaluation.
 pub type Summary = trainer::Summary<f64>;
@@ -26,7 +26,13 @@ fn sequences(items: Vec<data::Item>, recipe: &Recipe) -> SequenceDataset {
 }
 
 /// Mean token loss over a dataset, without gradients.
-fn evaluate(model: &Llama, dataset: &SequenceDataset, batch_size: usize, pad: u32) -> f64 {
+fn evaluate(
+    model: &Llama,
+    dataset: &SequenceDataset,
+    batch_size: usize,
+    pad: u32,
+    chunk: usize,
+) -> f64 {
     let all: Vec<usize> = (0..dataset.len()).collect();
     let batches: Vec<SequenceBatch> = all
         .chunks(batch_size.max(1))
@@ -35,8 +41,19 @@ fn evaluate(model: &Llama, dataset: &SequenceDataset, batch_size: usize, pad: u3
     let total: usize = batches.iter().map(SequenceBatch::trained_tokens).sum();
     batches
         .iter()
-        .map(|b| sft_loss(model, b, total).into_scalar::<f32>() as f64)
+        .map(|b| sft_eval_loss(model, b, total, chunk))
         .sum()
+}
+
+/// The memory plan of SFT: the model trained on micro-batches of `data.max_seq_len` positions
+/// through the language-model head.
+pub fn memory_plan(recipe: &Recipe, config: &llama::LlamaConfig) -> MemoryPlan {
+    let pass = Pass {
+        rows: recipe.micro_batch_size(),
+        positions: recipe.data.max_seq_len,
+        lm_head: true,
+    };
+    MemoryPlan::trained(config, pass, &recipe.train)
 }
 
 /// Runs supervised fine-tuning as the recipe says.
@@ -48,6 +65,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let eval_set = sequences(data.eval, recipe);
     session.check_one_batch(train_set.len(), "sequences")?;
     let (config, mut model) = session.model(Head::Lm)?;
+    session.check_memory(&memory_plan(recipe, &config))?;
     let finished = Summary::finished(&session, train_set.len());
     let Some((mut run, mut optimizer)) = session.start(train_set.len())? else {
         return Ok(finished);
@@ -56,6 +74,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let mut batches = run.batches(lengths(&train_set));
     let micro = recipe.micro_batch_size();
     let pad = config.pad_token_id.unwrap_or(0);
+    let chunk = train.loss_chunk;
     let mut last_loss = f64::NAN;
     let mut eval_loss = None;
     let mut checkpoint = PathBuf::new();
@@ -74,9 +93,9 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
         let mut accumulator = GradientsAccumulator::<Llama>::new();
         let mut step_loss = DeviceSum::default();
         for batch in &micro_batches {
-            let loss = sft_loss(&model, batch, trained);
-            step_loss.add(loss.clone());
-            accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+            let (loss, grads) = sft_loss_and_grads(&model, batch, trained, chunk);
+            step_loss.add(loss);
+            accumulator.accumulate(&model, grads);
             run.count(batch.tokens.iter().map(Vec::len).sum(), batch.tokens.len());
         }
         let loss_value = step_loss.read();
@@ -87,7 +106,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
         last_loss = loss_value;
         let done = step + 1;
         if !eval_set.is_empty() && run.due(done, train.eval_every) {
-            let loss = evaluate(&model.valid(), &eval_set, micro, pad);
+            let loss = evaluate(&model.valid(), &eval_set, micro, pad, chunk);
             run.log(
                 "eval",
                 done,
@@ -113,7 +132,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
 pub fn bench(recipe: &Recipe, steps: usize) -> Result<f64> {
     use rand::{Rng, SeedableRng};
     let train = &recipe.train;
-    let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
+    let device = trainer::session::training_device(recipe)?;
     let (config, mut model) = trainer::session::load_model(recipe, &device, Head::Lm)?;
     let mut optimizer = adamw(train);
     let mut rng = rand::rngs::StdRng::seed_from_u64(train.seed);
@@ -144,8 +163,8 @@ pub fn bench(recipe: &Recipe, steps: usize) -> Result<f64> {
         let start = Instant::now();
         let mut accumulator = GradientsAccumulator::<Llama>::new();
         for batch in &micro_batches {
-            let loss = sft_loss(&model, batch, trained);
-            accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+            let (_, grads) = sft_loss_and_grads(&model, batch, trained, train.loss_chunk);
+            accumulator.accumulate(&model, grads);
         }
         model = bench_step(recipe, &mut optimizer, model, accumulator);
         if step > 0 {

@@ -1,11 +1,12 @@
-//! One batch of 8 and four micro-batches of 2 give the same gradients.
+//! One batch of 8 and four micro-batches of 2 give the same gradients, and so does the loss
+//! taken in chunks of positions.
 
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use data::batch::{sequence_dataset, SequenceBatch, SequenceDataset};
 use data::{load_source, LengthPolicy, OnError, SourceConfig, Tokenized, Tokenizer, Truncation};
 use llama::weights::hf_params;
-use sft::loss::sft_loss;
+use sft::loss::{sft_eval_loss, sft_loss, sft_loss_and_grads};
 
 fn grads_by_name(model: &llama::Llama, grads: &GradientsParams) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();
@@ -26,11 +27,25 @@ fn grads_by_name(model: &llama::Llama, grads: &GradientsParams) -> Vec<(String, 
     out
 }
 
-#[test]
-fn gradient_accumulation_matches_one_large_batch() {
-    let device = Device::flex().autodiff();
-    let config = llama::load_config(&test_support::tiny_test_config()).unwrap();
-    let model = llama::init_random(&config, &device, 11).unwrap();
+/// The largest difference between two gradient sets, relative to each tensor's largest value.
+fn assert_same_grads(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)], tolerance: f32) {
+    assert_eq!(a.len(), b.len());
+    for ((name, a), (_, b)) in a.iter().zip(b) {
+        let scale = a.iter().map(|v| v.abs()).fold(0.0f32, f32::max).max(1e-6);
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            diff <= tolerance * scale + 1e-7,
+            "{name}: gradients differ by {diff} (scale {scale})"
+        );
+    }
+}
+
+/// Eight examples of the chat data as SFT items.
+fn eight_items() -> Vec<data::batch::SequenceItem> {
     let tokenizer = Tokenizer::from_file(&test_support::fixture_tokenizer_path()).unwrap();
     let source = SourceConfig::file(test_support::root().join("datasets/chat-tiny.jsonl"), None);
     let policy = LengthPolicy {
@@ -41,7 +56,47 @@ fn gradient_accumulation_matches_one_large_batch() {
     let (items, _) = load_source(&source, &tokenizer, &policy, OnError::Stop).unwrap();
     let examples: Vec<Tokenized> = items.into_iter().take(8).map(|i| i.tokens).collect();
     let dataset = sequence_dataset(&examples, 256, false);
-    let all: Vec<_> = (0..8).map(|i| burn_dataset_get(&dataset, i)).collect();
+    (0..8).map(|i| burn_dataset_get(&dataset, i)).collect()
+}
+
+#[test]
+fn the_chunked_loss_gives_the_same_loss_and_gradients() {
+    let device = llama::parse_device(&test_support::test_device_name())
+        .unwrap()
+        .autodiff();
+    let config = llama::load_config(&test_support::tiny_test_config()).unwrap();
+    // Tied and untied heads: the embedding gets gradients from the head and the lookup.
+    for tied in [true, false] {
+        let mut config = config.clone();
+        config.tie_word_embeddings = tied;
+        let model = llama::init_random(&config, &device, 11).unwrap();
+        let batch = SequenceBatch::new(&eight_items(), 0);
+        let total = batch.trained_tokens();
+        let width = batch.tokens[0].len();
+        let (whole, grads) = sft_loss_and_grads(&model, &batch, total, 0);
+        let whole = whole.into_scalar::<f32>();
+        let reference = grads_by_name(&model, &grads);
+        // Chunks that divide the width, that do not, and a single position.
+        for chunk in [width / 4, 37, 1] {
+            let (loss, grads) = sft_loss_and_grads(&model, &batch, total, chunk);
+            let loss = loss.into_scalar::<f32>();
+            assert!(
+                (loss - whole).abs() <= 1e-5,
+                "chunk {chunk}: {loss} vs {whole}"
+            );
+            assert_same_grads(&reference, &grads_by_name(&model, &grads), 1e-5);
+            let eval = sft_eval_loss(&model.valid(), &batch, total, chunk) as f32;
+            assert!((eval - whole).abs() <= 1e-5, "eval chunk {chunk}: {eval}");
+        }
+    }
+}
+
+#[test]
+fn gradient_accumulation_matches_one_large_batch() {
+    let device = Device::flex().autodiff();
+    let config = llama::load_config(&test_support::tiny_test_config()).unwrap();
+    let model = llama::init_random(&config, &device, 11).unwrap();
+    let all = eight_items();
 
     let full = SequenceBatch::new(&all, 0);
     let total = full.trained_tokens();
@@ -65,18 +120,7 @@ fn gradient_accumulation_matches_one_large_batch() {
         (loss_sum - full_loss).abs() < 1e-5,
         "{loss_sum} vs {full_loss}"
     );
-    for ((name, a), (_, b)) in reference.iter().zip(&accumulated) {
-        let scale = a.iter().map(|v| v.abs()).fold(0.0f32, f32::max).max(1e-6);
-        let diff = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
-        assert!(
-            diff <= 1e-4 * scale + 1e-7,
-            "{name}: gradients differ by {diff} (scale {scale})"
-        );
-    }
+    assert_same_grads(&reference, &accumulated, 1e-4);
     // The loss is the mean over trained tokens: ln(vocab) order of magnitude at init.
     assert!(
         full_loss > 1.0 && full_loss < 2.0 * (config.vocab_size as f32).ln(),

@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod output;
@@ -16,5 +17,6 @@ pub mod step;
 
 pub use checkpoint::TrainerState;
 pub use error::{io_err, Result, TrainError};
+pub use memory::{MemoryPlan, Pass};
 pub use recipe::{Recipe, RecipeError, Section};
 pub use session::{Run, RunOptions, Session, Summary};

@@ -130,6 +130,14 @@ pub struct TrainSection {
     /// Checkpoints to keep (oldest removed first); all when absent.
     #[serde(default)]
     pub keep_last: Option<usize>,
+    /// Recompute activations in the backward pass instead of keeping them (burn's balanced
+    /// gradient checkpointing): less memory, more compute, the same numbers.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
+    /// Positions per chunk of the language-model head and the loss (SFT), so the whole
+    /// `[batch, time, vocab]` logits never exist at once; 0: all positions at once.
+    #[serde(default)]
+    pub loss_chunk: usize,
 }
 
 fn one() -> usize {

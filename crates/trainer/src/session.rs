@@ -72,7 +72,7 @@ impl<'r> Session<'r> {
     /// resolved, and a directory holding another run refused unless `--overwrite` (and then
     /// only a run of ours).
     pub fn open(recipe: &'r Recipe, options: &RunOptions) -> Result<Self> {
-        let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
+        let device = training_device(recipe)?;
         let tokenizer = Tokenizer::from_file(&recipe.model.tokenizer)?;
         let out = &recipe.output.dir;
         let lock = OutputLock::acquire(out)?;
@@ -169,6 +169,14 @@ impl<'r> Session<'r> {
             )));
         }
         Ok((config, model))
+    }
+
+    /// Says the run's memory plan (one line on stderr) and refuses it when it exceeds the
+    /// memory the device has (CPU devices: available RAM; GPUs are not checked yet).
+    pub fn check_memory(&self, plan: &crate::MemoryPlan) -> Result<()> {
+        eprintln!("{}", plan.summary());
+        let available = llama::host_memory_available(&self.device);
+        plan.check(available, &self.recipe.runtime.device)
     }
 
     /// AdamW as the recipe says, with the state saved in the resumed checkpoint's `subdir`
@@ -392,6 +400,19 @@ impl Run<'_> {
             checkpoint.display()
         );
     }
+}
+
+/// The device models with gradients train on: `runtime.device` with autodiff, and with
+/// burn's balanced gradient checkpointing when `train.activation_checkpointing` (memory-bound
+/// operations such as norms, activations and softmax are recomputed in the backward pass;
+/// matrix products keep their outputs).
+pub fn training_device(recipe: &Recipe) -> Result<Device> {
+    let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
+    Ok(if recipe.train.activation_checkpointing {
+        device.gradient_checkpointing()
+    } else {
+        device
+    })
 }
 
 /// Steps of a run: `max_steps`, or `epochs` passes over `items` in batches of `batch_size`.

@@ -1,0 +1,172 @@
+//! The memory plan of a run, said before it starts: what its models, gradients, optimizer state,
+//! activations and logits will take, from the shapes alone. Each method describes its passes
+//! (how many sequences of how many positions go through which model, with which head); the
+//! plan is refused when it exceeds what the device has.
+//!
+//! The activation estimate counts the tensors our decoder keeps for its backward pass under
+//! burn's autodiff (in f32), per layer and position, with `d` the hidden size, `kv` the
+//! key/value width, `f` the MLP width, `h` the heads and `t` the keys a position attends to:
+//! the two RMSNorms (3d each: the input, its statistics, the normed output), q and k before and
+//! after RoPE and v (2d + 3kv), attention (4ht: scores, scaled and masked scores, the softmax's
+//! intermediate and its output), the attention output (d), the MLP (5f: gate, its sigmoid,
+//! SiLU, up, the product): 9d + 3kv + 4ht + 5f. With activation checkpointing the memory-bound
+//! results are recomputed, leaving the layer's input and the matrix products' inputs
+//! (5d + 2kv + ht + 3f).
+//! The language-model head keeps its logits, their log-softmax and intermediate, and their
+//! gradient: 4 x `[rows, positions, vocab]` f32, for one chunk of positions when the loss is
+//! chunked.
+
+use llama::LlamaConfig;
+
+use crate::error::{Result, TrainError};
+use crate::recipe::TrainSection;
+
+const F32: u64 = 4;
+/// f32 copies of the logits alive at the peak of a pass through the LM head.
+const LOGIT_COPIES: u64 = 4;
+
+/// Bytes per device, by what holds them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryPlan {
+    /// Every model held: trained and frozen.
+    pub weights: u64,
+    pub gradients: u64,
+    /// AdamW's two moments.
+    pub optimizer: u64,
+    /// What the largest backward pass keeps from its forward pass.
+    pub activations: u64,
+    /// The language-model head's logits (and their gradient) at that pass.
+    pub logits: u64,
+    pub total: u64,
+}
+
+/// One forward (and backward) pass through a model.
+#[derive(Debug, Clone, Copy)]
+pub struct Pass {
+    /// Sequences in the micro-batch.
+    pub rows: usize,
+    /// Positions per sequence.
+    pub positions: usize,
+    /// Through the language-model head (false: a scalar head).
+    pub lm_head: bool,
+}
+
+impl MemoryPlan {
+    /// A model trained with AdamW on `pass` as `train` says (activation checkpointing, loss
+    /// chunks).
+    pub fn trained(config: &LlamaConfig, pass: Pass, train: &TrainSection) -> Self {
+        let params = config.parameter_count();
+        let rows = pass.rows as u64;
+        let positions = pass.positions as u64;
+        let (d, kv, f) = (
+            config.hidden_size as u64,
+            config.kv_dim() as u64,
+            config.intermediate_size as u64,
+        );
+        let h = config.num_attention_heads as u64;
+        let per_position = if train.activation_checkpointing {
+            5 * d + 2 * kv + h * positions + 3 * f
+        } else {
+            9 * d + 3 * kv + 4 * h * positions + 5 * f
+        };
+        let layers = config.num_hidden_layers as u64;
+        // The embedding output and the final norm, beside the layers.
+        let activations = rows * positions * (layers * per_position + 4 * d) * F32;
+        let logits = if pass.lm_head {
+            let chunk = match train.loss_chunk {
+                0 => positions,
+                c => (c as u64).min(positions),
+            };
+            LOGIT_COPIES * rows * chunk * config.vocab_size as u64 * F32
+        } else {
+            0
+        };
+        Self {
+            weights: params * F32,
+            gradients: params * F32,
+            optimizer: 2 * params * F32,
+            activations,
+            logits,
+            total: 0,
+        }
+        .totalled()
+    }
+
+    /// A frozen model (a reference policy, a reward model): its weights only.
+    pub fn frozen(config: &LlamaConfig) -> Self {
+        Self {
+            weights: config.parameter_count() * F32,
+            ..Self::default()
+        }
+        .totalled()
+    }
+
+    /// Inference-only memory beside the models, such as a generation KV cache.
+    pub fn buffers(bytes: u64) -> Self {
+        Self {
+            activations: bytes,
+            ..Self::default()
+        }
+        .totalled()
+    }
+
+    /// Two parts held at the same time: their weights, gradients and optimizer states add up,
+    /// and so do their activations and logits (a conservative bound when the passes run one
+    /// after the other).
+    pub fn and(self, other: Self) -> Self {
+        Self {
+            weights: self.weights + other.weights,
+            gradients: self.gradients + other.gradients,
+            optimizer: self.optimizer + other.optimizer,
+            activations: self.activations + other.activations,
+            logits: self.logits + other.logits,
+            total: 0,
+        }
+        .totalled()
+    }
+
+    fn totalled(mut self) -> Self {
+        self.total =
+            self.weights + self.gradients + self.optimizer + self.activations + self.logits;
+        self
+    }
+
+    /// One line for the start of a run.
+    pub fn summary(&self) -> String {
+        format!(
+            "memory plan: weights {}, gradients {}, optimizer {}, activations {}, logits {}: \
+             total {}",
+            human_bytes(self.weights),
+            human_bytes(self.gradients),
+            human_bytes(self.optimizer),
+            human_bytes(self.activations),
+            human_bytes(self.logits),
+            human_bytes(self.total)
+        )
+    }
+
+    /// Refuses a plan larger than `available` bytes (when known), naming what to change.
+    pub fn check(&self, available: Option<u64>, device: &str) -> Result<()> {
+        match available {
+            Some(available) if self.total > available => Err(TrainError::Invalid(format!(
+                "this run needs about {} but {device} has {} available ({}); lower \
+                 train.micro_batch_size or data.max_seq_len, or set \
+                 train.activation_checkpointing = true or train.loss_chunk",
+                human_bytes(self.total),
+                human_bytes(available),
+                self.summary()
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Bytes as GiB or MiB, one decimal.
+pub fn human_bytes(n: u64) -> String {
+    let gib = n as f64 / (1u64 << 30) as f64;
+    if gib >= 1.0 {
+        format!("{gib:.1} GiB")
+    } else {
+        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+    }
+}

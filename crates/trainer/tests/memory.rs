@@ -1,0 +1,112 @@
+//! The memory plan's arithmetic, from shapes alone.
+
+use trainer::recipe::TrainSection;
+use trainer::{MemoryPlan, Pass};
+
+fn train(extra: serde_json::Value) -> TrainSection {
+    let mut base = serde_json::json!({"batch_size": 8, "lr": 1e-4});
+    base.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    serde_json::from_value(base).unwrap()
+}
+
+fn config() -> llama::LlamaConfig {
+    llama::load_config(&test_support::root().join("configs/tiny-15m-untied.toml")).unwrap()
+}
+
+const PASS: Pass = Pass {
+    rows: 8,
+    positions: 256,
+    lm_head: true,
+};
+
+#[test]
+fn a_trained_model_holds_weights_gradients_and_two_moments() {
+    let config = config();
+    let params = config.parameter_count();
+    let plan = MemoryPlan::trained(&config, PASS, &train(serde_json::json!({})));
+    assert_eq!(plan.weights, 4 * params);
+    assert_eq!(plan.gradients, 4 * params);
+    assert_eq!(plan.optimizer, 8 * params);
+    // Four f32 copies of [8, 256, 32000] logits.
+    assert_eq!(plan.logits, 4 * 8 * 256 * 32000 * 4);
+    assert_eq!(
+        plan.total,
+        plan.weights + plan.gradients + plan.optimizer + plan.activations + plan.logits
+    );
+    // Activations grow with the micro-batch (linearly) and the positions (faster: attention).
+    let twice = MemoryPlan::trained(
+        &config,
+        Pass { rows: 16, ..PASS },
+        &train(serde_json::json!({})),
+    );
+    assert_eq!(twice.activations, 2 * plan.activations);
+    let longer = MemoryPlan::trained(
+        &config,
+        Pass {
+            positions: 512,
+            ..PASS
+        },
+        &train(serde_json::json!({})),
+    );
+    assert!(longer.activations > 2 * plan.activations);
+}
+
+#[test]
+fn checkpointing_and_chunks_shrink_what_they_should() {
+    let config = config();
+    let plain = MemoryPlan::trained(&config, PASS, &train(serde_json::json!({})));
+    let checkpointed = MemoryPlan::trained(
+        &config,
+        PASS,
+        &train(serde_json::json!({"activation_checkpointing": true})),
+    );
+    assert!(checkpointed.activations < plain.activations);
+    assert_eq!(checkpointed.logits, plain.logits);
+    let chunked = MemoryPlan::trained(&config, PASS, &train(serde_json::json!({"loss_chunk": 64})));
+    assert_eq!(chunked.logits * 4, plain.logits);
+    assert_eq!(chunked.activations, plain.activations);
+    // A chunk longer than the sequence is the whole sequence; a scalar head has no logits.
+    let long_chunk = MemoryPlan::trained(
+        &config,
+        PASS,
+        &train(serde_json::json!({"loss_chunk": 4096})),
+    );
+    assert_eq!(long_chunk.logits, plain.logits);
+    let scalar = MemoryPlan::trained(
+        &config,
+        Pass {
+            lm_head: false,
+            ..PASS
+        },
+        &train(serde_json::json!({})),
+    );
+    assert_eq!(scalar.logits, 0);
+}
+
+#[test]
+fn parts_add_up_and_a_plan_too_large_is_refused_by_name() {
+    let config = config();
+    let trained = MemoryPlan::trained(&config, PASS, &train(serde_json::json!({})));
+    let frozen = MemoryPlan::frozen(&config);
+    assert_eq!(frozen.total, frozen.weights);
+    assert_eq!(frozen.weights, trained.weights);
+    let both = trained.and(frozen).and(MemoryPlan::buffers(1000));
+    assert_eq!(both.weights, 2 * trained.weights);
+    assert_eq!(both.total, trained.total + frozen.total + 1000);
+
+    assert!(both.check(None, "cuda:0").is_ok());
+    assert!(both.check(Some(both.total), "flex").is_ok());
+    let e = both
+        .check(Some(both.total - 1), "flex")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("flex has")
+            && e.contains("train.micro_batch_size")
+            && e.contains("train.activation_checkpointing")
+            && !e.contains('\n'),
+        "{e}"
+    );
+}
