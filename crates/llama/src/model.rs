@@ -7,12 +7,10 @@
 use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::prelude::*;
-use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::TensorData;
-
-/// A large negative score instead of -inf: rows whose keys are all masked (pad queries) then
-/// get a harmless uniform attention instead of NaN.
-const MASKED: f32 = -1.0e9;
 
 #[derive(Module, Debug)]
 pub struct Attention {
@@ -173,7 +171,7 @@ impl Attention {
         &self,
         x: Tensor<3>,
         rope: &(Tensor<4>, Tensor<4>),
-        bias: Tensor<4>,
+        mask: Tensor<4, Bool>,
         cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
     ) -> Tensor<3> {
         let [batch, time, _] = x.dims();
@@ -210,22 +208,34 @@ impl Attention {
             }
             None => (k, v),
         };
-        let keys = k.dims()[2];
 
-        // Grouped-query attention without copying K/V: the query heads that share a KV head
-        // are stacked along the time axis, [b, kv, group * t, hd].
+        // burn's attention, which backends run fused (flex: tiled kernels without autodiff;
+        // libtorch: scaled_dot_product_attention); grouped-query K/V heads are repeated for it.
         let group = heads / kv_heads;
-        let q = q.reshape([batch, kv_heads, group * time, hd]);
-        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt());
-        let scores = scores.reshape([batch, kv_heads, group, time, keys]) + bias.unsqueeze_dim(1);
-        let weights = softmax(scores, 4).reshape([batch, kv_heads, group * time, keys]);
-        let out = weights
-            .matmul(v)
-            .reshape([batch, heads, time, hd])
+        let (k, v) = if group > 1 {
+            (repeat_kv(k, group), repeat_kv(v, group))
+        } else {
+            (k, v)
+        };
+        let options = AttentionModuleOptions {
+            scale: Some(1.0 / (hd as f64).sqrt()),
+            softcap: None,
+            is_causal: false,
+        };
+        let out = attention(q, k, v, Some(mask), None, options)
             .swap_dims(1, 2)
             .reshape([batch, time, heads * hd]);
         self.o_proj.forward(out)
     }
+}
+
+/// `[b, kv_heads, t, hd]` with each head repeated `group` times in place, `[b, heads, t, hd]`,
+/// as the query heads that share it expect.
+fn repeat_kv(x: Tensor<4>, group: usize) -> Tensor<4> {
+    let [b, kv, t, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kv, group, t, hd])
+        .reshape([b, kv * group, t, hd])
 }
 
 /// Rotary embedding in the "rotate half" layout that Hugging Face checkpoints use:
@@ -251,13 +261,13 @@ impl DecoderLayer {
         &self,
         x: Tensor<3>,
         rope: &(Tensor<4>, Tensor<4>),
-        bias: Tensor<4>,
+        mask: Tensor<4, Bool>,
         cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
     ) -> Tensor<3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, bias, cache);
+                .forward(self.input_layernorm.forward(x), rope, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -297,15 +307,15 @@ impl Llama {
                 for (row, valid) in cache.key_valid.iter_mut().zip(&input.valid) {
                     row.extend_from_slice(valid);
                 }
-                let bias = attention_bias(&cache.key_valid, None, time, &device);
+                let mask = attention_mask(&cache.key_valid, None, time, &device);
                 for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-                    x = layer.forward(x, &rope, bias.clone(), Some(slot));
+                    x = layer.forward(x, &rope, mask.clone(), Some(slot));
                 }
             }
             None => {
-                let bias = attention_bias(&input.valid, input.segments.as_deref(), time, &device);
+                let mask = attention_mask(&input.valid, input.segments.as_deref(), time, &device);
                 for layer in &self.layers {
-                    x = layer.forward(x, &rope, bias.clone(), None);
+                    x = layer.forward(x, &rope, mask.clone(), None);
                 }
             }
         }
@@ -415,29 +425,48 @@ fn rope_tables(
     )
 }
 
-/// Additive attention bias `[batch, 1, queries, keys]`: the last `queries` slots attend to every
-/// earlier real slot (causal) of the same segment, and never to padding.
-fn attention_bias(
+/// The attention mask `[batch, 1, queries, keys]`, true where a query may not look: the last
+/// `queries` slots attend to every earlier real slot (causal) of the same segment, and never to
+/// padding. A query with nothing to attend to (a padding slot with only padding before it)
+/// looks at itself, so no row is empty and no backend divides by zero; its output is never
+/// read, since no real query attends to a padding slot.
+fn attention_mask(
     key_valid: &[Vec<bool>],
     segments: Option<&[Vec<u32>]>,
     queries: usize,
     device: &Device,
-) -> Tensor<4> {
+) -> Tensor<4, Bool> {
     let batch = key_valid.len();
     let keys = key_valid.first().map_or(0, |r| r.len());
     let offset = keys - queries;
-    let mut bias = Vec::with_capacity(batch * queries * keys);
+    let flip = sdpa_mask_means_attend(device);
+    let mut masked = Vec::with_capacity(batch * queries * keys);
     for (b, row) in key_valid.iter().enumerate() {
         let segment = segments.map(|s| &s[b]);
         for q in 0..queries {
+            let start = masked.len();
             for (k, &real) in row.iter().enumerate() {
                 let same = segment.is_none_or(|s| s[k] == s[offset + q]);
-                let allowed = real && same && k <= offset + q;
-                bias.push(if allowed { 0.0f32 } else { MASKED });
+                masked.push(!(real && same && k <= offset + q));
+            }
+            if masked[start..].iter().all(|&m| m) {
+                masked[start + offset + q] = false;
             }
         }
     }
-    Tensor::from_data(TensorData::new(bias, [batch, 1, queries, keys]), device)
+    if flip {
+        masked.iter_mut().for_each(|m| *m = !*m);
+    }
+    Tensor::from_data(TensorData::new(masked, [batch, 1, queries, keys]), device)
+}
+
+/// burn-tch 0.22.1 hands burn's attention mask (true: masked) to libtorch's
+/// `scaled_dot_product_attention` unchanged, where a boolean mask means the opposite (true:
+/// attends); so on libtorch without autodiff (autodiff runs burn's own attention, which reads
+/// the mask as burn defines it) the mask is given the other way round. The golden tests run on
+/// `tch:cpu` and would catch a change of either.
+fn sdpa_mask_means_attend(device: &Device) -> bool {
+    !device.is_autodiff() && format!("{device:?}").contains("LibTorch")
 }
 
 /// `log_softmax(logits / temperature)` over the first `vocab_limit` ids, `[rows, time, vocab]`,
