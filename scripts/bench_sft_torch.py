@@ -2,12 +2,16 @@
 """PyTorch + transformers baseline for `train bench sft`: the same model shape, batch and sequence
 length, full training steps (forward, cross-entropy, backward, global-norm clipping, AdamW).
 
-Usage: .venv/bin/python scripts/bench_sft_torch.py [--threads 2] [--batch 8] [--seq-len 256] [--steps 5]
-Prints one JSON line with tokens_per_sec.
+Usage: .venv/bin/python scripts/bench_sft_torch.py [--threads 2] [--batch 8] [--seq-len 256]
+           [--steps 5] [--shape 15m|110m] [--checkpointing]
+Prints one JSON line with tokens_per_sec and the process's peak RSS. `--shape 110m` is
+configs/tiny-110m.toml; `--checkpointing` turns on transformers' per-layer gradient
+checkpointing (the counterpart of train.activation_checkpointing).
 """
 
 import argparse
 import json
+import resource
 import time
 
 import torch
@@ -20,17 +24,29 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--shape", choices=["15m", "110m"], default="15m")
+    parser.add_argument("--checkpointing", action="store_true")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    # configs/tiny-15m-untied.toml
-    config = LlamaConfig(
-        vocab_size=32000, hidden_size=288, intermediate_size=768, num_hidden_layers=6,
-        num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=512,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-    )
+    if args.shape == "15m":
+        # configs/tiny-15m-untied.toml
+        config = LlamaConfig(
+            vocab_size=32000, hidden_size=288, intermediate_size=768, num_hidden_layers=6,
+            num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=512,
+            rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+        )
+    else:
+        # configs/tiny-110m.toml
+        config = LlamaConfig(
+            vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+            num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
+            rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+        )
     model = LlamaForCausalLM(config).train()
+    if args.checkpointing:
+        model.gradient_checkpointing_enable()
     decay = [p for n, p in model.named_parameters() if "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if "norm" in n]
     optimizer = torch.optim.AdamW(
@@ -51,8 +67,9 @@ def main() -> None:
     print(json.dumps({
         "framework": f"torch {torch.__version__}",
         "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
-        "threads": args.threads,
+        "threads": args.threads, "shape": args.shape, "checkpointing": args.checkpointing,
         "tokens_per_sec": args.steps * args.batch * args.seq_len / timed,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }))
 
 

@@ -62,6 +62,8 @@ pub struct Ppo {
     /// Ids the policy may generate: those its tokenizer can decode (the vocabulary unless the
     /// embedding is padded past the tokenizer). Sampling and log-probs both use only these.
     pub vocab_limit: usize,
+    /// Positions per chunk of the policy's language-model head (`train.loss_chunk`; 0: all).
+    pub loss_chunk: usize,
 }
 
 /// The models of a PPO run.
@@ -122,6 +124,7 @@ impl Ppo {
             pad: config.pad_token_id.unwrap_or(0),
             max_positions: config.max_position_embeddings,
             vocab_limit: config.vocab_size,
+            loss_chunk: train.loss_chunk,
         }
     }
 
@@ -296,8 +299,14 @@ impl Ppo {
         for chunk in all.chunks(self.mini_batch.max(1)) {
             let padded = pad_rollouts(chunk, self.pad);
             let rows = |t| gather_rows(chunk, &llama::model::to_host(t), padded.width);
-            let (logp, entropy) =
-                token_logprobs(sampler, &padded, s.temperature, self.vocab_limit, true);
+            let (logp, entropy) = token_logprobs(
+                sampler,
+                &padded,
+                s.temperature,
+                self.vocab_limit,
+                true,
+                self.loss_chunk,
+            );
             scored.old_logp.extend(rows(logp));
             if let Some(entropy) = entropy {
                 scored.entropy_sum += rows(entropy).iter().flatten().sum::<f64>();
@@ -308,6 +317,7 @@ impl Ppo {
                 s.temperature,
                 self.vocab_limit,
                 false,
+                self.loss_chunk,
             );
             scored.ref_logp.extend(rows(logp));
             scored

@@ -6,10 +6,13 @@
 //! length). Those are the "response positions" of every `[rows, time - 1]` tensor here, and the
 //! value at position `i` is the value of the state before token `i + 1` is chosen.
 
+use std::ops::Range;
+
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use llama::model::token_log_probs;
 use llama::{Llama, Side, StepInput};
+use trainer::chunked::chunks;
 
 /// One prompt and the answer sampled for it.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,38 +99,69 @@ pub fn gather_rows(rollouts: &[&Rollout], flat: &[f32], width: usize) -> Vec<Vec
 /// Log-probability of each next token under `softmax(logits / temperature)`, the distribution
 /// the rollouts were sampled from (over the whole vocabulary, as TRL does: the top-p cut is not
 /// part of it) restricted to the first `vocab_limit` ids (those generation may pick),
-/// `[rows, width]`; and (when asked) the entropy of each next-token distribution, detached.
+/// `[rows, width]`; and (when asked) the entropy of each next-token distribution, detached. The
+/// language-model head runs `chunk` positions at a time (0: all at once).
 pub fn token_logprobs(
     model: &Llama,
     padded: &Padded,
     temperature: f64,
     vocab_limit: usize,
     with_entropy: bool,
+    chunk: usize,
 ) -> (Tensor<2>, Option<Tensor<2>>) {
-    let rows = padded.input.tokens.len();
-    let width = padded.width;
-    let logits = model.forward(&padded.input, None);
-    let vocab = logits.dims()[2];
+    let hidden = next_token_states(model, padded);
+    let [rows, width, dim] = hidden.dims();
+    let mut picked = Vec::new();
+    let mut entropies = Vec::new();
+    for range in chunks(width, chunk) {
+        let part = hidden.clone().slice([0..rows, range.clone(), 0..dim]);
+        let (logp, log_probs) =
+            chunk_logprobs(model, part, padded, range, temperature, vocab_limit);
+        picked.push(logp);
+        if with_entropy {
+            let detached = log_probs.detach();
+            let [_, positions, _] = detached.dims();
+            entropies.push(
+                (detached.clone().exp() * detached)
+                    .sum_dim(2)
+                    .neg()
+                    .reshape([rows, positions]),
+            );
+        }
+    }
+    let entropy = with_entropy.then(|| Tensor::cat(entropies, 1));
+    (Tensor::cat(picked, 1), entropy)
+}
+
+/// The final hidden states at the next-token positions, `[rows, width, hidden]`, with their
+/// graph when the model has one.
+pub fn next_token_states(model: &Llama, padded: &Padded) -> Tensor<3> {
+    let hidden = model.hidden_states(&padded.input, None);
+    let [rows, _, dim] = hidden.dims();
+    hidden.slice([0..rows, 0..padded.width, 0..dim])
+}
+
+/// [`token_logprobs`] at the next-token positions `range`, from their hidden states `part`;
+/// also the whole log-softmax `[rows, positions, vocab]`.
+pub fn chunk_logprobs(
+    model: &Llama,
+    part: Tensor<3>,
+    padded: &Padded,
+    range: Range<usize>,
+    temperature: f64,
+    vocab_limit: usize,
+) -> (Tensor<2>, Tensor<3>) {
     let targets: Vec<i64> = padded
         .input
         .tokens
         .iter()
-        .flat_map(|row| row[1..].iter().map(|&t| t as i64))
+        .flat_map(|row| {
+            row[range.start + 1..range.end + 1]
+                .iter()
+                .map(|&t| t as i64)
+        })
         .collect();
-    let (picked, log_probs) = token_log_probs(
-        logits.slice([0..rows, 0..width, 0..vocab]),
-        targets,
-        temperature,
-        vocab_limit,
-    );
-    let entropy = with_entropy.then(|| {
-        let detached = log_probs.detach();
-        (detached.clone().exp() * detached)
-            .sum_dim(2)
-            .neg()
-            .reshape([rows, width])
-    });
-    (picked, entropy)
+    token_log_probs(model.lm_logits(part), targets, temperature, vocab_limit)
 }
 
 /// The value model's estimate at each next-token position, `[rows, width]`.

@@ -7,12 +7,15 @@ use burn::prelude::*;
 use llama::Llama;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use trainer::chunked::head_chunked_grads;
 use trainer::optim::clip_grad_norm;
 use trainer::step::DeviceSum;
 
 use crate::algo::{policy_loss, value_loss};
 use crate::iteration::Ppo;
-use crate::rollout::{pad_rollouts, response_mask, scatter, token_logprobs, token_values, Rollout};
+use crate::rollout::{
+    chunk_logprobs, next_token_states, pad_rollouts, response_mask, scatter, token_values, Rollout,
+};
 
 /// Per-token quantities of each rollout (at its response positions) that the update fits.
 pub struct Targets<'a> {
@@ -55,16 +58,15 @@ impl UpdateStats {
     }
 }
 
-/// One AdamW step of `model` on `loss`, its gradients clipped by their global norm (returned,
-/// before clipping).
+/// One AdamW step of `model` with `grads`, clipped by their global norm (returned, before
+/// clipping).
 fn clipped_step(
     optimizer: &mut ModuleOptimizer,
     model: Llama,
-    loss: Tensor<1>,
+    mut grads: GradientsParams,
     lr: f64,
     grad_clip: Option<f64>,
 ) -> (Llama, f64) {
-    let mut grads = GradientsParams::from_grads(loss.backward(), &model);
     let grad_norm = clip_grad_norm(&model, &mut grads, grad_clip);
     (optimizer.step(lr, model, grads), grad_norm)
 }
@@ -103,28 +105,40 @@ impl Ppo {
                     .map(|r| r.prompt.len() + r.response.len())
                     .sum::<usize>();
 
-                let (logp, _) = token_logprobs(
-                    &self.policy,
-                    &padded,
-                    s.temperature,
-                    self.vocab_limit,
-                    false,
-                );
                 let old_t = tensor(t.old_logp);
-                let log_ratio = logp.clone().detach() - old_t.clone();
-                u.approx_kl
-                    .add((log_ratio.clone().square() * mask.clone()).sum() * 0.5);
-                let outside = (log_ratio.exp() - 1.0).abs().greater_elem(s.clip_range);
-                u.clipped.add((outside.float() * mask.clone()).sum());
+                let advantages = tensor(t.advantages);
+                let policy = &self.policy;
+                let (loss, grads) = head_chunked_grads(
+                    policy,
+                    next_token_states(policy, &padded),
+                    self.loss_chunk,
+                    |part, range| {
+                        let (logp, _) = chunk_logprobs(
+                            policy,
+                            part,
+                            &padded,
+                            range.clone(),
+                            s.temperature,
+                            self.vocab_limit,
+                        );
+                        let rows = batch.len();
+                        let cols = |x: &Tensor<2>| x.clone().slice([0..rows, range.clone()]);
+                        let (old, mask) = (cols(&old_t), cols(&mask));
+                        let log_ratio = logp.clone().detach() - old.clone();
+                        u.approx_kl
+                            .add((log_ratio.clone().square() * mask.clone()).sum() * 0.5);
+                        let outside = (log_ratio.exp() - 1.0).abs().greater_elem(s.clip_range);
+                        u.clipped.add((outside.float() * mask.clone()).sum());
+                        policy_loss(logp, old, cols(&advantages), mask, s.clip_range, count)
+                    },
+                );
                 u.tokens += count;
                 u.steps += 1;
-                let advantages = tensor(t.advantages);
-                let loss = policy_loss(logp, old_t, advantages, mask.clone(), s.clip_range, count);
-                u.policy_loss.add(loss.clone());
+                u.policy_loss.add(loss);
                 let (policy, grad_norm) = clipped_step(
                     &mut self.policy_optimizer,
                     self.policy.clone(),
-                    loss,
+                    grads,
                     self.lr,
                     self.grad_clip,
                 );
@@ -141,10 +155,11 @@ impl Ppo {
                     count,
                 ) * s.value_coef;
                 u.value_loss.add(vloss.clone());
+                let grads = GradientsParams::from_grads(vloss.backward(), &self.value);
                 let (value, grad_norm) = clipped_step(
                     &mut self.value_optimizer,
                     self.value.clone(),
-                    vloss,
+                    grads,
                     self.value_lr,
                     self.grad_clip,
                 );

@@ -321,3 +321,71 @@ fn ppo_raises_the_reward_of_a_learned_reward_model_with_bounded_kl() {
         "KL bounded: {kls:?}"
     );
 }
+
+/// The policy's language-model head taken a few positions at a time (`train.loss_chunk`) gives
+/// the same iteration: the same log-probabilities, losses, statistics, gradient norm and
+/// updated weights, to rounding.
+#[test]
+fn the_chunked_policy_head_gives_the_same_iteration() {
+    let device = test_device();
+    let config = tiny_config();
+    let ad = device.clone().autodiff();
+    let tok = tokenizer();
+    let run = |chunk: usize| {
+        let models = Models {
+            policy: llama::init_random(&config, &ad, 8).unwrap(),
+            value: llama::init_random_with_head(&config, &ad, Head::Score, 9).unwrap(),
+            reference: llama::init_random(&config, &device, 8).unwrap(),
+            helpfulness: Some(RewardModel::new(
+                llama::init_random_with_head(&config, &device, Head::Score, 10).unwrap(),
+                config.clone(),
+            )),
+            safety: None,
+        };
+        let settings: PpoSection = serde_json::from_value(serde_json::json!({
+            "reward_model": "unused", "max_new_tokens": 8, "samples": 0,
+        }))
+        .unwrap();
+        let mut train = train_section(1e-2);
+        train.loss_chunk = chunk;
+        let mut ppo = Ppo::new(models, &config, &train, 4, settings);
+        let prompts: Vec<Prompt> = (0..8)
+            .map(|i| Prompt {
+                ids: vec![1, 10 + i as u32, 11, 12],
+                category: None,
+            })
+            .collect();
+        let report = ppo.iteration(&prompts, 0, &tok).unwrap();
+        let weights: Vec<f32> = llama::weights::hf_params(&ppo.policy)
+            .into_iter()
+            .flat_map(|(_, p)| p.to_host())
+            .collect();
+        (report, weights)
+    };
+    let (whole, whole_weights) = run(0);
+    for chunk in [3, 1] {
+        let (chunked, weights) = run(chunk);
+        for key in [
+            "reward_mean",
+            "kl",
+            "entropy",
+            "policy_loss",
+            "value_loss",
+            "approx_kl",
+            "clip_fraction",
+            "grad_norm",
+        ] {
+            let (a, b) = (whole.get(key).unwrap(), chunked.get(key).unwrap());
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                "chunk {chunk}, {key}: {a} vs {b}"
+            );
+        }
+        let diff = whole_weights
+            .iter()
+            .zip(&weights)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff <= 1e-5, "chunk {chunk}: weights differ by {diff}");
+    }
+}

@@ -5,18 +5,15 @@
 //! the global mean, however the batch is split.
 //!
 //! With a chunk size, the language-model head and the cross-entropy run `chunk` positions at a
-//! time, so the `[rows, time, vocab]` logits (32000 wide for Llama 2) and their gradient never
-//! exist whole: the trunk runs once, its output is cut from the graph, each chunk's backward
-//! pass gives the head's gradients and that chunk's share of the output's gradient, and one
-//! backward pass of `sum(hidden * d_hidden)` then takes the trunk's. The loss and gradients are
-//! those of one pass, to rounding.
+//! time (`trainer::chunked`), so the `[rows, time, vocab]` logits never exist whole.
 
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use data::batch::{SequenceBatch, IGNORE};
 use llama::model::token_log_probs;
 use llama::{Llama, StepInput};
+use trainer::chunked::{chunks, head_chunked_grads};
 
 /// The loss of one micro-batch, scaled by `1 / global_trained_tokens`, with its graph (for a
 /// backward pass) when the model is on an autodiff device.
@@ -36,13 +33,10 @@ pub fn sft_eval_loss(
 ) -> f64 {
     let hidden = model.hidden_states(&input(batch), None);
     let [rows, width, dim] = hidden.dims();
-    let chunk = if chunk == 0 { width } else { chunk };
-    (0..width)
-        .step_by(chunk.max(1))
-        .map(|start| {
-            let end = (start + chunk).min(width);
-            let part = hidden.clone().slice([0..rows, start..end, 0..dim]);
-            let loss = chunk_loss(model, part, batch, start..end, global_trained_tokens);
+    chunks(width, chunk)
+        .map(|range| {
+            let part = hidden.clone().slice([0..rows, range.clone(), 0..dim]);
+            let loss = chunk_loss(model, part, batch, range, global_trained_tokens);
             loss.into_scalar::<f32>() as f64
         })
         .sum()
@@ -57,42 +51,9 @@ pub fn sft_loss_and_grads(
     chunk: usize,
 ) -> (Tensor<1>, GradientsParams) {
     let hidden = model.hidden_states(&input(batch), None);
-    let [rows, width, dim] = hidden.dims();
-    if chunk == 0 || chunk >= width {
-        let loss = chunk_loss(model, hidden, batch, 0..width, global_trained_tokens);
-        let grads = GradientsParams::from_grads(loss.backward(), model);
-        return (loss.detach(), grads);
-    }
-    let cut = hidden.clone().detach().require_grad();
-    let mut accumulator = GradientsAccumulator::<Llama>::new();
-    let mut loss_sum: Option<Tensor<1>> = None;
-    let mut d_hidden: Option<Tensor<3>> = None;
-    for start in (0..width).step_by(chunk) {
-        let end = (start + chunk).min(width);
-        let part = cut.clone().slice([0..rows, start..end, 0..dim]);
-        let loss = chunk_loss(model, part, batch, start..end, global_trained_tokens);
-        let grads = loss.backward();
-        if let Some(grad) = cut.grad(&grads) {
-            d_hidden = Some(match d_hidden {
-                Some(sum) => sum + grad,
-                None => grad,
-            });
-        }
-        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
-        loss_sum = Some(match loss_sum {
-            Some(sum) => sum + loss.detach(),
-            None => loss.detach(),
-        });
-    }
-    if let Some(d_hidden) = d_hidden {
-        let surrogate = (hidden * Tensor::from_inner(d_hidden)).sum();
-        accumulator.accumulate(
-            model,
-            GradientsParams::from_grads(surrogate.backward(), model),
-        );
-    }
-    let loss = loss_sum.expect("a batch has at least one position");
-    (loss, accumulator.grads())
+    head_chunked_grads(model, hidden, chunk, |part, range| {
+        chunk_loss(model, part, batch, range, global_trained_tokens)
+    })
 }
 
 fn input(batch: &SequenceBatch) -> StepInput {

@@ -5,6 +5,7 @@
 //! method.
 
 pub mod checkpoint;
+pub mod chunked;
 pub mod error;
 pub mod memory;
 pub mod metrics;

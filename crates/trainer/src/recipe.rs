@@ -134,8 +134,9 @@ pub struct TrainSection {
     /// gradient checkpointing): less memory, more compute, the same numbers.
     #[serde(default)]
     pub activation_checkpointing: bool,
-    /// Positions per chunk of the language-model head and the loss (SFT), so the whole
-    /// `[batch, time, vocab]` logits never exist at once; 0: all positions at once.
+    /// Positions per chunk of the language-model head and the loss (SFT's cross-entropy, PPO's
+    /// token log-probabilities), so the whole `[batch, time, vocab]` logits never exist at
+    /// once; 0: all positions at once.
     #[serde(default)]
     pub loss_chunk: usize,
 }
