@@ -15,16 +15,8 @@ use llama::model::token_log_probs;
 use llama::{Llama, StepInput};
 use trainer::chunked::{chunks, head_chunked_grads};
 
-/// The loss of one micro-batch, scaled by `1 / global_trained_tokens`, with its graph (for a
-/// backward pass) when the model is on an autodiff device.
-pub fn sft_loss(model: &Llama, batch: &SequenceBatch, global_trained_tokens: usize) -> Tensor<1> {
-    let hidden = model.hidden_states(&input(batch), None);
-    let width = hidden.dims()[1];
-    chunk_loss(model, hidden, batch, 0..width, global_trained_tokens)
-}
-
-/// [`sft_loss`] taking the LM head and the loss `chunk` positions at a time (0: at once), for
-/// evaluation without gradients.
+/// The loss of one micro-batch, scaled by `1 / global_trained_tokens`, taking the LM head and
+/// the loss `chunk` positions at a time (0: at once), for evaluation without gradients.
 pub fn sft_eval_loss(
     model: &Llama,
     batch: &SequenceBatch,
@@ -43,7 +35,7 @@ pub fn sft_eval_loss(
 }
 
 /// The loss of one micro-batch (detached) and its gradients, taking the LM head and the loss
-/// `chunk` positions at a time (0: all at once, the same as [`sft_loss`] and its backward pass).
+/// `chunk` positions at a time (0: all at once: one forward and one backward pass).
 pub fn sft_loss_and_grads(
     model: &Llama,
     batch: &SequenceBatch,

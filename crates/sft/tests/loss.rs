@@ -6,7 +6,7 @@ use burn::prelude::*;
 use data::batch::{sequence_dataset, SequenceBatch, SequenceDataset};
 use data::{load_source, LengthPolicy, OnError, SourceConfig, Tokenized, Tokenizer, Truncation};
 use llama::weights::hf_params;
-use sft::loss::{sft_eval_loss, sft_loss, sft_loss_and_grads};
+use sft::loss::{sft_eval_loss, sft_loss_and_grads};
 
 fn grads_by_name(model: &llama::Llama, grads: &GradientsParams) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();
@@ -100,22 +100,19 @@ fn gradient_accumulation_matches_one_large_batch() {
 
     let full = SequenceBatch::new(&all, 0);
     let total = full.trained_tokens();
-    let loss = sft_loss(&model, &full, total);
-    let reference = grads_by_name(
-        &model,
-        &GradientsParams::from_grads(loss.backward(), &model),
-    );
+    let (full_loss, grads) = sft_loss_and_grads(&model, &full, total, 0);
+    let full_loss = full_loss.into_scalar::<f32>();
+    let reference = grads_by_name(&model, &grads);
 
     let mut accumulator = GradientsAccumulator::<llama::Llama>::new();
     let mut loss_sum = 0.0f32;
     for chunk in all.chunks(2) {
         let micro = SequenceBatch::new(chunk, 0);
-        let loss = sft_loss(&model, &micro, total);
-        loss_sum += loss.clone().into_scalar::<f32>();
-        accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+        let (loss, grads) = sft_loss_and_grads(&model, &micro, total, 0);
+        loss_sum += loss.into_scalar::<f32>();
+        accumulator.accumulate(&model, grads);
     }
     let accumulated = grads_by_name(&model, &accumulator.grads());
-    let full_loss = sft_loss(&model, &full, total).into_scalar::<f32>();
     assert!(
         (loss_sum - full_loss).abs() < 1e-5,
         "{loss_sum} vs {full_loss}"
