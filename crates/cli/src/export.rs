@@ -25,6 +25,14 @@ pub struct ExportArgs {
     /// Replace the output directory if it exists
     #[arg(long)]
     overwrite: bool,
+    /// For a LoRA checkpoint: write the PEFT adapter directory (adapter_config.json,
+    /// adapter_model.safetensors) instead of the merged model
+    #[arg(long)]
+    adapter: bool,
+    /// With --adapter: the `base_model_name_or_path` to record (e.g. a Hub id); default: the
+    /// base directory the run trained on
+    #[arg(long, requires = "adapter")]
+    base_name: Option<String>,
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
@@ -36,6 +44,9 @@ pub fn run(args: ExportArgs) -> Result<()> {
                 args.out.display()
             );
         }
+    }
+    if args.adapter {
+        return export_adapter(&args);
     }
     let device = burn::prelude::Device::flex();
     let (config, model) = llama::load_pretrained(&args.checkpoint, &device)
@@ -85,6 +96,32 @@ pub fn run(args: ExportArgs) -> Result<()> {
         config.parameter_count(),
         dtype.torch_name()
     );
+    Ok(())
+}
+
+/// `--adapter`: the checkpoint's adapters as a PEFT directory, with its tokenizer files.
+fn export_adapter(args: &ExportArgs) -> Result<()> {
+    if args.dtype.is_some() {
+        bail!("--dtype applies to merged exports; adapters are written as f32 (drop --dtype)");
+    }
+    let extra_files: Vec<PathBuf> = match &args.tokenizer {
+        Some(file) if !file.exists() => bail!("{}: tokenizer file not found", file.display()),
+        Some(file) => vec![file.clone()],
+        None => TOKENIZER_FILES
+            .iter()
+            .map(|name| args.checkpoint.join(name))
+            .filter(|p| p.exists())
+            .collect(),
+    };
+    llama::checkpoint::export_adapter(
+        &args.checkpoint,
+        &args.out,
+        args.base_name.as_deref(),
+        &extra_files,
+        args.overwrite,
+    )
+    .with_context(|| format!("exporting adapters to {}", args.out.display()))?;
+    eprintln!("wrote {} (PEFT LoRA adapter)", args.out.display());
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use safetensors::tensor::{Dtype, TensorView};
 
 use crate::config::LlamaConfig;
 use crate::error::{io_err, LlamaError, Result};
+use crate::lora;
 use crate::model::{Head, Llama};
 use crate::shards::{is_ignorable, SafetensorsDir};
 use crate::weights::{build_llama, hf_params};
@@ -28,7 +29,7 @@ pub fn load_pretrained_with_ids(
     device: &Device,
     ids: Option<&HashMap<String, u64>>,
 ) -> Result<(LlamaConfig, Llama)> {
-    load_dir(dir, device, None, ids, 0)
+    load_dir(dir, device, None, ids, 0, 0)
 }
 
 /// Loads a checkpoint with the requested head. A scalar head that the checkpoint lacks (an SFT
@@ -41,7 +42,78 @@ pub fn load_pretrained_as(
     head: Head,
     seed: u64,
 ) -> Result<(LlamaConfig, Llama)> {
-    load_dir(dir, device, Some(head), None, seed)
+    load_dir(dir, device, Some(head), None, seed, 0)
+}
+
+/// A LoRA adapter directory (ours or PEFT's) on its base, with the adapters attached and not
+/// merged, for training on: the base is loaded with `head` (by default the adapter's task), its
+/// target projections quantised as `quantize` says, and the factors (and a saved scalar head)
+/// read back with the ids in `ids`.
+pub fn load_adapter_dir(
+    dir: &Path,
+    device: &Device,
+    head: Option<Head>,
+    ids: Option<&HashMap<String, u64>>,
+    seed: u64,
+    quantize: lora::BaseQuant,
+) -> Result<(LlamaConfig, Llama)> {
+    load_adapter(dir, device, head, ids, seed, quantize, 0)
+}
+
+/// How many adapter directories may stand on each other (an adapter whose base is an adapter
+/// directory): beyond this, a cycle is assumed.
+const MAX_ADAPTER_DEPTH: usize = 8;
+
+fn load_adapter(
+    dir: &Path,
+    device: &Device,
+    head: Option<Head>,
+    ids: Option<&HashMap<String, u64>>,
+    seed: u64,
+    quantize: lora::BaseQuant,
+    depth: usize,
+) -> Result<(LlamaConfig, Llama)> {
+    let adapter = lora::read_adapter_config(dir)?;
+    let base = adapter.base_dir(dir);
+    if depth >= MAX_ADAPTER_DEPTH {
+        return Err(LlamaError::Config {
+            path: dir.to_path_buf(),
+            message: format!(
+                "adapter directories stand on each other more than {MAX_ADAPTER_DEPTH} deep \
+                 (a cycle through base_model_name_or_path?)"
+            ),
+        });
+    }
+    let stored = adapter.head();
+    let head = head.unwrap_or(stored);
+    if head == Head::Lm && stored == Head::Score {
+        return Err(LlamaError::Config {
+            path: dir.to_path_buf(),
+            message: "this is a reward model adapter (a scalar `score` head): it has no \
+                      language-model head to generate or train with"
+                .into(),
+        });
+    }
+    let (config, model) =
+        load_dir(&base, device, Some(head), ids, seed, depth + 1).map_err(|e| {
+            LlamaError::Config {
+                path: dir.join(lora::ADAPTER_CONFIG),
+                message: format!("loading its base model {}: {e}", base.display()),
+            }
+        })?;
+    let weights = SafetensorsDir::open_file(&dir.join(lora::ADAPTER_WEIGHTS))?;
+    let mut model = lora::attach(
+        model,
+        &adapter.spec(quantize),
+        lora::Factors::Saved(&weights),
+        ids,
+    )?;
+    if head == Head::Score {
+        if let Some(values) = lora::saved_score(&weights, config.hidden_size) {
+            lora::set_score(&mut model, values?);
+        }
+    }
+    Ok((config, model))
 }
 
 fn load_dir(
@@ -50,6 +122,7 @@ fn load_dir(
     head: Option<Head>,
     ids: Option<&HashMap<String, u64>>,
     seed: u64,
+    depth: usize,
 ) -> Result<(LlamaConfig, Llama)> {
     if !dir.is_dir() {
         return Err(LlamaError::Config {
@@ -58,6 +131,12 @@ fn load_dir(
         });
     }
     let config_path = dir.join("config.json");
+    if !config_path.exists() && dir.join(lora::ADAPTER_CONFIG).exists() {
+        // Inference and export read an adapter directory merged into its base.
+        let (config, model) =
+            load_adapter(dir, device, head, ids, seed, lora::BaseQuant::None, depth)?;
+        return Ok((config, lora::merge(model)));
+    }
     if !config_path.exists() {
         return Err(LlamaError::Config {
             path: dir.to_path_buf(),
@@ -282,8 +361,66 @@ pub fn save_pretrained(
     out: &Path,
     options: &SaveOptions,
 ) -> Result<()> {
+    write_atomically(out, options.overwrite, |partial| {
+        write_model_files(model, config, partial, options)
+    })
+}
+
+/// Copies a LoRA adapter directory (ours or PEFT's) to `out` as a PEFT adapter directory,
+/// atomically: `adapter_config.json` (with `base_model_name_or_path` replaced by `base_name`
+/// when given, e.g. a Hub id for publishing), `adapter_model.safetensors` and `extra_files`.
+pub fn export_adapter(
+    dir: &Path,
+    out: &Path,
+    base_name: Option<&str>,
+    extra_files: &[PathBuf],
+    overwrite: bool,
+) -> Result<()> {
+    let config_path = dir.join(lora::ADAPTER_CONFIG);
+    if !config_path.is_file() {
+        return Err(LlamaError::Config {
+            path: dir.to_path_buf(),
+            message: "not a LoRA checkpoint (no adapter_config.json): --adapter exports the \
+                      adapters of a run trained with [lora]"
+                .into(),
+        });
+    }
+    lora::read_adapter_config(dir)?;
+    let text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| LlamaError::Config {
+            path: config_path.clone(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+    if let Some(name) = base_name {
+        json["base_model_name_or_path"] = name.into();
+    }
+    let weights = dir.join(lora::ADAPTER_WEIGHTS);
+    // Read it once, so a corrupt file is refused before anything is written.
+    SafetensorsDir::open_file(&weights)?;
+    write_atomically(out, overwrite, |partial| {
+        write_json(&partial.join(lora::ADAPTER_CONFIG), &json)?;
+        let dest = partial.join(lora::ADAPTER_WEIGHTS);
+        std::fs::copy(&weights, &dest).map_err(io_err(&weights))?;
+        for file in extra_files {
+            if let Some(name) = file.file_name() {
+                std::fs::copy(file, partial.join(name)).map_err(io_err(file))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Fills a hidden directory beside `out` with `fill` and renames it into place, so an
+/// interrupted write never leaves a directory that looks complete. An existing `out` is
+/// replaced only with `overwrite`, and only when it is a model or adapter directory.
+fn write_atomically(
+    out: &Path,
+    overwrite: bool,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     if out.exists() {
-        if !options.overwrite {
+        if !overwrite {
             return Err(LlamaError::Invalid(format!(
                 "{}: output directory already exists (use --overwrite to replace it)",
                 out.display()
@@ -296,8 +433,30 @@ pub fn save_pretrained(
         std::fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
     }
     std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
+    fill(&partial)?;
+    sync_dir(&partial);
 
-    write_weights(model, &partial, options)?;
+    if out.exists() {
+        let old = sibling(out, "old")?;
+        std::fs::rename(out, &old).map_err(io_err(out))?;
+        std::fs::rename(&partial, out).map_err(io_err(out))?;
+        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+    } else {
+        std::fs::rename(&partial, out).map_err(io_err(out))?;
+    }
+    if let Some(parent) = out.parent() {
+        sync_dir(parent);
+    }
+    Ok(())
+}
+
+fn write_model_files(
+    model: &Llama,
+    config: &LlamaConfig,
+    partial: &Path,
+    options: &SaveOptions,
+) -> Result<()> {
+    write_weights(model, partial, options)?;
     let mut config_json = match model.head() {
         Head::Lm => config.to_hf_json("LlamaForCausalLM", options.dtype.torch_name()),
         Head::Score => {
@@ -337,19 +496,6 @@ pub fn save_pretrained(
             std::fs::copy(file, &dest).map_err(io_err(file))?;
         }
     }
-    sync_dir(&partial);
-
-    if out.exists() {
-        let old = sibling(out, "old")?;
-        std::fs::rename(out, &old).map_err(io_err(out))?;
-        std::fs::rename(&partial, out).map_err(io_err(out))?;
-        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
-    } else {
-        std::fs::rename(&partial, out).map_err(io_err(out))?;
-    }
-    if let Some(parent) = out.parent() {
-        sync_dir(parent);
-    }
     Ok(())
 }
 
@@ -365,9 +511,11 @@ fn check_replaceable_model_dir(out: &Path) -> Result<()> {
         .map_err(io_err(out))?
         .next()
         .is_none();
-    if !empty && !out.join("config.json").is_file() {
+    let model = out.join("config.json").is_file() || out.join(lora::ADAPTER_CONFIG).is_file();
+    if !empty && !model {
         return Err(LlamaError::Invalid(format!(
-            "{}: holds files but no model (no config.json); not replacing it",
+            "{}: holds files but no model (no config.json or adapter_config.json); not \
+             replacing it",
             out.display()
         )));
     }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod generate;
+pub mod lora;
 pub mod model;
 pub mod shards;
 pub mod weights;

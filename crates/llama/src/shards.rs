@@ -58,7 +58,21 @@ impl SafetensorsDir {
                     .into(),
             });
         };
+        Self::from_paths(paths)
+    }
 
+    /// One safetensors file (an adapter's `adapter_model.safetensors`).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(LlamaError::Config {
+                path: path.to_path_buf(),
+                message: "file not found".into(),
+            });
+        }
+        Self::from_paths(vec![path.to_path_buf()])
+    }
+
+    fn from_paths(paths: Vec<PathBuf>) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for (i, path) in paths.into_iter().enumerate() {

@@ -207,9 +207,10 @@ pub fn hf_params(model: &Llama) -> Vec<(String, ParamRef<'_>)> {
     out
 }
 
-/// Every parameter's id by Hugging Face name, to save beside optimizer state.
+/// Every parameter's id by Hugging Face name (LoRA factors included), to save beside optimizer
+/// state.
 pub fn param_ids(model: &Llama) -> HashMap<String, u64> {
-    hf_params(model)
+    let mut ids: HashMap<String, u64> = hf_params(model)
         .into_iter()
         .map(|(name, p)| {
             let id = match p {
@@ -219,5 +220,7 @@ pub fn param_ids(model: &Llama) -> HashMap<String, u64> {
             };
             (name, id.val())
         })
-        .collect()
+        .collect();
+    ids.extend(crate::lora::adapter_ids(model));
+    ids
 }

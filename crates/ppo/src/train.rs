@@ -56,15 +56,20 @@ fn prompts(session: &Session) -> Result<Vec<Prompt>> {
     Ok(prompts)
 }
 
-/// The value model: from the checkpoint being resumed, else `value_model`, else the
-/// (helpfulness, else safety) reward model with its scalar head.
-fn value_model(session: &Session, s: &PpoSection) -> Result<(llama::LlamaConfig, llama::Llama)> {
-    let source = s
-        .value_model
+/// Where the value model starts: `value_model`, else the helpfulness, else the safety reward
+/// model (with LoRA, the base its adapters sit on).
+fn value_source(s: &PpoSection) -> Result<PathBuf> {
+    s.value_model
         .clone()
         .or_else(|| s.reward_model.clone())
         .or_else(|| s.safety_reward_model.clone())
-        .ok_or_else(|| TrainError::Invalid("[ppo] needs a reward model".into()))?;
+        .ok_or_else(|| TrainError::Invalid("[ppo] needs a reward model".into()))
+}
+
+/// The value model: from the checkpoint being resumed, else `value_model`, else the
+/// (helpfulness, else safety) reward model with its scalar head.
+fn value_model(session: &Session, s: &PpoSection) -> Result<(llama::LlamaConfig, llama::Llama)> {
+    let source = value_source(s)?;
     let (mut config, value) = match (&session.resume, &session.state) {
         (Some(dir), Some(state)) => {
             let ids: std::collections::HashMap<String, u64> =
@@ -74,14 +79,22 @@ fn value_model(session: &Session, s: &PpoSection) -> Result<(llama::LlamaConfig,
                         dir.join(trainer::checkpoint::STATE_FILE).display()
                     ))
                 })?;
-            llama::load_pretrained_with_ids(&dir.join(VALUE_DIR), &session.device, Some(&ids))?
+            trainer::session::resume_model(
+                session.recipe,
+                &dir.join(VALUE_DIR),
+                &session.device,
+                Head::Score,
+                &ids,
+            )?
         }
-        _ => llama::load_pretrained_as(
-            &source,
-            &session.device,
-            Head::Score,
-            session.recipe.train.seed,
-        )?,
+        _ => {
+            let seed = session.recipe.train.seed;
+            let (config, value) =
+                llama::load_pretrained_as(&source, &session.device, Head::Score, seed)?;
+            // Its own adapter draws, not the policy's.
+            let value = trainer::session::adapt(session.recipe, value, seed.wrapping_add(1))?;
+            (config, value)
+        }
     };
     if value.head() != Head::Score {
         return Err(TrainError::Invalid(format!(
@@ -120,10 +133,16 @@ pub fn memory_plan(
     let kv_cache = (recipe.train.batch_size * positions * 2 * policy.kv_dim()) as u64
         * policy.num_hidden_layers as u64
         * 4;
-    let mut plan = MemoryPlan::trained(policy, pass(true), &recipe.train)
-        .and(MemoryPlan::trained(value, pass(false), &recipe.train))
-        .and(MemoryPlan::frozen(policy))
-        .and(MemoryPlan::buffers(kv_cache));
+    let mut plan = MemoryPlan::for_recipe(policy, pass(true), recipe).and(MemoryPlan::for_recipe(
+        value,
+        pass(false),
+        recipe,
+    ));
+    // With LoRA the reference is the policy's own base, held once.
+    if recipe.lora.is_none() {
+        plan = plan.and(MemoryPlan::frozen(policy));
+    }
+    let mut plan = plan.and(MemoryPlan::buffers(kv_cache));
     for rm in reward_models {
         plan = plan.and(MemoryPlan::frozen(rm));
     }
@@ -173,8 +192,12 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
             recipe.data.max_seq_len, settings.max_new_tokens, config.max_position_embeddings
         )));
     }
-    // The reference is the initial policy, loaded again the same way (on resume too).
-    let (_, reference) = load_model(recipe, &inner, Head::Lm)?;
+    // The reference is the initial policy: with LoRA, the policy's own frozen base with the
+    // adapters left out (no second copy of the weights); otherwise loaded again (on resume too).
+    let reference = match &recipe.lora {
+        Some(_) => llama::lora::without_adapters(&burn::module::Module::valid(&policy)),
+        None => load_model(recipe, &inner, Head::Lm)?.1,
+    };
     let (value_config, value) = value_model(&session, settings)?;
     let rm_configs: Vec<_> = [&helpfulness, &safety]
         .into_iter()
@@ -260,7 +283,7 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
             write_samples(&mut run, &mut samples_file, &samples_path, &report, done)?;
         }
         if run.due(done, train.save_every) {
-            checkpoint = save(&run, &ppo, &config, &value_config, done)?;
+            checkpoint = save(&run, &ppo, settings, &config, &value_config, done)?;
         }
         last = report;
     }
@@ -330,6 +353,7 @@ fn write_samples(
 fn save(
     run: &Run,
     ppo: &Ppo,
+    settings: &PpoSection,
     config: &llama::LlamaConfig,
     value_config: &llama::LlamaConfig,
     step: usize,
@@ -341,7 +365,14 @@ fn save(
         &ppo.policy_optimizer,
         |dir, state| {
             let value_dir = dir.join(VALUE_DIR);
-            trainer::checkpoint::write_model(&ppo.value, value_config, run.recipe, &value_dir)?;
+            let base = value_source(settings)?;
+            trainer::checkpoint::write_model(
+                &ppo.value,
+                value_config,
+                run.recipe,
+                Some(&base),
+                &value_dir,
+            )?;
             trainer::checkpoint::write_optimizer(&value_dir, &ppo.value_optimizer)?;
             state.extra = serde_json::json!({
                 "kl": ppo.kl,

@@ -35,7 +35,7 @@ pub fn memory_plan(recipe: &Recipe, config: &llama::LlamaConfig) -> MemoryPlan {
         positions: recipe.data.max_seq_len,
         lm_head: false,
     };
-    MemoryPlan::trained(config, pass, &recipe.train)
+    MemoryPlan::for_recipe(config, pass, recipe)
 }
 
 /// Trains a reward model as the recipe and its `[reward]` section say.

@@ -53,7 +53,7 @@ pub fn memory_plan(recipe: &Recipe, config: &llama::LlamaConfig) -> MemoryPlan {
         positions: recipe.data.max_seq_len,
         lm_head: true,
     };
-    MemoryPlan::trained(config, pass, &recipe.train)
+    MemoryPlan::for_recipe(config, pass, recipe)
 }
 
 /// Runs supervised fine-tuning as the recipe says.

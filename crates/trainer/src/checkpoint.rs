@@ -100,14 +100,40 @@ pub fn save_checkpoint(
     Ok(dir)
 }
 
-/// Writes one model as a Hugging Face directory at `dir`, with the recipe's tokenizer beside it.
-pub fn write_model(model: &Llama, config: &LlamaConfig, recipe: &Recipe, dir: &Path) -> Result<()> {
-    let options = SaveOptions {
-        extra_files: vec![recipe.model.tokenizer.clone()],
-        overwrite: true,
-        ..SaveOptions::default()
+/// Writes one trained model at `dir` with the recipe's tokenizer beside it: a Hugging Face
+/// directory, or, for a model with LoRA adapters, a PEFT adapter directory whose
+/// `base_model_name_or_path` is `base` (the frozen model the adapters sit on).
+pub fn write_model(
+    model: &Llama,
+    config: &LlamaConfig,
+    recipe: &Recipe,
+    base: Option<&Path>,
+    dir: &Path,
+) -> Result<()> {
+    let (Some(lora), Some(base)) = (&recipe.lora, base) else {
+        let options = SaveOptions {
+            extra_files: vec![recipe.model.tokenizer.clone()],
+            overwrite: true,
+            ..SaveOptions::default()
+        };
+        return Ok(llama::save_pretrained(model, config, dir, &options)?);
     };
-    Ok(llama::save_pretrained(model, config, dir, &options)?)
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    // Absolute, so the adapter still finds its base wherever the run directory is read from.
+    let base = base.canonicalize().unwrap_or_else(|_| base.to_path_buf());
+    let spec = lora.spec();
+    let info = llama::lora::AdapterInfo {
+        spec: &spec,
+        dropout: lora.dropout,
+        base: &base,
+    };
+    llama::lora::write_adapter(model, &info, dir)?;
+    let tokenizer = &recipe.model.tokenizer;
+    if let Some(name) = tokenizer.file_name() {
+        let dest = dir.join(name);
+        std::fs::copy(tokenizer, &dest).map_err(io_err(tokenizer))?;
+    }
+    Ok(())
 }
 
 /// Writes an optimizer's state as `dir/optimizer.bpk`.

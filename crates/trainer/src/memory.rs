@@ -19,7 +19,7 @@
 use llama::LlamaConfig;
 
 use crate::error::{Result, TrainError};
-use crate::recipe::TrainSection;
+use crate::recipe::{LoraSection, Recipe, TrainSection};
 
 const F32: u64 = 4;
 /// f32 copies of the logits alive at the peak of a pass through the LM head.
@@ -87,6 +87,65 @@ impl MemoryPlan {
             optimizer: 2 * params * F32,
             activations,
             logits,
+            total: 0,
+        }
+        .totalled()
+    }
+
+    /// A model trained as `recipe` says: in full, or with its `[lora]` adapters.
+    pub fn for_recipe(config: &LlamaConfig, pass: Pass, recipe: &Recipe) -> Self {
+        match &recipe.lora {
+            Some(lora) => Self::lora(config, pass, &recipe.train, lora),
+            None => Self::trained(config, pass, &recipe.train),
+        }
+    }
+
+    /// A model trained through LoRA adapters on `pass`: the frozen base (its target
+    /// projections packed when quantised) and the factors as weights; gradients and AdamW
+    /// moments for the factors (and a scalar head) only. Activations are those of full
+    /// fine-tuning (gradients still flow through every layer) plus what burn's LoRA keeps: it
+    /// composes each adapted weight densely (`base + scale * a @ b`) and keeps that for the
+    /// backward pass, and the backward pass forms one weight-shaped gradient at a time.
+    pub fn lora(
+        config: &LlamaConfig,
+        pass: Pass,
+        train: &TrainSection,
+        lora: &LoraSection,
+    ) -> Self {
+        let full = Self::trained(config, pass, train);
+        let (d, kv, f) = (
+            config.hidden_size as u64,
+            config.kv_dim() as u64,
+            config.intermediate_size as u64,
+        );
+        let rank = lora.rank as u64;
+        let layers = config.num_hidden_layers as u64;
+        let shape = |target: &str| match target {
+            "q_proj" | "o_proj" => (d, d),
+            "k_proj" | "v_proj" => (d, kv),
+            "gate_proj" | "up_proj" => (d, f),
+            _ => (f, d),
+        };
+        let (mut adapted, mut factors, mut largest) = (0u64, 0u64, 0u64);
+        for target in &lora.targets {
+            let (d_in, d_out) = shape(target);
+            adapted += layers * d_in * d_out;
+            factors += layers * rank * (d_in + d_out);
+            largest = largest.max(d_in * d_out);
+        }
+        let head = if pass.lm_head { 0 } else { d };
+        let trainable = factors + head;
+        let base = config.parameter_count();
+        let base_bytes = match lora.quantize_base.bytes_per_value() {
+            Some(bytes) => (base - adapted) * F32 + (adapted as f64 * bytes).ceil() as u64,
+            None => base * F32,
+        };
+        Self {
+            weights: base_bytes + factors * F32,
+            gradients: trainable * F32,
+            optimizer: 2 * trainable * F32,
+            activations: full.activations + (adapted + 2 * largest) * F32,
+            logits: full.logits,
             total: 0,
         }
         .totalled()

@@ -58,7 +58,7 @@ impl Section for NoSection {
 struct AnySection;
 
 const ANY: &str = "*";
-const CORE_SECTIONS: [&str; 5] = ["model", "data", "train", "runtime", "output"];
+const CORE_SECTIONS: [&str; 6] = ["model", "data", "train", "runtime", "output", "lora"];
 
 impl Section for AnySection {
     const NAME: &'static str = ANY;
@@ -176,6 +176,85 @@ impl Default for RuntimeSection {
     }
 }
 
+/// `[lora]`: train low-rank adapters on a frozen (optionally quantised) base instead of every
+/// weight. Applies to every trained model of the run (SFT's policy, the reward model, PPO's
+/// policy and value model).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    pub rank: usize,
+    /// The update is scaled by `alpha / rank`; default `2 * rank`.
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// Dropout on the adapter's input; only 0 is supported (see the README).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Projections that get adapters: any of q_proj, k_proj, v_proj, o_proj, gate_proj,
+    /// up_proj, down_proj.
+    #[serde(default = "default_targets")]
+    pub targets: Vec<String>,
+    /// `none`, `q8` or `q4` (QLoRA): how the frozen target projections are stored.
+    #[serde(default)]
+    pub quantize_base: llama::lora::BaseQuant,
+}
+
+fn default_targets() -> Vec<String> {
+    vec!["q_proj".into(), "v_proj".into()]
+}
+
+impl LoraSection {
+    pub fn alpha(&self) -> f64 {
+        self.alpha.unwrap_or(2.0 * self.rank as f64)
+    }
+
+    /// The settings as the model crate takes them.
+    pub fn spec(&self) -> llama::lora::LoraSpec {
+        llama::lora::LoraSpec {
+            rank: self.rank,
+            alpha: self.alpha(),
+            targets: self.targets.clone(),
+            quantize: self.quantize_base,
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.rank == 0 {
+            return Err("[lora] `rank` must be >= 1".into());
+        }
+        if self.alpha.is_some_and(|a| !(a > 0.0 && a.is_finite())) {
+            return Err("[lora] `alpha` must be a positive number".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err("[lora] `dropout` must be within [0, 1)".into());
+        }
+        if self.dropout > 0.0 {
+            return Err(
+                "[lora] `dropout` > 0 is not supported: burn's LoRA composes the \
+                        adapter into the weight, so there is no separate adapter input to drop; \
+                        use 0"
+                    .into(),
+            );
+        }
+        if self.targets.is_empty() {
+            return Err("[lora] `targets` must name at least one projection".into());
+        }
+        let known = llama::lora::TARGETS;
+        if let Some(bad) = self.targets.iter().find(|t| !known.contains(&t.as_str())) {
+            return Err(format!(
+                "[lora] `targets`: `{bad}` is not one of {}",
+                known.join(", ")
+            ));
+        }
+        let mut sorted = self.targets.clone();
+        sorted.sort();
+        sorted.dedup();
+        if sorted.len() != self.targets.len() {
+            return Err("[lora] `targets` names a projection twice".into());
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
@@ -192,6 +271,8 @@ pub struct Recipe {
     #[serde(default)]
     pub runtime: RuntimeSection,
     pub output: OutputSection,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSection>,
     /// The method's own section (`[reward]`, `[ppo]`, ...): its name and resolved values,
     /// carried for `recipe.toml`; the method reads it as its [`Section`] type.
     #[serde(skip)]
@@ -455,6 +536,16 @@ impl Recipe {
         }
         if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
             return Err(invalid(path, "[train] `weight_decay` must be >= 0"));
+        }
+        if let Some(lora) = &self.lora {
+            lora.validate().map_err(|message| invalid(path, message))?;
+            if self.model.checkpoint.is_none() {
+                return Err(invalid(
+                    path,
+                    "[lora] adapts a pretrained model: set model.checkpoint (a fresh random \
+                     model is trained in full, without [lora])",
+                ));
+            }
         }
         if !["f32", "bf16"].contains(&self.runtime.dtype.as_str()) {
             return Err(invalid(

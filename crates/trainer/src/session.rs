@@ -73,6 +73,7 @@ impl<'r> Session<'r> {
     /// only a run of ours).
     pub fn open(recipe: &'r Recipe, options: &RunOptions) -> Result<Self> {
         let device = training_device(recipe)?;
+        check_quantization(recipe)?;
         let tokenizer = Tokenizer::from_file(&recipe.model.tokenizer)?;
         let out = &recipe.output.dir;
         let lock = OutputLock::acquire(out)?;
@@ -146,8 +147,7 @@ impl<'r> Session<'r> {
         let (config, model) = match (&self.resume, &self.state) {
             (Some(dir), Some(state)) => {
                 check_resumed_tokenizer(&self.tokenizer, dir)?;
-                let loaded =
-                    llama::load_pretrained_with_ids(dir, &self.device, Some(&state.param_ids))?;
+                let loaded = resume_model(self.recipe, dir, &self.device, head, &state.param_ids)?;
                 if loaded.1.head() != head {
                     return Err(TrainError::Invalid(format!(
                         "{}: the checkpoint has a {:?} head, this trainer needs a {head:?} head",
@@ -157,7 +157,10 @@ impl<'r> Session<'r> {
                 }
                 loaded
             }
-            _ => load_model(self.recipe, &self.device, head)?,
+            _ => {
+                let (config, model) = load_model(self.recipe, &self.device, head)?;
+                (config, adapt(self.recipe, model, self.recipe.train.seed)?)
+            }
         };
         check_vocab(&self.tokenizer, &config, &self.recipe.model.tokenizer)?;
         let max_seq_len = self.recipe.data.max_seq_len;
@@ -376,7 +379,8 @@ impl Run<'_> {
         more: impl FnOnce(&Path, &mut TrainerState) -> Result<()>,
     ) -> Result<PathBuf> {
         checkpoint::save_checkpoint(self.recipe, step, |dir| {
-            checkpoint::write_model(model, config, self.recipe, dir)?;
+            let base = self.recipe.model.checkpoint.as_deref();
+            checkpoint::write_model(model, config, self.recipe, base, dir)?;
             let mut state = TrainerState {
                 step,
                 total_steps: self.total,
@@ -415,6 +419,23 @@ pub fn training_device(recipe: &Recipe) -> Result<Device> {
     })
 }
 
+/// Refuses a quantised LoRA base on a backend without quantised tensors (libtorch), which
+/// would otherwise stop at the first quantisation with a panic.
+fn check_quantization(recipe: &Recipe) -> Result<()> {
+    let Some(lora) = &recipe.lora else {
+        return Ok(());
+    };
+    let quantized = lora.quantize_base != llama::lora::BaseQuant::None;
+    if quantized && recipe.runtime.device.starts_with("tch") {
+        return Err(TrainError::Invalid(format!(
+            "[lora] `quantize_base` needs quantised tensors, which the libtorch backend ({}) \
+             does not have: use flex or cuda, or quantize_base = \"none\"",
+            recipe.runtime.device
+        )));
+    }
+    Ok(())
+}
+
 /// Steps of a run: `max_steps`, or `epochs` passes over `items` in batches of `batch_size`.
 pub fn total_steps(recipe: &Recipe, items: usize) -> usize {
     let steps_per_epoch = items.div_ceil(recipe.train.batch_size);
@@ -442,6 +463,77 @@ pub fn load_model(recipe: &Recipe, device: &Device, head: Head) -> Result<(Llama
         (None, None) => Err(TrainError::Invalid(
             "[model] needs `config` or `checkpoint`".into(),
         )),
+    }
+}
+
+/// The model to train, as loaded: with the recipe's `[lora]`, fresh adapters (drawn from
+/// `seed`) on its target projections and everything else frozen; without, unchanged.
+pub fn adapt(recipe: &Recipe, model: Llama, seed: u64) -> Result<Llama> {
+    match &recipe.lora {
+        Some(lora) => Ok(llama::lora::attach(
+            model,
+            &lora.spec(),
+            llama::lora::Factors::Fresh(seed),
+            None,
+        )?),
+        None => Ok(model),
+    }
+}
+
+/// A model a run of `recipe` saved in `dir` (a checkpoint, or a model directory inside one),
+/// loaded to train on with the parameter ids its optimizer state refers to: with `[lora]`, the
+/// adapters on their base, not merged. A checkpoint saved with LoRA and a recipe without (or
+/// the other way round, or with other adapter settings) is refused.
+pub fn resume_model(
+    recipe: &Recipe,
+    dir: &Path,
+    device: &Device,
+    head: Head,
+    ids: &std::collections::HashMap<String, u64>,
+) -> Result<(LlamaConfig, Llama)> {
+    let is_adapter =
+        dir.join(llama::lora::ADAPTER_CONFIG).is_file() && !dir.join("config.json").is_file();
+    match (&recipe.lora, is_adapter) {
+        (None, false) => Ok(llama::load_pretrained_with_ids(dir, device, Some(ids))?),
+        (Some(lora), true) => {
+            let saved = llama::lora::read_adapter_config(dir)?;
+            let mut targets = saved.target_modules.clone();
+            let mut wanted = lora.targets.clone();
+            targets.sort();
+            wanted.sort();
+            if saved.r != lora.rank || saved.lora_alpha != lora.alpha() || targets != wanted {
+                return Err(TrainError::Invalid(format!(
+                    "{}: the checkpoint's adapters have rank {}, alpha {} and targets {:?}; the \
+                     recipe's [lora] has rank {}, alpha {} and targets {:?}: resume with the \
+                     settings it was trained with",
+                    dir.display(),
+                    saved.r,
+                    saved.lora_alpha,
+                    saved.target_modules,
+                    lora.rank,
+                    lora.alpha(),
+                    lora.targets
+                )));
+            }
+            Ok(llama::checkpoint::load_adapter_dir(
+                dir,
+                device,
+                Some(head),
+                Some(ids),
+                recipe.train.seed,
+                lora.quantize_base,
+            )?)
+        }
+        (Some(_), false) => Err(TrainError::Invalid(format!(
+            "{}: this checkpoint holds a fully trained model, not LoRA adapters: resume it with \
+             a recipe without [lora]",
+            dir.display()
+        ))),
+        (None, true) => Err(TrainError::Invalid(format!(
+            "{}: this checkpoint holds LoRA adapters: resume it with the [lora] section it was \
+             trained with",
+            dir.display()
+        ))),
     }
 }
 

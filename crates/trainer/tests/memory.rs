@@ -110,3 +110,56 @@ fn parts_add_up_and_a_plan_too_large_is_refused_by_name() {
         "{e}"
     );
 }
+
+fn lora(extra: serde_json::Value) -> trainer::recipe::LoraSection {
+    let mut base = serde_json::json!({"rank": 8, "targets": ["q_proj", "v_proj", "down_proj"]});
+    base.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    serde_json::from_value(base).unwrap()
+}
+
+#[test]
+fn lora_trains_and_stores_only_the_factors() {
+    let config = config();
+    let (d, kv, f) = (
+        config.hidden_size as u64,
+        config.kv_dim() as u64,
+        config.intermediate_size as u64,
+    );
+    let layers = config.num_hidden_layers as u64;
+    let train = train(serde_json::json!({}));
+    let full = MemoryPlan::trained(&config, PASS, &train);
+    let plan = MemoryPlan::lora(&config, PASS, &train, &lora(serde_json::json!({})));
+    // q: d -> d, v: d -> kv, down: f -> d; rank 8.
+    let factors = layers * 8 * ((d + d) + (d + kv) + (f + d));
+    assert_eq!(plan.gradients, 4 * factors);
+    assert_eq!(plan.optimizer, 8 * factors);
+    assert_eq!(plan.weights, full.weights + 4 * factors);
+    // burn keeps each composed weight for the backward pass, and forms one weight-shaped
+    // gradient at a time.
+    let adapted = layers * (d * d + d * kv + f * d);
+    assert_eq!(
+        plan.activations,
+        full.activations + 4 * (adapted + 2 * f * d)
+    );
+    assert_eq!(plan.logits, full.logits);
+
+    // A scalar head is trained in full beside the factors.
+    let scalar = Pass {
+        lm_head: false,
+        ..PASS
+    };
+    let reward = MemoryPlan::lora(&config, scalar, &train, &lora(serde_json::json!({})));
+    assert_eq!(reward.gradients, 4 * (factors + d));
+
+    // QLoRA: the adapted projections packed (4 bits and an f32 scale per 32 values).
+    let q4 = MemoryPlan::lora(
+        &config,
+        PASS,
+        &train,
+        &lora(serde_json::json!({"quantize_base": "q4"})),
+    );
+    let packed = (adapted as f64 * (0.5 + 4.0 / 32.0)).ceil() as u64;
+    assert_eq!(q4.weights, plan.weights - 4 * adapted + packed);
+}
