@@ -21,8 +21,9 @@ pub struct InfoArgs {
     json: bool,
 }
 
-/// Bytes per parameter for full fine-tuning with AdamW. bf16 training keeps the two AdamW
-/// moments in f32, as mixed-precision trainers do.
+/// Bytes per parameter for full fine-tuning with AdamW, for each `runtime.dtype`: `bf16` keeps
+/// weights, gradients and both moments in bf16; `bf16-mixed` keeps f32 master weights,
+/// gradients and moments (and computes in bf16).
 struct Footprint {
     name: &'static str,
     weights: u64,
@@ -30,9 +31,15 @@ struct Footprint {
     adamw: u64,
 }
 
-const FOOTPRINTS: [Footprint; 2] = [
+const FOOTPRINTS: [Footprint; 3] = [
     Footprint {
         name: "f32",
+        weights: 4,
+        gradients: 4,
+        adamw: 8,
+    },
+    Footprint {
+        name: "bf16-mixed",
         weights: 4,
         gradients: 4,
         adamw: 8,
@@ -41,7 +48,7 @@ const FOOTPRINTS: [Footprint; 2] = [
         name: "bf16",
         weights: 2,
         gradients: 2,
-        adamw: 8,
+        adamw: 4,
     },
 ];
 
@@ -97,12 +104,12 @@ pub fn run(args: InfoArgs) -> Result<()> {
     println!("  parameters: {params} ({})", human_count(params));
     println!("  full fine-tuning memory with AdamW (activations not included):");
     println!(
-        "    {:<6} {:>12} {:>12} {:>12} {:>12}",
+        "    {:<10} {:>12} {:>12} {:>12} {:>12}",
         "dtype", "weights", "gradients", "AdamW", "total"
     );
     for f in &FOOTPRINTS {
         println!(
-            "    {:<6} {:>12} {:>12} {:>12} {:>12}",
+            "    {:<10} {:>12} {:>12} {:>12} {:>12}",
             f.name,
             human_bytes(params * f.weights),
             human_bytes(params * f.gradients),

@@ -94,13 +94,18 @@ fn load_adapter(
                 .into(),
         });
     }
-    let (config, model) =
+    let (mut config, model) =
         load_dir(&base, device, Some(head), ids, seed, depth + 1).map_err(|e| {
             LlamaError::Config {
                 path: dir.join(lora::ADAPTER_CONFIG),
                 message: format!("loading its base model {}: {e}", base.display()),
             }
         })?;
+    if head == Head::Score && config.pad_token_id.is_none() {
+        // A reward model trained on a base without a pad id padded with 0 (as `train reward`
+        // does), and its merged export must say so for transformers to find the last token.
+        config.pad_token_id = Some(0);
+    }
     let weights = SafetensorsDir::open_file(&dir.join(lora::ADAPTER_WEIGHTS))?;
     let mut model = lora::attach(
         model,

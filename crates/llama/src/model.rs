@@ -4,13 +4,13 @@
 //! Tensors are laid out `[batch, time, ...]`. Attention takes an explicit position per token and
 //! a key mask, so left padding, right padding and a KV cache all go through the same code.
 
-use burn::module::Module;
+use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::TensorData;
+use burn::tensor::{DType, FloatDType, TensorData};
 
 #[derive(Module, Debug)]
 pub struct Attention {
@@ -49,6 +49,10 @@ pub struct Llama {
     /// `LlamaForSequenceClassification`); such a model has no language-model head.
     pub score: Option<Linear>,
     pub rope_theta: f64,
+    /// The dtype activations are computed in when it differs from the weights' (bf16 compute
+    /// over f32 master weights, as mixed precision does); `None`: the weights' own dtype.
+    #[module(skip)]
+    pub compute_dtype: Option<FloatDType>,
 }
 
 /// Which head sits on the decoder's final hidden states.
@@ -59,6 +63,13 @@ pub enum Head {
     /// One number per position (`LlamaForSequenceClassification`, `num_labels = 1`):
     /// `score.weight`, shape `[1, hidden]`.
     Score,
+}
+
+/// What the layers of one pass without a KV cache share ([`Llama::layer_inputs`]).
+#[derive(Debug, Clone)]
+pub struct LayerInputs {
+    rope: (Tensor<4>, Tensor<4>),
+    mask: Tensor<4, Bool>,
 }
 
 /// Keys and values of the tokens seen so far, one entry per layer, each `[batch, kv_heads,
@@ -176,19 +187,13 @@ impl Attention {
     ) -> Tensor<3> {
         let [batch, time, _] = x.dims();
         let (heads, kv_heads, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x.clone())
+        let q = project(&self.q_proj, x.clone())
             .reshape([batch, time, heads, hd])
             .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
+        let k = project(&self.k_proj, x.clone())
             .reshape([batch, time, kv_heads, hd])
             .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
+        let v = project(&self.v_proj, x)
             .reshape([batch, time, kv_heads, hd])
             .swap_dims(1, 2);
         let q = apply_rope(q, rope);
@@ -222,10 +227,18 @@ impl Attention {
             softcap: None,
             is_causal: false,
         };
+        // Scores and softmax in f32 whatever the compute dtype, as transformers does.
+        let dtype = q.dtype();
+        let (q, k, v) = if dtype == DType::F32 {
+            (q, k, v)
+        } else {
+            (q.cast(DType::F32), k.cast(DType::F32), v.cast(DType::F32))
+        };
         let out = attention(q, k, v, Some(mask), None, options)
+            .cast(dtype)
             .swap_dims(1, 2)
             .reshape([batch, time, heads * hd]);
-        self.o_proj.forward(out)
+        project(&self.o_proj, out)
     }
 }
 
@@ -242,17 +255,74 @@ fn repeat_kv(x: Tensor<4>, group: usize) -> Tensor<4> {
 /// x * cos + rotate_half(x) * sin, with rotate_half([a, b]) = [-b, a].
 fn apply_rope(x: Tensor<4>, (cos, sin): &(Tensor<4>, Tensor<4>)) -> Tensor<4> {
     let [b, h, t, hd] = x.dims();
+    // The tables are f32; they meet bf16 activations at bf16, as transformers casts them.
+    let (cos, sin) = if cos.dtype() == x.dtype() {
+        (cos.clone(), sin.clone())
+    } else {
+        (cos.clone().cast(x.dtype()), sin.clone().cast(x.dtype()))
+    };
     let half = hd / 2;
     let first = x.clone().slice([0..b, 0..h, 0..t, 0..half]);
     let second = x.clone().slice([0..b, 0..h, 0..t, half..hd]);
     let rotated = Tensor::cat(vec![second.neg(), first], 3);
-    x * cos.clone() + rotated * sin.clone()
+    x * cos + rotated * sin
+}
+
+/// `model` with every float parameter (adapter factors included) stored as `dtype`, ids and
+/// trainability kept; packed (quantised) weights are left as they are. Pure bf16 training keeps
+/// weights, gradients and AdamW moments in bf16 this way.
+pub fn cast_weights(model: Llama, dtype: FloatDType) -> Llama {
+    model.map(&mut CastFloats(dtype))
+}
+
+struct CastFloats(FloatDType);
+
+impl ModuleMapper for CastFloats {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let dtype = self.0;
+        param.map(|tensor| {
+            if !tensor.dtype().is_float() || tensor.dtype() == DType::from(dtype) {
+                return tensor;
+            }
+            // A leaf again, so the cast is not part of any graph.
+            let trained = tensor.is_require_grad();
+            tensor.cast(dtype).detach().set_require_grad(trained)
+        })
+    }
+}
+
+/// `x @ W` with the weight at the activations' dtype (a no-op unless they differ: f32 master
+/// weights under bf16 compute).
+fn project<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let weight = linear.weight.val();
+    if weight.dtype() == x.dtype() {
+        linear.forward(x)
+    } else {
+        let weight = weight.cast(x.dtype());
+        let [d_in, _] = weight.dims();
+        let mut shape = x.dims();
+        let rows: usize = shape[..D - 1].iter().product();
+        shape[D - 1] = weight.dims()[1];
+        x.reshape([rows, d_in]).matmul(weight).reshape(shape)
+    }
+}
+
+/// RMSNorm: statistics in f32 (burn's RmsNorm computes them so), the weight at the
+/// activations' dtype.
+fn norm<const D: usize>(norm: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
+    let gamma = norm.gamma.val();
+    if gamma.dtype() == x.dtype() {
+        return norm.forward(x);
+    }
+    let dtype = x.dtype();
+    let rms = (x.clone().cast(DType::F32).square().mean_dim(D - 1) + norm.epsilon).sqrt();
+    (x / rms.cast(dtype)) * gamma.cast(dtype).unsqueeze()
 }
 
 impl Mlp {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = silu(project(&self.gate_proj, x.clone()));
+        project(&self.down_proj, gate * project(&self.up_proj, x))
     }
 }
 
@@ -267,8 +337,8 @@ impl DecoderLayer {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, mask, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+                .forward(norm(&self.input_layernorm, x), rope, mask, cache);
+        h.clone() + self.mlp.forward(norm(&self.post_attention_layernorm, h))
     }
 }
 
@@ -287,17 +357,47 @@ impl Llama {
 
     /// The final-normed hidden states `[batch, time, hidden]`; the LM head and the scalar
     /// value/reward heads both read from here.
+    /// The token embeddings of `input`, at the compute dtype: the first layer's input.
+    pub fn embed(&self, input: &StepInput) -> Tensor<3> {
+        let (batch, time) = input.dims();
+        let flat_tokens: Vec<i64> = input.tokens.iter().flatten().map(|&t| t as i64).collect();
+        let tokens = Tensor::<2, Int>::from_data(
+            TensorData::new(flat_tokens, [batch, time]),
+            &self.device(),
+        );
+        let x = self.embed_tokens.forward(tokens);
+        match self.compute_dtype {
+            Some(dtype) => x.cast(dtype),
+            None => x,
+        }
+    }
+
+    /// What every layer of a pass over `input` without a KV cache shares: the rotary tables and
+    /// the attention mask.
+    pub fn layer_inputs(&self, input: &StepInput) -> LayerInputs {
+        let device = self.device();
+        let (_, time) = input.dims();
+        let head_dim = self.layers[0].self_attn.head_dim;
+        LayerInputs {
+            rope: rope_tables(&input.positions, head_dim, self.rope_theta, &device),
+            mask: attention_mask(&input.valid, input.segments.as_deref(), time, &device),
+        }
+    }
+
+    /// Decoder layer `index` on `x` (`[batch, time, hidden]`).
+    pub fn layer(&self, index: usize, x: Tensor<3>, shared: &LayerInputs) -> Tensor<3> {
+        self.layers[index].forward(x, &shared.rope, shared.mask.clone(), None)
+    }
+
+    /// The final RMSNorm, after the last layer.
+    pub fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
+        norm(&self.norm, x)
+    }
+
     pub fn hidden_states(&self, input: &StepInput, cache: Option<&mut KvCache>) -> Tensor<3> {
         let device = self.device();
         let (batch, time) = input.dims();
-        let flat_tokens: Vec<i64> = input.tokens.iter().flatten().map(|&t| t as i64).collect();
-        let tokens =
-            Tensor::<2, Int>::from_data(TensorData::new(flat_tokens, [batch, time]), &device);
-
-        let head_dim = self.layers[0].self_attn.head_dim;
-        let rope = rope_tables(&input.positions, head_dim, self.rope_theta, &device);
-
-        let mut x = self.embed_tokens.forward(tokens);
+        let mut x = self.embed(input);
         match cache {
             Some(cache) => {
                 if cache.layers.len() != self.layers.len() {
@@ -307,19 +407,21 @@ impl Llama {
                 for (row, valid) in cache.key_valid.iter_mut().zip(&input.valid) {
                     row.extend_from_slice(valid);
                 }
+                let head_dim = self.layers[0].self_attn.head_dim;
+                let rope = rope_tables(&input.positions, head_dim, self.rope_theta, &device);
                 let mask = attention_mask(&cache.key_valid, None, time, &device);
                 for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
                     x = layer.forward(x, &rope, mask.clone(), Some(slot));
                 }
             }
             None => {
-                let mask = attention_mask(&input.valid, input.segments.as_deref(), time, &device);
-                for layer in &self.layers {
-                    x = layer.forward(x, &rope, mask.clone(), None);
+                let shared = self.layer_inputs(input);
+                for index in 0..self.layers.len() {
+                    x = self.layer(index, x, &shared);
                 }
             }
         }
-        self.norm.forward(x)
+        self.final_norm(x)
     }
 
     pub fn head(&self) -> Head {
@@ -338,12 +440,18 @@ impl Llama {
             .as_ref()
             .expect("scalar_outputs needs a model with a scalar head");
         let [b, t, _] = hidden.dims();
-        head.forward(hidden).reshape([b, t])
+        // Scores and values leave the model as f32, whatever it computes in.
+        project(head, hidden).reshape([b, t]).cast(DType::F32)
     }
 
     /// A reward model's score of each sequence `[batch]`, read at the row's last real token
     /// (never at padding, whichever side the rows are padded on).
     pub fn last_token_scores(&self, input: &StepInput) -> Tensor<1> {
+        self.last_token_scores_of(self.hidden_states(input, None), input)
+    }
+
+    /// [`Llama::last_token_scores`] from the final hidden states of `input`.
+    pub fn last_token_scores_of(&self, hidden: Tensor<3>, input: &StepInput) -> Tensor<1> {
         let rows = input.tokens.len();
         let last: Vec<i64> = input
             .valid
@@ -351,9 +459,7 @@ impl Llama {
             .map(|row| row.iter().rposition(|&v| v).unwrap_or(0) as i64)
             .collect();
         let index = Tensor::<2, Int>::from_data(TensorData::new(last, [rows, 1]), &self.device());
-        self.scalar_outputs(self.hidden_states(input, None))
-            .gather(1, index)
-            .reshape([rows])
+        self.scalar_outputs(hidden).gather(1, index).reshape([rows])
     }
 
     /// Next-token logits `[batch, time, vocab]` for the given hidden states.
@@ -363,10 +469,10 @@ impl Llama {
             "a model with a scalar head has no next-token logits"
         );
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => project(head, hidden),
             None => {
                 let [b, t, d] = hidden.dims();
-                let weight = self.embed_tokens.weight.val();
+                let weight = self.embed_tokens.weight.val().cast(hidden.dtype());
                 hidden
                     .reshape([b * t, d])
                     .matmul(weight.transpose())
@@ -489,6 +595,10 @@ pub fn token_log_probs(
     }
     if temperature != 1.0 {
         logits = logits / temperature;
+    }
+    // The loss and log-probabilities in f32, whatever the model computes in.
+    if logits.dtype() != DType::F32 {
+        logits = logits.cast(DType::F32);
     }
     let log_probs = log_softmax(logits, 2);
     let device = log_probs.device();

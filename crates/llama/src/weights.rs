@@ -107,6 +107,7 @@ pub fn build_llama(
         lm_head,
         score,
         rope_theta: config.rope_theta,
+        compute_dtype: None,
     })
 }
 

@@ -2,7 +2,7 @@
 
 use rand::{Rng, SeedableRng};
 use reward::RewardModel;
-use trainer::session::load_model;
+use trainer::session::{bench_model, load_model, with_precision};
 use trainer::{Recipe, Result};
 
 use crate::iteration::{IterationReport, Models, Ppo, Prompt};
@@ -12,6 +12,19 @@ use crate::section::PpoSection;
 /// and a reward model and value model of the same architecture with fresh scalar heads;
 /// `train.batch_size` random prompts of `data.max_seq_len` tokens. Returns one report per
 /// timed iteration (after one warm-up iteration). A benchmark, not a test.
+/// A benchmark's value model with the recipe's adapters, if any.
+fn attach_for_bench(recipe: &Recipe, value: llama::Llama, seed: u64) -> Result<llama::Llama> {
+    match &recipe.lora {
+        Some(lora) => Ok(llama::lora::attach(
+            value,
+            &lora.spec(),
+            llama::lora::Factors::Fresh(seed),
+            None,
+        )?),
+        None => Ok(value),
+    }
+}
+
 pub fn bench(
     recipe: &Recipe,
     settings: &PpoSection,
@@ -23,10 +36,14 @@ pub fn bench(
     let device = trainer::session::training_device(recipe)?;
     let inner = device.clone().inner();
     let tokenizer = data::Tokenizer::from_file(&recipe.model.tokenizer)?;
-    let (config, policy) = load_model(recipe, &device, llama::Head::Lm)?;
-    let (_, reference) = load_model(recipe, &inner, llama::Head::Lm)?;
+    let (config, policy) = bench_model(recipe, &device, llama::Head::Lm)?;
+    let reference = match &recipe.lora {
+        Some(_) => llama::lora::without_adapters(&burn::module::Module::valid(&policy)),
+        None => with_precision(recipe, load_model(recipe, &inner, llama::Head::Lm)?.1),
+    };
     let rm = llama::init_random_with_head(&config, &inner, llama::Head::Score, train.seed + 1)?;
     let value = llama::init_random_with_head(&config, &device, llama::Head::Score, train.seed + 2)?;
+    let value = with_precision(recipe, attach_for_bench(recipe, value, train.seed + 2)?);
     let models = Models {
         policy,
         value,

@@ -4,6 +4,7 @@
 //! over `ppo_epochs` passes in mini-batches.
 
 use std::time::Instant;
+use trainer::chunked::GradPlan;
 
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
@@ -64,6 +65,9 @@ pub struct Ppo {
     pub vocab_limit: usize,
     /// Positions per chunk of the policy's language-model head (`train.loss_chunk`; 0: all).
     pub loss_chunk: usize,
+    /// How the update takes gradients: the head in chunks, layers recomputed
+    /// (`train.activation_checkpointing`).
+    pub grad_plan: GradPlan,
 }
 
 /// The models of a PPO run.
@@ -125,6 +129,7 @@ impl Ppo {
             max_positions: config.max_position_embeddings,
             vocab_limit: config.vocab_size,
             loss_chunk: train.loss_chunk,
+            grad_plan: GradPlan::new(train),
         }
     }
 

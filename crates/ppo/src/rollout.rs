@@ -136,9 +136,13 @@ pub fn token_logprobs(
 /// The final hidden states at the next-token positions, `[rows, width, hidden]`, with their
 /// graph when the model has one.
 pub fn next_token_states(model: &Llama, padded: &Padded) -> Tensor<3> {
-    let hidden = model.hidden_states(&padded.input, None);
+    next_token_slice(model.hidden_states(&padded.input, None), padded.width)
+}
+
+/// The first `width` positions of final hidden states: those that predict a next token.
+pub fn next_token_slice(hidden: Tensor<3>, width: usize) -> Tensor<3> {
     let [rows, _, dim] = hidden.dims();
-    hidden.slice([0..rows, 0..padded.width, 0..dim])
+    hidden.slice([0..rows, 0..width, 0..dim])
 }
 
 /// [`token_logprobs`] at the next-token positions `range`, from their hidden states `part`;

@@ -96,6 +96,7 @@ fn value_model(session: &Session, s: &PpoSection) -> Result<(llama::LlamaConfig,
             (config, value)
         }
     };
+    let value = trainer::session::with_precision(session.recipe, value);
     if value.head() != Head::Score {
         return Err(TrainError::Invalid(format!(
             "{}: the value model needs a scalar head",
@@ -196,7 +197,7 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
     // adapters left out (no second copy of the weights); otherwise loaded again (on resume too).
     let reference = match &recipe.lora {
         Some(_) => llama::lora::without_adapters(&burn::module::Module::valid(&policy)),
-        None => load_model(recipe, &inner, Head::Lm)?.1,
+        None => trainer::session::with_precision(recipe, load_model(recipe, &inner, Head::Lm)?.1),
     };
     let (value_config, value) = value_model(&session, settings)?;
     let rm_configs: Vec<_> = [&helpfulness, &safety]

@@ -7,14 +7,14 @@ use burn::prelude::*;
 use llama::Llama;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use trainer::chunked::head_chunked_grads;
+use trainer::chunked::model_grads;
 use trainer::optim::clip_grad_norm;
 use trainer::step::DeviceSum;
 
 use crate::algo::{policy_loss, value_loss};
 use crate::iteration::Ppo;
 use crate::rollout::{
-    chunk_logprobs, next_token_states, pad_rollouts, response_mask, scatter, token_values, Rollout,
+    chunk_logprobs, next_token_slice, pad_rollouts, response_mask, scatter, Rollout,
 };
 
 /// Per-token quantities of each rollout (at its response positions) that the update fits.
@@ -108,10 +108,13 @@ impl Ppo {
                 let old_t = tensor(t.old_logp);
                 let advantages = tensor(t.advantages);
                 let policy = &self.policy;
-                let (loss, grads) = head_chunked_grads(
+                let mut plan = self.grad_plan;
+                plan.chunk = self.loss_chunk;
+                let (loss, grads) = model_grads(
                     policy,
-                    next_token_states(policy, &padded),
-                    self.loss_chunk,
+                    &padded.input,
+                    plan,
+                    |hidden| next_token_slice(hidden, width),
                     |part, range| {
                         let (logp, _) = chunk_logprobs(
                             policy,
@@ -145,17 +148,27 @@ impl Ppo {
                 self.policy = policy;
                 u.grad_norm = grad_norm;
 
-                let values = token_values(&self.value, &padded);
-                let vloss = value_loss(
-                    values,
-                    tensor(t.old_values),
-                    tensor(t.returns),
-                    mask,
-                    s.value_clip_range,
-                    count,
-                ) * s.value_coef;
-                u.value_loss.add(vloss.clone());
-                let grads = GradientsParams::from_grads(vloss.backward(), &self.value);
+                let value = &self.value;
+                let (old_values, returns) = (tensor(t.old_values), tensor(t.returns));
+                let (vloss, grads) = model_grads(
+                    value,
+                    &padded.input,
+                    self.grad_plan.unchunked(),
+                    |hidden| hidden,
+                    |hidden, _| {
+                        let rows = batch.len();
+                        let values = value.scalar_outputs(hidden).slice([0..rows, 0..width]);
+                        value_loss(
+                            values,
+                            old_values.clone(),
+                            returns.clone(),
+                            mask.clone(),
+                            s.value_clip_range,
+                            count,
+                        ) * s.value_coef
+                    },
+                );
+                u.value_loss.add(vloss);
                 let (value, grad_norm) = clipped_step(
                     &mut self.value_optimizer,
                     self.value.clone(),

@@ -322,16 +322,17 @@ fn ppo_raises_the_reward_of_a_learned_reward_model_with_bounded_kl() {
     );
 }
 
-/// The policy's language-model head taken a few positions at a time (`train.loss_chunk`) gives
-/// the same iteration: the same log-probabilities, losses, statistics, gradient norm and
-/// updated weights, to rounding.
+/// The policy's language-model head taken a few positions at a time (`train.loss_chunk`), and
+/// the policy's and value model's layers recomputed in the backward pass
+/// (`train.activation_checkpointing`), give the same iteration: the same log-probabilities,
+/// losses, statistics, gradient norm and updated weights, to rounding.
 #[test]
 fn the_chunked_policy_head_gives_the_same_iteration() {
     let device = test_device();
     let config = tiny_config();
     let ad = device.clone().autodiff();
     let tok = tokenizer();
-    let run = |chunk: usize| {
+    let run = |chunk: usize, layerwise: bool| {
         let models = Models {
             policy: llama::init_random(&config, &ad, 8).unwrap(),
             value: llama::init_random_with_head(&config, &ad, Head::Score, 9).unwrap(),
@@ -348,6 +349,7 @@ fn the_chunked_policy_head_gives_the_same_iteration() {
         .unwrap();
         let mut train = train_section(1e-2);
         train.loss_chunk = chunk;
+        train.activation_checkpointing = layerwise;
         let mut ppo = Ppo::new(models, &config, &train, 4, settings);
         let prompts: Vec<Prompt> = (0..8)
             .map(|i| Prompt {
@@ -362,9 +364,9 @@ fn the_chunked_policy_head_gives_the_same_iteration() {
             .collect();
         (report, weights)
     };
-    let (whole, whole_weights) = run(0);
-    for chunk in [3, 1] {
-        let (chunked, weights) = run(chunk);
+    let (whole, whole_weights) = run(0, false);
+    for (chunk, layerwise) in [(3, false), (1, false), (0, true), (3, true)] {
+        let (chunked, weights) = run(chunk, layerwise);
         for key in [
             "reward_mean",
             "kl",

@@ -1,12 +1,14 @@
 //! The pairwise ranking loss with the rating margin and optional reward centering.
 
 use crate::section::RewardSection;
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::activation::log_sigmoid;
 use burn::tensor::TensorData;
 use data::batch::PairBatch;
 use data::Rating;
 use llama::{Llama, StepInput};
+use trainer::chunked::{model_grads, GradPlan};
 
 /// The margin of each pair: from its rating through the recipe's table, else its numeric
 /// `margin`, else 0. `margin = "none"` gives 0 everywhere.
@@ -41,9 +43,48 @@ pub fn rating_index(rating: Rating) -> usize {
 /// Scores of every row of a pair batch, `[2 * pairs]`: chosen rows first, then rejected. Both
 /// answers of every pair go through the model in one forward pass.
 pub fn batch_scores(model: &Llama, batch: &PairBatch) -> Tensor<1> {
+    model.last_token_scores(&pair_input(batch))
+}
+
+/// The model input of a pair batch: every row from position 0.
+pub fn pair_input(batch: &PairBatch) -> StepInput {
     let starts = vec![0; batch.tokens.len()];
-    let input = StepInput::from_padded(batch.tokens.clone(), batch.valid.clone(), &starts);
-    model.last_token_scores(&input)
+    StepInput::from_padded(batch.tokens.clone(), batch.valid.clone(), &starts)
+}
+
+/// The loss (detached) of a micro-batch of pairs, its gradients, and how many of its pairs the
+/// model ranks right (on the device), with the trunk's gradients taken as `plan` says.
+pub fn pair_loss_and_grads(
+    model: &Llama,
+    batch: &PairBatch,
+    margins: &[f32],
+    centering: f64,
+    global_pairs: usize,
+    plan: GradPlan,
+) -> (Tensor<1>, GradientsParams, Tensor<1>) {
+    let input = pair_input(batch);
+    let pairs = margins.len();
+    let mut right = None;
+    let (loss, grads) = model_grads(
+        model,
+        &input,
+        plan.unchunked(),
+        |h| h,
+        |hidden, _| {
+            let scores = model.last_token_scores_of(hidden, &input);
+            let detached = scores.clone().detach();
+            right = Some(
+                detached
+                    .clone()
+                    .slice(0..pairs)
+                    .greater(detached.slice(pairs..2 * pairs))
+                    .float()
+                    .sum(),
+            );
+            pair_loss(scores, margins, centering, global_pairs)
+        },
+    );
+    (loss, grads, right.expect("the loss was computed"))
 }
 
 /// `sum over pairs of -log σ(r_c - r_r - m) + centering * (r_c + r_r)^2`, divided by the

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsAccumulator;
 use data::batch::{items_at, lengths, pair_dataset, Dataset, PairBatch, PairDataset, PairItem};
 use data::Tokenized;
 use llama::{Head, Llama};
@@ -15,9 +15,10 @@ use trainer::step::{bench_step, DeviceSum};
 use trainer::{MemoryPlan, Pass, Recipe, Result, RunOptions, Session, TrainError};
 
 use crate::eval::{score_dataset, PairEval, RewardStats};
-use crate::loss::{batch_scores, pair_loss, pair_margins};
+use crate::loss::{batch_scores, pair_loss_and_grads, pair_margins};
 use crate::model::reward_pad_id;
 use crate::section::RewardSection;
+use trainer::chunked::GradPlan;
 
 /// What a finished run reports; `eval` is the last evaluation.
 pub type Summary = trainer::Summary<PairEval>;
@@ -64,6 +65,7 @@ pub fn run(recipe: &Recipe, section: &RewardSection, options: &RunOptions) -> Re
     let total_steps = run.total;
     let mut batches = run.batches(lengths(&train_set));
     let micro = recipe.micro_batch_size();
+    let plan = GradPlan::new(&recipe.train);
     // The latest evaluation and the step it measured.
     let mut last_eval: Option<(usize, PairEval)> = None;
     let mut last_loss = f64::NAN;
@@ -79,20 +81,18 @@ pub fn run(recipe: &Recipe, section: &RewardSection, options: &RunOptions) -> Re
         for chunk in items.chunks(micro) {
             let batch = PairBatch::new(chunk, pad);
             let margins = pair_margins(&batch, section);
-            let scores = batch_scores(&model, &batch);
             let n = chunk.len();
-            let detached = scores.clone().detach();
-            step_right.add(
-                detached
-                    .clone()
-                    .slice(0..n)
-                    .greater(detached.slice(n..2 * n))
-                    .float()
-                    .sum(),
+            let (loss, grads, right) = pair_loss_and_grads(
+                &model,
+                &batch,
+                &margins,
+                section.centering,
+                global_pairs,
+                plan,
             );
-            let loss = pair_loss(scores, &margins, section.centering, global_pairs);
-            step_loss.add(loss.clone());
-            accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+            step_right.add(right);
+            step_loss.add(loss);
+            accumulator.accumulate(&model, grads);
             run.count(batch.valid.iter().flatten().filter(|&&v| v).count(), n);
         }
         let loss_value = step_loss.read();
@@ -172,7 +172,7 @@ pub fn bench(recipe: &Recipe, steps: usize) -> Result<(f64, f64)> {
     use rand::{Rng, SeedableRng};
     let train = &recipe.train;
     let device = trainer::session::training_device(recipe)?;
-    let (config, mut model) = trainer::session::load_model(recipe, &device, Head::Score)?;
+    let (config, mut model) = trainer::session::bench_model(recipe, &device, Head::Score)?;
     let mut optimizer = adamw(train);
     let mut rng = rand::rngs::StdRng::seed_from_u64(train.seed);
     let len = recipe.data.max_seq_len;
@@ -201,8 +201,10 @@ pub fn bench(recipe: &Recipe, steps: usize) -> Result<(f64, f64)> {
         let mut accumulator = GradientsAccumulator::<Llama>::new();
         for batch in &batches {
             let margins = pair_margins(batch, &section);
-            let loss = pair_loss(batch_scores(&model, batch), &margins, 0.0, items.len());
-            accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+            let plan = GradPlan::new(train);
+            let (_, grads, _) =
+                pair_loss_and_grads(&model, batch, &margins, 0.0, items.len(), plan);
+            accumulator.accumulate(&model, grads);
         }
         model = bench_step(recipe, &mut optimizer, model, accumulator);
         if step > 0 {

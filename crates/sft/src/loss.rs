@@ -13,7 +13,7 @@ use burn::tensor::TensorData;
 use data::batch::{SequenceBatch, IGNORE};
 use llama::model::token_log_probs;
 use llama::{Llama, StepInput};
-use trainer::chunked::{chunks, head_chunked_grads};
+use trainer::chunked::{chunks, model_grads, GradPlan};
 
 /// The loss of one micro-batch, scaled by `1 / global_trained_tokens`, taking the LM head and
 /// the loss `chunk` positions at a time (0: at once), for evaluation without gradients.
@@ -35,17 +35,21 @@ pub fn sft_eval_loss(
 }
 
 /// The loss of one micro-batch (detached) and its gradients, taking the LM head and the loss
-/// `chunk` positions at a time (0: all at once: one forward and one backward pass).
+/// `plan.chunk` positions at a time (0: all at once), and recomputing each layer in the
+/// backward pass with `plan.layerwise`.
 pub fn sft_loss_and_grads(
     model: &Llama,
     batch: &SequenceBatch,
     global_trained_tokens: usize,
-    chunk: usize,
+    plan: GradPlan,
 ) -> (Tensor<1>, GradientsParams) {
-    let hidden = model.hidden_states(&input(batch), None);
-    head_chunked_grads(model, hidden, chunk, |part, range| {
-        chunk_loss(model, part, batch, range, global_trained_tokens)
-    })
+    model_grads(
+        model,
+        &input(batch),
+        plan,
+        |hidden| hidden,
+        |part, range| chunk_loss(model, part, batch, range, global_trained_tokens),
+    )
 }
 
 fn input(batch: &SequenceBatch) -> StepInput {

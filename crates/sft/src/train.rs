@@ -16,6 +16,7 @@ use trainer::step::{bench_step, DeviceSum};
 use trainer::{MemoryPlan, Pass, Recipe, Result, RunOptions, Session};
 
 use crate::loss::{sft_eval_loss, sft_loss_and_grads};
+use trainer::chunked::GradPlan;
 
 /// What a finished run reports; `eval` is the last evaluation.
 pub type Summary = trainer::Summary<f64>;
@@ -75,6 +76,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let micro = recipe.micro_batch_size();
     let pad = config.pad_token_id.unwrap_or(0);
     let chunk = train.loss_chunk;
+    let plan = GradPlan::new(train);
     let mut last_loss = f64::NAN;
     let mut eval_loss = None;
     let mut checkpoint = PathBuf::new();
@@ -93,7 +95,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
         let mut accumulator = GradientsAccumulator::<Llama>::new();
         let mut step_loss = DeviceSum::default();
         for batch in &micro_batches {
-            let (loss, grads) = sft_loss_and_grads(&model, batch, trained, chunk);
+            let (loss, grads) = sft_loss_and_grads(&model, batch, trained, plan);
             step_loss.add(loss);
             accumulator.accumulate(&model, grads);
             run.count(batch.tokens.iter().map(Vec::len).sum(), batch.tokens.len());
@@ -133,7 +135,7 @@ pub fn bench(recipe: &Recipe, steps: usize) -> Result<f64> {
     use rand::{Rng, SeedableRng};
     let train = &recipe.train;
     let device = trainer::session::training_device(recipe)?;
-    let (config, mut model) = trainer::session::load_model(recipe, &device, Head::Lm)?;
+    let (config, mut model) = trainer::session::bench_model(recipe, &device, Head::Lm)?;
     let mut optimizer = adamw(train);
     let mut rng = rand::rngs::StdRng::seed_from_u64(train.seed);
     let len = recipe.data.max_seq_len;
@@ -163,7 +165,7 @@ pub fn bench(recipe: &Recipe, steps: usize) -> Result<f64> {
         let start = Instant::now();
         let mut accumulator = GradientsAccumulator::<Llama>::new();
         for batch in &micro_batches {
-            let (_, grads) = sft_loss_and_grads(&model, batch, trained, train.loss_chunk);
+            let (_, grads) = sft_loss_and_grads(&model, batch, trained, GradPlan::new(train));
             accumulator.accumulate(&model, grads);
         }
         model = bench_step(recipe, &mut optimizer, model, accumulator);

@@ -7,6 +7,7 @@ use data::batch::{sequence_dataset, SequenceBatch, SequenceDataset};
 use data::{load_source, LengthPolicy, OnError, SourceConfig, Tokenized, Tokenizer, Truncation};
 use llama::weights::hf_params;
 use sft::loss::{sft_eval_loss, sft_loss_and_grads};
+use trainer::chunked::GradPlan;
 
 fn grads_by_name(model: &llama::Llama, grads: &GradientsParams) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();
@@ -73,18 +74,23 @@ fn the_chunked_loss_gives_the_same_loss_and_gradients() {
         let batch = SequenceBatch::new(&eight_items(), 0);
         let total = batch.trained_tokens();
         let width = batch.tokens[0].len();
-        let (whole, grads) = sft_loss_and_grads(&model, &batch, total, 0);
+        let plan = |chunk: usize, layerwise: bool| GradPlan { chunk, layerwise };
+        let (whole, grads) = sft_loss_and_grads(&model, &batch, total, plan(0, false));
         let whole = whole.into_scalar::<f32>();
         let reference = grads_by_name(&model, &grads);
-        // Chunks that divide the width, that do not, and a single position.
-        for chunk in [width / 4, 37, 1] {
-            let (loss, grads) = sft_loss_and_grads(&model, &batch, total, chunk);
-            let loss = loss.into_scalar::<f32>();
-            assert!(
-                (loss - whole).abs() <= 1e-5,
-                "chunk {chunk}: {loss} vs {whole}"
-            );
-            assert_same_grads(&reference, &grads_by_name(&model, &grads), 1e-5);
+        // Chunks that divide the width, that do not, and a single position; and each with
+        // every layer recomputed in the backward pass (activation checkpointing).
+        for chunk in [width / 4, 37, 1, 0] {
+            for layerwise in [false, true] {
+                let (loss, grads) =
+                    sft_loss_and_grads(&model, &batch, total, plan(chunk, layerwise));
+                let loss = loss.into_scalar::<f32>();
+                assert!(
+                    (loss - whole).abs() <= 1e-5,
+                    "chunk {chunk}, layerwise {layerwise}: {loss} vs {whole}"
+                );
+                assert_same_grads(&reference, &grads_by_name(&model, &grads), 1e-5);
+            }
             let eval = sft_eval_loss(&model.valid(), &batch, total, chunk) as f32;
             assert!((eval - whole).abs() <= 1e-5, "eval chunk {chunk}: {eval}");
         }
@@ -100,7 +106,7 @@ fn gradient_accumulation_matches_one_large_batch() {
 
     let full = SequenceBatch::new(&all, 0);
     let total = full.trained_tokens();
-    let (full_loss, grads) = sft_loss_and_grads(&model, &full, total, 0);
+    let (full_loss, grads) = sft_loss_and_grads(&model, &full, total, GradPlan::default());
     let full_loss = full_loss.into_scalar::<f32>();
     let reference = grads_by_name(&model, &grads);
 
@@ -108,7 +114,7 @@ fn gradient_accumulation_matches_one_large_batch() {
     let mut loss_sum = 0.0f32;
     for chunk in all.chunks(2) {
         let micro = SequenceBatch::new(chunk, 0);
-        let (loss, grads) = sft_loss_and_grads(&model, &micro, total, 0);
+        let (loss, grads) = sft_loss_and_grads(&model, &micro, total, GradPlan::default());
         loss_sum += loss.into_scalar::<f32>();
         accumulator.accumulate(&model, grads);
     }

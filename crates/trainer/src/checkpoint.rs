@@ -111,7 +111,13 @@ pub fn write_model(
     dir: &Path,
 ) -> Result<()> {
     let (Some(lora), Some(base)) = (&recipe.lora, base) else {
+        // A bf16 run's weights are bf16: saved as such, exactly, and half the size.
+        let dtype = match recipe.runtime.precision() {
+            crate::recipe::Precision::Bf16 => llama::SaveDtype::BF16,
+            _ => llama::SaveDtype::F32,
+        };
         let options = SaveOptions {
+            dtype,
             extra_files: vec![recipe.model.tokenizer.clone()],
             overwrite: true,
             ..SaveOptions::default()

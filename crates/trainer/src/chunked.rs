@@ -7,9 +7,93 @@
 
 use std::ops::Range;
 
+use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
-use llama::Llama;
+use llama::{Llama, StepInput};
+
+/// How a training pass takes its gradients.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GradPlan {
+    /// Positions per chunk of the head and the loss (0: all at once).
+    pub chunk: usize,
+    /// Activation checkpointing: keep only each decoder layer's input from the forward pass and
+    /// recompute the layer in the backward pass.
+    pub layerwise: bool,
+}
+
+impl GradPlan {
+    pub fn new(train: &crate::recipe::TrainSection) -> Self {
+        Self {
+            chunk: train.loss_chunk,
+            layerwise: train.activation_checkpointing,
+        }
+    }
+
+    /// The same plan with the head and loss in one piece (scalar heads).
+    pub fn unchunked(self) -> Self {
+        Self { chunk: 0, ..self }
+    }
+}
+
+/// The loss (detached) and the gradients of `model` on `input` for a loss read from the final
+/// hidden states: `select` takes the states the loss reads (`[rows, positions, dim]`) from them,
+/// and `chunk_loss` gets those of the positions `range`, `plan.chunk` at a time, and returns
+/// their share of the loss.
+///
+/// With `plan.layerwise`, the forward pass runs without a graph keeping each layer's input; the
+/// head and loss run on the last layer's output, then each layer, from the top, runs again
+/// with its graph and passes its input's gradient down (one backward pass of `sum(output *
+/// d_output)` each), and the embeddings take the last. Only one layer's activations exist at a
+/// time; the loss and gradients are those of one pass, to rounding.
+pub fn model_grads(
+    model: &Llama,
+    input: &StepInput,
+    plan: GradPlan,
+    select: impl Fn(Tensor<3>) -> Tensor<3>,
+    chunk_loss: impl FnMut(Tensor<3>, Range<usize>) -> Tensor<1>,
+) -> (Tensor<1>, GradientsParams) {
+    if !plan.layerwise {
+        let states = select(model.hidden_states(input, None));
+        let (loss, grads, _) = head_grads(model, states, None, plan.chunk, chunk_loss);
+        return (loss, grads);
+    }
+    let frozen = model.valid();
+    let shared = frozen.layer_inputs(input);
+    let layers = model.layers.len();
+    let mut layer_inputs = Vec::with_capacity(layers);
+    let mut x = frozen.embed(input);
+    for index in 0..layers {
+        layer_inputs.push(x.clone());
+        x = frozen.layer(index, x, &shared);
+    }
+    drop(frozen);
+    let top = Tensor::from_inner(x).require_grad();
+    let states = select(model.final_norm(top.clone()));
+    let (loss, grads, d_top) = head_grads(model, states, Some(&top), plan.chunk, chunk_loss);
+    let mut accumulator = GradientsAccumulator::<Llama>::new();
+    accumulator.accumulate(model, grads);
+    let Some(mut d_output) = d_top else {
+        // The loss does not depend on the hidden states: nothing flows into the layers.
+        return (loss, accumulator.grads());
+    };
+    let shared = model.layer_inputs(input);
+    for index in (0..layers).rev() {
+        let x = layer_inputs.pop().expect("one input per layer");
+        let leaf = Tensor::from_inner(x).require_grad();
+        let output = model.layer(index, leaf.clone(), &shared);
+        let grads = (output * Tensor::from_inner(d_output)).sum().backward();
+        d_output = leaf
+            .grad(&grads)
+            .expect("a layer's output depends on its input");
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    let grads = (model.embed(input) * Tensor::from_inner(d_output))
+        .sum()
+        .backward();
+    accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    (loss, accumulator.grads())
+}
 
 /// The loss (detached) and gradients of `model` for `chunk_loss`, summed over chunks of at most
 /// `chunk` positions of `hidden` (`[rows, positions, dim]`, with its graph); 0 or a chunk as
@@ -19,13 +103,28 @@ pub fn head_chunked_grads(
     model: &Llama,
     hidden: Tensor<3>,
     chunk: usize,
-    mut chunk_loss: impl FnMut(Tensor<3>, Range<usize>) -> Tensor<1>,
+    chunk_loss: impl FnMut(Tensor<3>, Range<usize>) -> Tensor<1>,
 ) -> (Tensor<1>, GradientsParams) {
+    let (loss, grads, _) = head_grads(model, hidden, None, chunk, chunk_loss);
+    (loss, grads)
+}
+
+/// [`head_chunked_grads`], also giving the gradient that reaches `input` (a leaf `hidden` was
+/// computed from).
+fn head_grads(
+    model: &Llama,
+    hidden: Tensor<3>,
+    input: Option<&Tensor<3>>,
+    chunk: usize,
+    mut chunk_loss: impl FnMut(Tensor<3>, Range<usize>) -> Tensor<1>,
+) -> (Tensor<1>, GradientsParams, Option<Tensor<3>>) {
     let [rows, width, dim] = hidden.dims();
     if chunk == 0 || chunk >= width {
         let loss = chunk_loss(hidden, 0..width);
-        let grads = GradientsParams::from_grads(loss.backward(), model);
-        return (loss.detach(), grads);
+        let grads = loss.backward();
+        let d_input = input.and_then(|leaf| leaf.grad(&grads));
+        let grads = GradientsParams::from_grads(grads, model);
+        return (loss.detach(), grads, d_input);
     }
     let cut = hidden.clone().detach().require_grad();
     let mut accumulator = GradientsAccumulator::<Llama>::new();
@@ -48,15 +147,15 @@ pub fn head_chunked_grads(
             None => loss.detach(),
         });
     }
+    let mut d_input = None;
     if let Some(d_hidden) = d_hidden {
         let surrogate = (hidden * Tensor::from_inner(d_hidden)).sum();
-        accumulator.accumulate(
-            model,
-            GradientsParams::from_grads(surrogate.backward(), model),
-        );
+        let grads = surrogate.backward();
+        d_input = input.and_then(|leaf| leaf.grad(&grads));
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }
     let loss = loss_sum.expect("a pass has at least one position");
-    (loss, accumulator.grads())
+    (loss, accumulator.grads(), d_input)
 }
 
 /// The position ranges of `width` positions in chunks of `chunk` (0: one range).

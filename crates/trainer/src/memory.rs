@@ -4,14 +4,15 @@
 //! plan is refused when it exceeds what the device has.
 //!
 //! The activation estimate counts the tensors our decoder keeps for its backward pass under
-//! burn's autodiff (in f32), per layer and position, with `d` the hidden size, `kv` the
+//! burn's autodiff, per layer and position, with `d` the hidden size, `kv` the
 //! key/value width, `f` the MLP width, `h` the heads and `t` the keys a position attends to:
 //! the two RMSNorms (3d each: the input, its statistics, the normed output), q and k before and
 //! after RoPE and v (2d + 3kv), attention (4ht: scores, scaled and masked scores, the softmax's
 //! intermediate and its output), the attention output (d), the MLP (5f: gate, its sigmoid,
-//! SiLU, up, the product): 9d + 3kv + 4ht + 5f. With activation checkpointing the memory-bound
-//! results are recomputed, leaving the layer's input and the matrix products' inputs
-//! (5d + 2kv + ht + 3f).
+//! SiLU, up, the product): 9d + 3kv + 4ht + 5f. With activation checkpointing each layer is
+//! recomputed in the backward pass: every layer's input (d) is kept, and one layer's
+//! activations exist at a time. These are values of the compute dtype (f32, or bf16 in both bf16
+//! modes), except the attention terms (`ht`), which are always f32.
 //! The language-model head keeps its logits, their log-softmax and intermediate, and their
 //! gradient: 4 x `[rows, positions, vocab]` f32, for one chunk of positions when the loss is
 //! chunked.
@@ -19,7 +20,7 @@
 use llama::LlamaConfig;
 
 use crate::error::{Result, TrainError};
-use crate::recipe::{LoraSection, Recipe, TrainSection};
+use crate::recipe::{LoraSection, Precision, Recipe, TrainSection};
 
 const F32: u64 = 4;
 /// f32 copies of the logits alive at the peak of a pass through the LM head.
@@ -52,9 +53,56 @@ pub struct Pass {
 }
 
 impl MemoryPlan {
-    /// A model trained with AdamW on `pass` as `train` says (activation checkpointing, loss
-    /// chunks).
+    /// A model trained in full with AdamW in f32 on `pass` as `train` says (activation
+    /// checkpointing, loss chunks).
     pub fn trained(config: &LlamaConfig, pass: Pass, train: &TrainSection) -> Self {
+        Self::build(config, pass, train, None, Precision::F32)
+    }
+
+    /// A model trained as `recipe` says: in full or with its `[lora]` adapters, in its
+    /// `runtime.dtype`.
+    pub fn for_recipe(config: &LlamaConfig, pass: Pass, recipe: &Recipe) -> Self {
+        Self::build(
+            config,
+            pass,
+            &recipe.train,
+            recipe.lora.as_ref(),
+            recipe.runtime.precision(),
+        )
+    }
+
+    /// A model trained through LoRA adapters in f32 (see [`MemoryPlan::build`]).
+    pub fn lora(
+        config: &LlamaConfig,
+        pass: Pass,
+        train: &TrainSection,
+        lora: &LoraSection,
+    ) -> Self {
+        Self::build(config, pass, train, Some(lora), Precision::F32)
+    }
+
+    /// The plan of one trained model.
+    ///
+    /// Precision: `f32` stores and computes in 4 bytes; `bf16` stores weights, gradients and
+    /// both moments in 2 bytes and activations in 2 (attention scores stay f32: they are
+    /// computed in f32); `bf16-mixed` stores in 4 bytes, computes in 2, and keeps the bf16 copy
+    /// of each weight its matrix product used for the backward pass (2 bytes per parameter).
+    ///
+    /// LoRA: the frozen base (its target projections packed when quantised) and the factors
+    /// are weights; gradients and AdamW moments are the factors' (and a scalar head's) only.
+    /// Activations are those of full fine-tuning (gradients still flow through every layer)
+    /// plus what burn's LoRA keeps: it composes each adapted weight densely (`base + scale * a
+    /// @ b`) and keeps that for the backward pass, which forms one weight-shaped gradient at a
+    /// time.
+    pub fn build(
+        config: &LlamaConfig,
+        pass: Pass,
+        train: &TrainSection,
+        lora: Option<&LoraSection>,
+        precision: Precision,
+    ) -> Self {
+        let stored = precision.weight_bytes();
+        let act = precision.activation_bytes();
         let params = config.parameter_count();
         let rows = pass.rows as u64;
         let positions = pass.positions as u64;
@@ -64,14 +112,20 @@ impl MemoryPlan {
             config.intermediate_size as u64,
         );
         let h = config.num_attention_heads as u64;
-        let per_position = if train.activation_checkpointing {
-            5 * d + 2 * kv + h * positions + 3 * f
-        } else {
-            9 * d + 3 * kv + 4 * h * positions + 5 * f
-        };
         let layers = config.num_hidden_layers as u64;
+        let (dense, scores) = (9 * d + 3 * kv + 5 * f, 4 * h * positions);
+        let one_layer = dense * act + scores * F32;
         // The embedding output and the final norm, beside the layers.
-        let activations = rows * positions * (layers * per_position + 4 * d) * F32;
+        let around = 4 * d * act;
+        let checkpointed = train.activation_checkpointing;
+        let mut activations = rows
+            * positions
+            * if checkpointed {
+                // Every layer's input, and one layer recomputed with its graph.
+                layers * d * act + one_layer + around
+            } else {
+                layers * one_layer + around
+            };
         let logits = if pass.lm_head {
             let chunk = match train.loss_chunk {
                 0 => positions,
@@ -81,45 +135,23 @@ impl MemoryPlan {
         } else {
             0
         };
-        Self {
-            weights: params * F32,
-            gradients: params * F32,
-            optimizer: 2 * params * F32,
-            activations,
-            logits,
-            total: 0,
-        }
-        .totalled()
-    }
-
-    /// A model trained as `recipe` says: in full, or with its `[lora]` adapters.
-    pub fn for_recipe(config: &LlamaConfig, pass: Pass, recipe: &Recipe) -> Self {
-        match &recipe.lora {
-            Some(lora) => Self::lora(config, pass, &recipe.train, lora),
-            None => Self::trained(config, pass, &recipe.train),
-        }
-    }
-
-    /// A model trained through LoRA adapters on `pass`: the frozen base (its target
-    /// projections packed when quantised) and the factors as weights; gradients and AdamW
-    /// moments for the factors (and a scalar head) only. Activations are those of full
-    /// fine-tuning (gradients still flow through every layer) plus what burn's LoRA keeps: it
-    /// composes each adapted weight densely (`base + scale * a @ b`) and keeps that for the
-    /// backward pass, and the backward pass forms one weight-shaped gradient at a time.
-    pub fn lora(
-        config: &LlamaConfig,
-        pass: Pass,
-        train: &TrainSection,
-        lora: &LoraSection,
-    ) -> Self {
-        let full = Self::trained(config, pass, train);
-        let (d, kv, f) = (
-            config.hidden_size as u64,
-            config.kv_dim() as u64,
-            config.intermediate_size as u64,
-        );
+        let Some(lora) = lora else {
+            if precision == Precision::Bf16Mixed {
+                // The bf16 copies of the weights the products used (one layer's when
+                // recomputed).
+                activations += 2 * params / if checkpointed { layers } else { 1 };
+            }
+            return Self {
+                weights: params * stored,
+                gradients: params * stored,
+                optimizer: 2 * params * stored,
+                activations,
+                logits,
+                total: 0,
+            }
+            .totalled();
+        };
         let rank = lora.rank as u64;
-        let layers = config.num_hidden_layers as u64;
         let shape = |target: &str| match target {
             "q_proj" | "o_proj" => (d, d),
             "k_proj" | "v_proj" => (d, kv),
@@ -135,17 +167,27 @@ impl MemoryPlan {
         }
         let head = if pass.lm_head { 0 } else { d };
         let trainable = factors + head;
-        let base = config.parameter_count();
-        let base_bytes = match lora.quantize_base.bytes_per_value() {
-            Some(bytes) => (base - adapted) * F32 + (adapted as f64 * bytes).ceil() as u64,
-            None => base * F32,
+        let base = match lora.quantize_base.bytes_per_value() {
+            Some(bytes) => (params - adapted) * stored + (adapted as f64 * bytes).ceil() as u64,
+            None => params * stored,
         };
+        // The composed weights, at the compute dtype: every layer's, or one layer's when
+        // layers are recomputed.
+        let kept = if checkpointed {
+            adapted / layers
+        } else {
+            adapted
+        };
+        activations += (kept + 2 * largest) * act;
+        if precision == Precision::Bf16Mixed {
+            activations += 2 * (params - adapted) / if checkpointed { layers } else { 1 };
+        }
         Self {
-            weights: base_bytes + factors * F32,
-            gradients: trainable * F32,
-            optimizer: 2 * trainable * F32,
-            activations: full.activations + (adapted + 2 * largest) * F32,
-            logits: full.logits,
+            weights: base + factors * stored,
+            gradients: trainable * stored,
+            optimizer: 2 * trainable * stored,
+            activations,
+            logits,
             total: 0,
         }
         .totalled()

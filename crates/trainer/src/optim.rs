@@ -4,7 +4,7 @@
 //! (burn's built-in clipping is per tensor).
 
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{AdamW, AdamWConfig, AdamWState, GradientsParams, ModuleOptimizer, Optimizer};
 use burn::prelude::*;
 
 use crate::recipe::TrainSection;
@@ -18,11 +18,45 @@ pub fn adamw(train: &TrainSection) -> ModuleOptimizer {
             .with_epsilon(train.eps as f32)
             .with_weight_decay(weight_decay as f32)
     };
-    config(train.weight_decay).init().with_group(
+    ModuleOptimizer::from(MomentsAtParamDtype(config(train.weight_decay).build())).with_group(
         ParamGroup::from_predicate("norm"),
-        config(0.0).build(),
+        MomentsAtParamDtype(config(0.0).build()),
         None,
     )
+}
+
+/// burn's AdamW, with its moments brought to the gradient's dtype before each step. burn reads
+/// an optimizer record back at the device's default dtype (f32), so a resumed bf16 run would
+/// otherwise meet bf16 gradients with f32 moments: refused by flex, silently promoted (and
+/// then no longer exact) by libtorch. A no-op for f32 runs.
+#[derive(Clone)]
+struct MomentsAtParamDtype(AdamW);
+
+impl Optimizer for MomentsAtParamDtype {
+    type State<const D: usize> = AdamWState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: f64,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let dtype = grad.dtype();
+        let at = |t: Tensor<D>| if t.dtype() == dtype { t } else { t.cast(dtype) };
+        let state = state.map(|mut state| {
+            let m = &mut state.momentum;
+            m.moment_1 = at(m.moment_1.clone());
+            m.moment_2 = at(m.moment_2.clone());
+            m.max_moment_2 = m.max_moment_2.take().map(at);
+            state
+        });
+        self.0.step(lr, tensor, grad, state)
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        AdamW::to_device(state, device)
+    }
 }
 
 struct SquaredNorm<'a> {

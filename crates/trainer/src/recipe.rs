@@ -130,8 +130,8 @@ pub struct TrainSection {
     /// Checkpoints to keep (oldest removed first); all when absent.
     #[serde(default)]
     pub keep_last: Option<usize>,
-    /// Recompute activations in the backward pass instead of keeping them (burn's balanced
-    /// gradient checkpointing): less memory, more compute, the same numbers.
+    /// Keep only each decoder layer's input from the forward pass and recompute the layer in
+    /// the backward pass: less memory, one more forward pass, the same numbers.
     #[serde(default)]
     pub activation_checkpointing: bool,
     /// Positions per chunk of the language-model head and the loss (SFT's cross-entropy, PPO's
@@ -165,6 +165,46 @@ fn default_device() -> String {
 }
 fn default_dtype() -> String {
     "f32".into()
+}
+
+/// How a run stores and computes: `runtime.dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// Everything in f32.
+    F32,
+    /// Weights, gradients and AdamW moments in bf16 (8 bytes per parameter), computed in bf16.
+    Bf16,
+    /// f32 master weights, gradients and moments (16 bytes per parameter), computed in bf16.
+    Bf16Mixed,
+}
+
+impl Precision {
+    /// Bytes of one stored weight, gradient and AdamW moment.
+    pub fn weight_bytes(self) -> u64 {
+        match self {
+            Precision::Bf16 => 2,
+            _ => 4,
+        }
+    }
+
+    /// Bytes of one activation value.
+    pub fn activation_bytes(self) -> u64 {
+        match self {
+            Precision::F32 => 4,
+            _ => 2,
+        }
+    }
+}
+
+impl RuntimeSection {
+    /// The checked `dtype`; anything else was refused when the recipe was loaded.
+    pub fn precision(&self) -> Precision {
+        match self.dtype.as_str() {
+            "bf16" => Precision::Bf16,
+            "bf16-mixed" => Precision::Bf16Mixed,
+            _ => Precision::F32,
+        }
+    }
 }
 
 impl Default for RuntimeSection {
@@ -539,18 +579,11 @@ impl Recipe {
         }
         if let Some(lora) = &self.lora {
             lora.validate().map_err(|message| invalid(path, message))?;
-            if self.model.checkpoint.is_none() {
-                return Err(invalid(
-                    path,
-                    "[lora] adapts a pretrained model: set model.checkpoint (a fresh random \
-                     model is trained in full, without [lora])",
-                ));
-            }
         }
-        if !["f32", "bf16"].contains(&self.runtime.dtype.as_str()) {
+        if !["f32", "bf16", "bf16-mixed"].contains(&self.runtime.dtype.as_str()) {
             return Err(invalid(
                 path,
-                "[runtime] `dtype` must be \"f32\" or \"bf16\"",
+                "[runtime] `dtype` must be \"f32\", \"bf16\" or \"bf16-mixed\"",
             ));
         }
         Ok(())

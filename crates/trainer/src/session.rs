@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use burn::optim::{GradientsAccumulator, ModuleOptimizer};
 use burn::prelude::Device;
+use burn::tensor::FloatDType;
 use data::Tokenizer;
 use llama::{Head, Llama, LlamaConfig};
 
@@ -19,6 +20,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::error::{io_err, Result, TrainError};
 use crate::metrics::MetricsLogger;
 use crate::output::OutputLock;
+use crate::recipe::Precision;
 use crate::step::{due, optimizer_step, EpochBatches, Stepped};
 use crate::Recipe;
 
@@ -162,6 +164,7 @@ impl<'r> Session<'r> {
                 (config, adapt(self.recipe, model, self.recipe.train.seed)?)
             }
         };
+        let model = with_precision(self.recipe, model);
         check_vocab(&self.tokenizer, &config, &self.recipe.model.tokenizer)?;
         let max_seq_len = self.recipe.data.max_seq_len;
         if max_seq_len > config.max_position_embeddings {
@@ -406,17 +409,10 @@ impl Run<'_> {
     }
 }
 
-/// The device models with gradients train on: `runtime.device` with autodiff, and with
-/// burn's balanced gradient checkpointing when `train.activation_checkpointing` (memory-bound
-/// operations such as norms, activations and softmax are recomputed in the backward pass;
-/// matrix products keep their outputs).
+/// The device models with gradients train on: `runtime.device` with autodiff. (Activation
+/// checkpointing is ours, per decoder layer: `trainer::chunked::model_grads`.)
 pub fn training_device(recipe: &Recipe) -> Result<Device> {
-    let device = llama::parse_device(&recipe.runtime.device)?.autodiff();
-    Ok(if recipe.train.activation_checkpointing {
-        device.gradient_checkpointing()
-    } else {
-        device
-    })
+    Ok(llama::parse_device(&recipe.runtime.device)?.autodiff())
 }
 
 /// Refuses a quantised LoRA base on a backend without quantised tensors (libtorch), which
@@ -466,9 +462,44 @@ pub fn load_model(recipe: &Recipe, device: &Device, head: Head) -> Result<(Llama
     }
 }
 
+/// A loaded model (f32) as the recipe's `runtime.dtype` runs it: `bf16` stores every float
+/// parameter in bf16 (so its gradients and AdamW moments are bf16 too); `bf16-mixed` keeps f32
+/// master weights and computes in bf16.
+pub fn with_precision(recipe: &Recipe, model: Llama) -> Llama {
+    match recipe.runtime.precision() {
+        Precision::F32 => model,
+        Precision::Bf16 => llama::model::cast_weights(model, FloatDType::BF16),
+        Precision::Bf16Mixed => Llama {
+            compute_dtype: Some(FloatDType::BF16),
+            ..model
+        },
+    }
+}
+
 /// The model to train, as loaded: with the recipe's `[lora]`, fresh adapters (drawn from
 /// `seed`) on its target projections and everything else frozen; without, unchanged.
 pub fn adapt(recipe: &Recipe, model: Llama, seed: u64) -> Result<Llama> {
+    if recipe.lora.is_some() && recipe.model.checkpoint.is_none() {
+        // Its checkpoints would point at a base that exists nowhere.
+        return Err(TrainError::Invalid(
+            "[lora] adapts a pretrained model: set model.checkpoint (a fresh random model is \
+             trained in full, without [lora])"
+                .into(),
+        ));
+    }
+    attach_adapters(recipe, model, seed)
+}
+
+/// The model a benchmark times, as a run of `recipe` would train it: loaded as `[model]` says
+/// (a fresh random model may carry LoRA adapters here, where nothing is saved), with the
+/// recipe's adapters and dtype.
+pub fn bench_model(recipe: &Recipe, device: &Device, head: Head) -> Result<(LlamaConfig, Llama)> {
+    let (config, model) = load_model(recipe, device, head)?;
+    let model = attach_adapters(recipe, model, recipe.train.seed)?;
+    Ok((config, with_precision(recipe, model)))
+}
+
+fn attach_adapters(recipe: &Recipe, model: Llama, seed: u64) -> Result<Llama> {
     match &recipe.lora {
         Some(lora) => Ok(llama::lora::attach(
             model,

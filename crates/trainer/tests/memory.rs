@@ -64,6 +64,16 @@ fn checkpointing_and_chunks_shrink_what_they_should() {
     );
     assert!(checkpointed.activations < plain.activations);
     assert_eq!(checkpointed.logits, plain.logits);
+    // Recomputing layers keeps every layer's input (d values per position) and one layer's
+    // activations, instead of every layer's.
+    let (rows, positions) = (PASS.rows as u64, PASS.positions as u64);
+    let (d, layers) = (config.hidden_size as u64, config.num_hidden_layers as u64);
+    let around = 4 * d * 4;
+    let one_layer = (plain.activations / (rows * positions) - around) / layers;
+    assert_eq!(
+        checkpointed.activations,
+        rows * positions * (layers * d * 4 + one_layer + around)
+    );
     let chunked = MemoryPlan::trained(&config, PASS, &train(serde_json::json!({"loss_chunk": 64})));
     assert_eq!(chunked.logits * 4, plain.logits);
     assert_eq!(chunked.activations, plain.activations);
@@ -162,4 +172,28 @@ fn lora_trains_and_stores_only_the_factors() {
     );
     let packed = (adapted as f64 * (0.5 + 4.0 / 32.0)).ceil() as u64;
     assert_eq!(q4.weights, plan.weights - 4 * adapted + packed);
+}
+
+#[test]
+fn bf16_halves_what_it_stores_and_mixed_keeps_f32_masters() {
+    use trainer::recipe::Precision;
+    let config = config();
+    let params = config.parameter_count();
+    let train = train(serde_json::json!({}));
+    let f32_plan = MemoryPlan::trained(&config, PASS, &train);
+    let bf16 = MemoryPlan::build(&config, PASS, &train, None, Precision::Bf16);
+    assert_eq!(
+        (bf16.weights, bf16.gradients, bf16.optimizer),
+        (2 * params, 2 * params, 4 * params)
+    );
+    // Attention scores stay f32, everything else kept for backward is bf16.
+    assert!(bf16.activations < f32_plan.activations && 2 * bf16.activations > f32_plan.activations);
+    assert_eq!(bf16.logits, f32_plan.logits);
+    let mixed = MemoryPlan::build(&config, PASS, &train, None, Precision::Bf16Mixed);
+    assert_eq!(
+        (mixed.weights, mixed.gradients, mixed.optimizer),
+        (4 * params, 4 * params, 8 * params)
+    );
+    // The bf16 copies of the weights are kept for the backward pass.
+    assert_eq!(mixed.activations, bf16.activations + 2 * params);
 }
