@@ -99,6 +99,20 @@ fn lora_sft_learns_resumes_exactly_and_exports() {
         "LoRA SFT did not learn: {losses:?}"
     );
 
+    // A bf16 base under f32 adapters (both bf16 modes) follows the f32 run.
+    for dtype in ["bf16", "bf16-mixed"] {
+        let mut args = overrides.clone();
+        args.push(format!("runtime.dtype=\"{dtype}\""));
+        let (run, bf16) = run_recipe("sft", &recipe, &tmp.path().join(dtype), &with_sets(&args));
+        assert_success(&run);
+        let last = losses_by_step(&bf16).last().unwrap().1;
+        assert!(
+            (last - losses[7]).abs() <= 0.02 * losses[7],
+            "{dtype}: {last} against f32 {}",
+            losses[7]
+        );
+    }
+
     // The checkpoint is a PEFT adapter directory on the base, with the adapters' optimizer.
     let checkpoint = full.join("checkpoint-8");
     assert!(checkpoint.join("adapter_model.safetensors").is_file());
@@ -165,17 +179,7 @@ fn lora_sft_learns_resumes_exactly_and_exports() {
         "not a LoRA checkpoint",
     );
     if let Some(python) = python_with_peft() {
-        let check = std::process::Command::new(&python)
-            .arg(root().join("scripts/check_peft.py"))
-            .args([&base, &adapter, &merged])
-            .output()
-            .expect("run python");
-        assert!(
-            check.status.success(),
-            "{} {}",
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
-        );
+        assert_python_check(&python, "check_peft.py", &[&base, &adapter, &merged]);
     }
 }
 

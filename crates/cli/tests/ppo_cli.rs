@@ -151,17 +151,7 @@ fn ppo_runs_resumes_exactly_and_exports() {
     let exported = tmp.path().join("policy");
     assert_success(&export(&checkpoint, &exported, &[]));
     if let Some(python) = python_with_transformers() {
-        let check = std::process::Command::new(&python)
-            .arg(root().join("scripts/check_export.py"))
-            .args([&checkpoint, &exported])
-            .output()
-            .expect("run python");
-        assert!(
-            check.status.success(),
-            "{} {}",
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
-        );
+        assert_python_check(&python, "check_export.py", &[&checkpoint, &exported]);
     }
 }
 

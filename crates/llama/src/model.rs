@@ -272,16 +272,32 @@ fn apply_rope(x: Tensor<4>, (cos, sin): &(Tensor<4>, Tensor<4>)) -> Tensor<4> {
 /// trainability kept; packed (quantised) weights are left as they are. Pure bf16 training keeps
 /// weights, gradients and AdamW moments in bf16 this way.
 pub fn cast_weights(model: Llama, dtype: FloatDType) -> Llama {
-    model.map(&mut CastFloats(dtype))
+    model.map(&mut CastFloats {
+        dtype,
+        frozen_only: false,
+    })
 }
 
-struct CastFloats(FloatDType);
+/// [`cast_weights`] for the frozen parameters only: a LoRA model's base goes to bf16 while its
+/// adapter factors (and a scalar head) train in f32, as PEFT keeps them.
+pub fn cast_frozen_weights(model: Llama, dtype: FloatDType) -> Llama {
+    model.map(&mut CastFloats {
+        dtype,
+        frozen_only: true,
+    })
+}
+
+struct CastFloats {
+    dtype: FloatDType,
+    frozen_only: bool,
+}
 
 impl ModuleMapper for CastFloats {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let dtype = self.0;
+        let (dtype, frozen_only) = (self.dtype, self.frozen_only);
         param.map(|tensor| {
-            if !tensor.dtype().is_float() || tensor.dtype() == DType::from(dtype) {
+            let skip = frozen_only && tensor.is_require_grad();
+            if skip || !tensor.dtype().is_float() || tensor.dtype() == DType::from(dtype) {
                 return tensor;
             }
             // A leaf again, so the cast is not part of any graph.

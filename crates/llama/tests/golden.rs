@@ -40,6 +40,9 @@ fn bf16_and_mixed_logits_stay_near_transformers() {
             compute_dtype: Some(FloatDType::BF16),
             ..model
         };
+        // Models handed to inference keep computing in bf16.
+        use burn::module::Module;
+        assert_eq!(mixed.valid().compute_dtype, Some(FloatDType::BF16));
         for (label, model) in [("bf16", bf16), ("bf16-mixed", mixed)] {
             for (seq, expected) in golden.sequences.iter().zip(&golden.logits) {
                 let logits = model.logits(std::slice::from_ref(seq));

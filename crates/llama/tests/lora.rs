@@ -244,18 +244,9 @@ fn quantized_bases_stay_close_to_the_base() {
     let base = llama::init_random(&config, &device, 5).unwrap();
     let reference = logits(&base);
     for (quant, tolerance) in [(BaseQuant::Q8, 0.02), (BaseQuant::Q4, 0.3)] {
-        let targets = [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ];
         let adapted = lora::attach(
             base.clone(),
-            &spec(&targets, quant),
+            &spec(&lora::TARGETS, quant),
             Factors::Fresh(0),
             None,
         )

@@ -2,7 +2,7 @@
 
 use rand::{Rng, SeedableRng};
 use reward::RewardModel;
-use trainer::session::{bench_model, load_model, with_precision};
+use trainer::session::{attach_adapters, bench_model, load_model, with_precision};
 use trainer::{Recipe, Result};
 
 use crate::iteration::{IterationReport, Models, Ppo, Prompt};
@@ -12,19 +12,6 @@ use crate::section::PpoSection;
 /// and a reward model and value model of the same architecture with fresh scalar heads;
 /// `train.batch_size` random prompts of `data.max_seq_len` tokens. Returns one report per
 /// timed iteration (after one warm-up iteration). A benchmark, not a test.
-/// A benchmark's value model with the recipe's adapters, if any.
-fn attach_for_bench(recipe: &Recipe, value: llama::Llama, seed: u64) -> Result<llama::Llama> {
-    match &recipe.lora {
-        Some(lora) => Ok(llama::lora::attach(
-            value,
-            &lora.spec(),
-            llama::lora::Factors::Fresh(seed),
-            None,
-        )?),
-        None => Ok(value),
-    }
-}
-
 pub fn bench(
     recipe: &Recipe,
     settings: &PpoSection,
@@ -43,7 +30,7 @@ pub fn bench(
     };
     let rm = llama::init_random_with_head(&config, &inner, llama::Head::Score, train.seed + 1)?;
     let value = llama::init_random_with_head(&config, &device, llama::Head::Score, train.seed + 2)?;
-    let value = with_precision(recipe, attach_for_bench(recipe, value, train.seed + 2)?);
+    let value = with_precision(recipe, attach_adapters(recipe, value, train.seed + 2)?);
     let models = Models {
         policy,
         value,

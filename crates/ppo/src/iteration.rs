@@ -55,7 +55,11 @@ pub struct Ppo {
     pub lr: f64,
     pub value_lr: f64,
     pub grad_clip: Option<f64>,
+    /// Rollouts per gradient step (`ppo.mini_batch_size`).
     pub mini_batch: usize,
+    /// Rollouts per pass through a model (`train.micro_batch_size`): the update's gradient
+    /// accumulation, scoring and reward scoring go this many at a time.
+    pub micro_batch: usize,
     pub seed: u64,
     pub eos: u32,
     pub pad: u32,
@@ -102,9 +106,10 @@ impl Ppo {
         models: Models,
         config: &LlamaConfig,
         train: &TrainSection,
-        mini_batch: usize,
+        micro_batch: usize,
         settings: PpoSection,
     ) -> Self {
+        let mini_batch = settings.mini_batch_size.unwrap_or(micro_batch);
         Self {
             policy: models.policy,
             value: models.value,
@@ -123,6 +128,7 @@ impl Ppo {
             settings,
             grad_clip: train.grad_clip,
             mini_batch,
+            micro_batch,
             seed: train.seed,
             eos: config.eos_token_id,
             pad: config.pad_token_id.unwrap_or(0),
@@ -270,7 +276,18 @@ impl Ppo {
             vocab_limit: Some(self.vocab_limit),
         };
         let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-        let generated = llama::generate(sampler, &prompt_ids, &params)?;
+        let mut generated = Vec::with_capacity(prompt_ids.len());
+        let at_a_time = s.generation_batch.unwrap_or(prompt_ids.len()).max(1);
+        for (part, ids) in prompt_ids.chunks(at_a_time).enumerate() {
+            // Each part its own stream; the whole batch at once keeps the iteration's seed.
+            let params = SamplingParams {
+                seed: params
+                    .seed
+                    .wrapping_add((part as u64).wrapping_mul(0x2545_f491)),
+                ..params.clone()
+            };
+            generated.extend(llama::generate(sampler, ids, &params)?);
+        }
         let rollouts: Vec<Rollout> = prompts
             .iter()
             .zip(generated)
@@ -301,7 +318,7 @@ impl Ppo {
         };
         let frozen_value = self.value.valid();
         let all: Vec<&Rollout> = rollouts.iter().collect();
-        for chunk in all.chunks(self.mini_batch.max(1)) {
+        for chunk in all.chunks(self.micro_batch.max(1)) {
             let padded = pad_rollouts(chunk, self.pad);
             let rows = |t| gather_rows(chunk, &llama::model::to_host(t), padded.width);
             let (logp, entropy) = token_logprobs(
@@ -343,7 +360,7 @@ impl Ppo {
             return Ok(None);
         };
         let sequences: Vec<Vec<u32>> = rollouts.iter().map(Rollout::sequence).collect();
-        let raw = rm.score(&sequences, tokenizer, self.mini_batch.max(1))?;
+        let raw = rm.score(&sequences, tokenizer, self.micro_batch.max(1))?;
         let rewarded = match rm.stats {
             Some(stats) if self.settings.normalize_reward => raw
                 .iter()

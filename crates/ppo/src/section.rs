@@ -42,6 +42,10 @@ pub struct PpoSection {
     pub retokenize: bool,
     #[serde(default = "default_new_tokens")]
     pub max_new_tokens: usize,
+    /// Prompts answered at a time (their KV cache is what generation holds); the whole
+    /// iteration's batch when absent.
+    #[serde(default)]
+    pub generation_batch: Option<usize>,
     #[serde(default = "one")]
     pub temperature: f64,
     #[serde(default = "one")]
@@ -67,6 +71,12 @@ pub struct PpoSection {
     pub value_clip_range: f64,
     #[serde(default = "default_value_coef")]
     pub value_coef: f64,
+    /// Rollouts per gradient step of the update (PPO's mini-batch); `train.micro_batch_size`
+    /// when absent. Each mini-batch goes through the models `train.micro_batch_size` rollouts at
+    /// a time, its gradients accumulated, so the mini-batch is an algorithm setting and the
+    /// micro-batch a memory one.
+    #[serde(default)]
+    pub mini_batch_size: Option<usize>,
     /// Passes over each rollout batch.
     #[serde(default = "one_pass")]
     pub ppo_epochs: usize,
@@ -153,6 +163,9 @@ impl trainer::Section for PpoSection {
         }
         if self.target_kl.is_some_and(|t| !(t > 0.0 && t.is_finite())) {
             return Err("[ppo] `target_kl` must be positive".into());
+        }
+        if self.generation_batch == Some(0) || self.mini_batch_size == Some(0) {
+            return Err("[ppo] `generation_batch` and `mini_batch_size` must be >= 1".into());
         }
         Ok(())
     }

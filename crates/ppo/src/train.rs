@@ -131,9 +131,13 @@ pub fn memory_plan(
         positions,
         lm_head,
     };
-    let kv_cache = (recipe.train.batch_size * positions * 2 * policy.kv_dim()) as u64
+    let generated = settings
+        .generation_batch
+        .unwrap_or(recipe.train.batch_size)
+        .min(recipe.train.batch_size);
+    let kv_cache = (generated * positions * 2 * policy.kv_dim()) as u64
         * policy.num_hidden_layers as u64
-        * 4;
+        * recipe.runtime.precision().activation_bytes();
     let mut plan = MemoryPlan::for_recipe(policy, pass(true), recipe).and(MemoryPlan::for_recipe(
         value,
         pass(false),
@@ -141,11 +145,11 @@ pub fn memory_plan(
     ));
     // With LoRA the reference is the policy's own base, held once.
     if recipe.lora.is_none() {
-        plan = plan.and(MemoryPlan::frozen(policy));
+        plan = plan.and(MemoryPlan::frozen_as(policy, recipe.runtime.precision()));
     }
     let mut plan = plan.and(MemoryPlan::buffers(kv_cache));
     for rm in reward_models {
-        plan = plan.and(MemoryPlan::frozen(rm));
+        plan = plan.and(MemoryPlan::frozen_as(rm, recipe.runtime.precision()));
     }
     plan
 }
@@ -171,6 +175,11 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
                     hint,
                 )?
                 .with_stats(p)?;
+                // Frozen, in the run's dtype like the policy.
+                let rm = RewardModel {
+                    model: trainer::session::with_precision(recipe, rm.model),
+                    ..rm
+                };
                 if settings.normalize_reward && rm.stats.is_none() {
                     return Err(TrainError::Invalid(format!(
                         "{}: no {} to normalise with (ppo.normalize_reward = true)",

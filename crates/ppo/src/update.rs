@@ -1,8 +1,9 @@
 //! The PPO update: `ppo_epochs` passes over the rollouts in shuffled mini-batches, one clipped
-//! policy step and one clipped value step per mini-batch. Losses and clip statistics are summed
+//! policy step and one clipped value step per mini-batch, each mini-batch through the models a
+//! micro-batch at a time with its gradients accumulated. Losses and clip statistics are summed
 //! on the device; the gradient norms are the only host reads of a mini-batch.
 
-use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use llama::Llama;
 use rand::seq::SliceRandom;
@@ -82,7 +83,7 @@ impl Ppo {
     ) -> UpdateStats {
         let s = self.settings.clone();
         let mini = self.mini_batch.max(1);
-        let device = self.policy.device();
+        let micro = self.micro_batch.clamp(1, mini);
         let mut rng = rand::rngs::StdRng::seed_from_u64(
             self.seed ^ (iteration as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
         );
@@ -90,89 +91,32 @@ impl Ppo {
         for _epoch in 0..s.ppo_epochs {
             let mut order: Vec<usize> = (0..rollouts.len()).collect();
             order.shuffle(&mut rng);
-            for chunk in order.chunks(mini) {
-                let batch: Vec<&Rollout> = chunk.iter().map(|&i| &rollouts[i]).collect();
-                let padded = pad_rollouts(&batch, self.pad);
-                let width = padded.width;
-                let tensor = |field: &[Vec<f64>]| {
-                    let rows: Vec<&[f64]> = chunk.iter().map(|&i| field[i].as_slice()).collect();
-                    scatter(&batch, &rows, width, &device)
-                };
-                let mask = response_mask(&batch, width, &device);
-                let count: usize = batch.iter().map(|r| r.response.len()).sum();
-                u.sequence_tokens += batch
-                    .iter()
-                    .map(|r| r.prompt.len() + r.response.len())
-                    .sum::<usize>();
-
-                let old_t = tensor(t.old_logp);
-                let advantages = tensor(t.advantages);
-                let policy = &self.policy;
-                let mut plan = self.grad_plan;
-                plan.chunk = self.loss_chunk;
-                let (loss, grads) = model_grads(
-                    policy,
-                    &padded.input,
-                    plan,
-                    |hidden| next_token_slice(hidden, width),
-                    |part, range| {
-                        let (logp, _) = chunk_logprobs(
-                            policy,
-                            part,
-                            &padded,
-                            range.clone(),
-                            s.temperature,
-                            self.vocab_limit,
-                        );
-                        let rows = batch.len();
-                        let cols = |x: &Tensor<2>| x.clone().slice([0..rows, range.clone()]);
-                        let (old, mask) = (cols(&old_t), cols(&mask));
-                        let log_ratio = logp.clone().detach() - old.clone();
-                        u.approx_kl
-                            .add((log_ratio.clone().square() * mask.clone()).sum() * 0.5);
-                        let outside = (log_ratio.exp() - 1.0).abs().greater_elem(s.clip_range);
-                        u.clipped.add((outside.float() * mask.clone()).sum());
-                        policy_loss(logp, old, cols(&advantages), mask, s.clip_range, count)
-                    },
-                );
+            for mini_batch in order.chunks(mini) {
+                let count: usize = mini_batch.iter().map(|&i| rollouts[i].response.len()).sum();
+                let mut policy_grads = GradientsAccumulator::<Llama>::new();
+                let mut value_grads = GradientsAccumulator::<Llama>::new();
+                // The mini-batch `micro` rollouts at a time, gradients accumulated: each
+                // piece's losses are sums over its tokens divided by the mini-batch's count.
+                for piece in mini_batch.chunks(micro) {
+                    let (policy, value) = self.piece_grads(rollouts, t, piece, count, &mut u);
+                    policy_grads.accumulate(&self.policy, policy);
+                    value_grads.accumulate(&self.value, value);
+                }
                 u.tokens += count;
                 u.steps += 1;
-                u.policy_loss.add(loss);
                 let (policy, grad_norm) = clipped_step(
                     &mut self.policy_optimizer,
                     self.policy.clone(),
-                    grads,
+                    policy_grads.grads(),
                     self.lr,
                     self.grad_clip,
                 );
                 self.policy = policy;
                 u.grad_norm = grad_norm;
-
-                let value = &self.value;
-                let (old_values, returns) = (tensor(t.old_values), tensor(t.returns));
-                let (vloss, grads) = model_grads(
-                    value,
-                    &padded.input,
-                    self.grad_plan.unchunked(),
-                    |hidden| hidden,
-                    |hidden, _| {
-                        let rows = batch.len();
-                        let values = value.scalar_outputs(hidden).slice([0..rows, 0..width]);
-                        value_loss(
-                            values,
-                            old_values.clone(),
-                            returns.clone(),
-                            mask.clone(),
-                            s.value_clip_range,
-                            count,
-                        ) * s.value_coef
-                    },
-                );
-                u.value_loss.add(vloss);
                 let (value, grad_norm) = clipped_step(
                     &mut self.value_optimizer,
                     self.value.clone(),
-                    grads,
+                    value_grads.grads(),
                     self.value_lr,
                     self.grad_clip,
                 );
@@ -181,5 +125,86 @@ impl Ppo {
             }
         }
         u
+    }
+
+    /// The policy's and the value model's gradients on the rollouts `piece` of a mini-batch
+    /// whose response tokens number `count`, with their losses and statistics added to `u`.
+    fn piece_grads(
+        &self,
+        rollouts: &[Rollout],
+        t: &Targets<'_>,
+        piece: &[usize],
+        count: usize,
+        u: &mut UpdateStats,
+    ) -> (GradientsParams, GradientsParams) {
+        let s = &self.settings;
+        let device = self.policy.device();
+        let batch: Vec<&Rollout> = piece.iter().map(|&i| &rollouts[i]).collect();
+        let padded = pad_rollouts(&batch, self.pad);
+        let width = padded.width;
+        let tensor = |field: &[Vec<f64>]| {
+            let rows: Vec<&[f64]> = piece.iter().map(|&i| field[i].as_slice()).collect();
+            scatter(&batch, &rows, width, &device)
+        };
+        let mask = response_mask(&batch, width, &device);
+        u.sequence_tokens += batch
+            .iter()
+            .map(|r| r.prompt.len() + r.response.len())
+            .sum::<usize>();
+
+        let old_t = tensor(t.old_logp);
+        let advantages = tensor(t.advantages);
+        let policy = &self.policy;
+        let mut plan = self.grad_plan;
+        plan.chunk = self.loss_chunk;
+        let (loss, policy_grads) = model_grads(
+            policy,
+            &padded.input,
+            plan,
+            |hidden| next_token_slice(hidden, width),
+            |part, range| {
+                let (logp, _) = chunk_logprobs(
+                    policy,
+                    part,
+                    &padded,
+                    range.clone(),
+                    s.temperature,
+                    self.vocab_limit,
+                );
+                let rows = batch.len();
+                let cols = |x: &Tensor<2>| x.clone().slice([0..rows, range.clone()]);
+                let (old, mask) = (cols(&old_t), cols(&mask));
+                let log_ratio = logp.clone().detach() - old.clone();
+                u.approx_kl
+                    .add((log_ratio.clone().square() * mask.clone()).sum() * 0.5);
+                let outside = (log_ratio.exp() - 1.0).abs().greater_elem(s.clip_range);
+                u.clipped.add((outside.float() * mask.clone()).sum());
+                policy_loss(logp, old, cols(&advantages), mask, s.clip_range, count)
+            },
+        );
+        u.policy_loss.add(loss);
+
+        let value = &self.value;
+        let (old_values, returns) = (tensor(t.old_values), tensor(t.returns));
+        let (vloss, value_grads) = model_grads(
+            value,
+            &padded.input,
+            self.grad_plan.unchunked(),
+            |hidden| hidden,
+            |hidden, _| {
+                let rows = batch.len();
+                let values = value.scalar_outputs(hidden).slice([0..rows, 0..width]);
+                value_loss(
+                    values,
+                    old_values.clone(),
+                    returns.clone(),
+                    mask.clone(),
+                    s.value_clip_range,
+                    count,
+                ) * s.value_coef
+            },
+        );
+        u.value_loss.add(vloss);
+        (policy_grads, value_grads)
     }
 }

@@ -322,9 +322,10 @@ fn ppo_raises_the_reward_of_a_learned_reward_model_with_bounded_kl() {
     );
 }
 
-/// The policy's language-model head taken a few positions at a time (`train.loss_chunk`), and
-/// the policy's and value model's layers recomputed in the backward pass
-/// (`train.activation_checkpointing`), give the same iteration: the same log-probabilities,
+/// The policy's language-model head taken a few positions at a time (`train.loss_chunk`), the
+/// policy's and value model's layers recomputed in the backward pass
+/// (`train.activation_checkpointing`), and mini-batches taken a micro-batch at a time
+/// (`train.micro_batch_size` below `ppo.mini_batch_size`) give the same iteration: the same log-probabilities,
 /// losses, statistics, gradient norm and updated weights, to rounding.
 #[test]
 fn the_chunked_policy_head_gives_the_same_iteration() {
@@ -332,7 +333,7 @@ fn the_chunked_policy_head_gives_the_same_iteration() {
     let config = tiny_config();
     let ad = device.clone().autodiff();
     let tok = tokenizer();
-    let run = |chunk: usize, layerwise: bool| {
+    let run = |chunk: usize, layerwise: bool, micro: usize| {
         let models = Models {
             policy: llama::init_random(&config, &ad, 8).unwrap(),
             value: llama::init_random_with_head(&config, &ad, Head::Score, 9).unwrap(),
@@ -344,13 +345,13 @@ fn the_chunked_policy_head_gives_the_same_iteration() {
             safety: None,
         };
         let settings: PpoSection = serde_json::from_value(serde_json::json!({
-            "reward_model": "unused", "max_new_tokens": 8, "samples": 0,
+            "reward_model": "unused", "max_new_tokens": 8, "samples": 0, "mini_batch_size": 4,
         }))
         .unwrap();
         let mut train = train_section(1e-2);
         train.loss_chunk = chunk;
         train.activation_checkpointing = layerwise;
-        let mut ppo = Ppo::new(models, &config, &train, 4, settings);
+        let mut ppo = Ppo::new(models, &config, &train, micro, settings);
         let prompts: Vec<Prompt> = (0..8)
             .map(|i| Prompt {
                 ids: vec![1, 10 + i as u32, 11, 12],
@@ -364,9 +365,17 @@ fn the_chunked_policy_head_gives_the_same_iteration() {
             .collect();
         (report, weights)
     };
-    let (whole, whole_weights) = run(0, false);
-    for (chunk, layerwise) in [(3, false), (1, false), (0, true), (3, true)] {
-        let (chunked, weights) = run(chunk, layerwise);
+    let (whole, whole_weights) = run(0, false, 4);
+    // Also: mini-batches of 4 taken 2 and 1 rollouts at a time, gradients accumulated.
+    for (chunk, layerwise, micro) in [
+        (3, false, 4),
+        (1, false, 4),
+        (0, true, 4),
+        (3, true, 4),
+        (0, false, 2),
+        (0, false, 1),
+    ] {
+        let (chunked, weights) = run(chunk, layerwise, micro);
         for key in [
             "reward_mean",
             "kl",
@@ -380,7 +389,7 @@ fn the_chunked_policy_head_gives_the_same_iteration() {
             let (a, b) = (whole.get(key).unwrap(), chunked.get(key).unwrap());
             assert!(
                 (a - b).abs() <= 1e-5 * a.abs().max(1.0),
-                "chunk {chunk}, {key}: {a} vs {b}"
+                "chunk {chunk}, layerwise {layerwise}, micro {micro}, {key}: {a} vs {b}"
             );
         }
         let diff = whole_weights
@@ -388,6 +397,9 @@ fn the_chunked_policy_head_gives_the_same_iteration() {
             .zip(&weights)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
-        assert!(diff <= 1e-5, "chunk {chunk}: weights differ by {diff}");
+        assert!(
+            diff <= 1e-5,
+            "chunk {chunk}, layerwise {layerwise}, micro {micro}: weights differ by {diff}"
+        );
     }
 }

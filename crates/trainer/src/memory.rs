@@ -167,28 +167,41 @@ impl MemoryPlan {
         }
         let head = if pass.lm_head { 0 } else { d };
         let trainable = factors + head;
+        // The frozen base in bf16 in both bf16 modes; what trains stays f32.
+        let frozen = if precision == Precision::F32 { F32 } else { 2 };
         let base = match lora.quantize_base.bytes_per_value() {
-            Some(bytes) => (params - adapted) * stored + (adapted as f64 * bytes).ceil() as u64,
-            None => params * stored,
+            Some(bytes) => (params - adapted) * frozen + (adapted as f64 * bytes).ceil() as u64,
+            None => params * frozen,
         };
-        // The composed weights, at the compute dtype: every layer's, or one layer's when
-        // layers are recomputed.
+        // The composed weights (f32, as the factors) and their bf16 casts: every layer's, or
+        // one layer's when layers are recomputed.
         let kept = if checkpointed {
             adapted / layers
         } else {
             adapted
         };
-        activations += (kept + 2 * largest) * act;
-        if precision == Precision::Bf16Mixed {
-            activations += 2 * (params - adapted) / if checkpointed { layers } else { 1 };
-        }
+        let composed = if precision == Precision::F32 {
+            F32
+        } else {
+            F32 + 2
+        };
+        activations += kept * composed + 2 * largest * F32;
         Self {
-            weights: base + factors * stored,
-            gradients: trainable * stored,
-            optimizer: 2 * trainable * stored,
+            weights: base + factors * F32,
+            gradients: trainable * F32,
+            optimizer: 2 * trainable * F32,
             activations,
             logits,
             total: 0,
+        }
+        .totalled()
+    }
+
+    /// A frozen model stored as `precision` stores weights.
+    pub fn frozen_as(config: &LlamaConfig, precision: Precision) -> Self {
+        Self {
+            weights: config.parameter_count() * precision.weight_bytes(),
+            ..Self::default()
         }
         .totalled()
     }

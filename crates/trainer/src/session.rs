@@ -465,12 +465,20 @@ pub fn load_model(recipe: &Recipe, device: &Device, head: Head) -> Result<(Llama
 /// A loaded model (f32) as the recipe's `runtime.dtype` runs it: `bf16` stores every float
 /// parameter in bf16 (so its gradients and AdamW moments are bf16 too); `bf16-mixed` keeps f32
 /// master weights and computes in bf16.
+///
+/// With LoRA, both bf16 modes store the frozen base in bf16 and keep what trains (the adapter
+/// factors, a scalar head) in f32, computing in bf16: a frozen weight needs no f32 master copy.
 pub fn with_precision(recipe: &Recipe, model: Llama) -> Llama {
-    match recipe.runtime.precision() {
-        Precision::F32 => model,
-        Precision::Bf16 => llama::model::cast_weights(model, FloatDType::BF16),
-        Precision::Bf16Mixed => Llama {
-            compute_dtype: Some(FloatDType::BF16),
+    let bf16 = Some(FloatDType::BF16);
+    match (recipe.runtime.precision(), &recipe.lora) {
+        (Precision::F32, _) => model,
+        (_, Some(_)) if llama::lora::has_adapters(&model) => Llama {
+            compute_dtype: bf16,
+            ..llama::model::cast_frozen_weights(model, FloatDType::BF16)
+        },
+        (Precision::Bf16, _) => llama::model::cast_weights(model, FloatDType::BF16),
+        (Precision::Bf16Mixed, _) => Llama {
+            compute_dtype: bf16,
             ..model
         },
     }
@@ -499,7 +507,8 @@ pub fn bench_model(recipe: &Recipe, device: &Device, head: Head) -> Result<(Llam
     Ok((config, with_precision(recipe, model)))
 }
 
-fn attach_adapters(recipe: &Recipe, model: Llama, seed: u64) -> Result<Llama> {
+/// `model` with the recipe's `[lora]` adapters drawn fresh from `seed` (none without one).
+pub fn attach_adapters(recipe: &Recipe, model: Llama, seed: u64) -> Result<Llama> {
     match &recipe.lora {
         Some(lora) => Ok(llama::lora::attach(
             model,

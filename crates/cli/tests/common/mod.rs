@@ -123,6 +123,21 @@ pub fn eval_safety(model: &Path, prompts: &Path, args: &[&str]) -> Output {
     train(&[&["eval", "safety"][..], &paths, args].concat())
 }
 
+/// Runs `python scripts/<script> args...` and fails with its output unless it succeeds.
+pub fn assert_python_check(python: &str, script: &str, args: &[&Path]) {
+    let check = Command::new(python)
+        .arg(test_support::root().join("scripts").join(script))
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        check.status.success(),
+        "{script}: {} {}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
 /// (step, loss) of the metrics lines that have both.
 pub fn losses_by_step(metrics: &[serde_json::Value]) -> Vec<(u64, f64)> {
     metrics
