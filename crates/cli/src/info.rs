@@ -179,7 +179,7 @@ fn recipe_plan(args: &InfoArgs) -> Result<()> {
         ("sft", recipe, plan)
     };
     let device = llama::parse_device(&recipe.runtime.device)?;
-    let available = llama::host_memory_available(&device);
+    let available = llama::memory_available(&recipe.runtime.device, &device);
     if args.json {
         let out = serde_json::json!({
             "recipe": path,

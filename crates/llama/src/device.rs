@@ -65,6 +65,52 @@ fn not_built(name: &str) -> LlamaError {
     ))
 }
 
+/// The memory a run on the device named `name` (`runtime.device`) can still use: for CUDA
+/// devices (`cuda:N`, `tch:cuda:N`) the GPU's free memory as `nvidia-smi` reports it, for CPU
+/// devices available RAM; `None` when it cannot be read.
+pub fn memory_available(name: &str, device: &Device) -> Option<u64> {
+    match cuda_index(name) {
+        Some(index) => gpu_free_memory(index),
+        None => host_memory_available(device),
+    }
+}
+
+/// The GPU index of a CUDA device name (`cuda`, `cuda:1`, `tch:cuda:0`).
+fn cuda_index(name: &str) -> Option<usize> {
+    let name = name.trim();
+    let rest = name
+        .strip_prefix("tch:")
+        .unwrap_or(name)
+        .strip_prefix("cuda")?;
+    match rest.strip_prefix(':').unwrap_or(rest) {
+        "" => Some(0),
+        index => index.parse().ok(),
+    }
+}
+
+/// Free memory of GPU `index` in bytes, from `nvidia-smi` (present wherever NVIDIA's driver is).
+fn gpu_free_memory(index: usize) -> Option<u64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=memory.free",
+            "--format=csv,noheader,nounits",
+            "-i",
+            &index.to_string(),
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    free_mib_to_bytes(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `nvidia-smi`'s `memory.free` (MiB, no units) in bytes.
+fn free_mib_to_bytes(text: &str) -> Option<u64> {
+    let mib: u64 = text.lines().next()?.trim().parse().ok()?;
+    mib.checked_mul(1 << 20)
+}
+
 /// The memory a CPU device can still use (`MemAvailable` of /proc/meminfo, in bytes); `None`
 /// for GPU devices and where it cannot be read.
 pub fn host_memory_available(device: &Device) -> Option<u64> {
@@ -77,4 +123,26 @@ pub fn host_memory_available(device: &Device) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_names_give_their_index() {
+        assert_eq!(cuda_index("cuda"), Some(0));
+        assert_eq!(cuda_index("cuda:3"), Some(3));
+        assert_eq!(cuda_index("tch:cuda:1"), Some(1));
+        assert_eq!(cuda_index("tch:cpu"), None);
+        assert_eq!(cuda_index("flex"), None);
+        assert_eq!(cuda_index("cuda:x"), None);
+    }
+
+    #[test]
+    fn nvidia_smi_free_memory_is_read_in_mib() {
+        assert_eq!(free_mib_to_bytes("81037\n"), Some(81037 << 20));
+        assert_eq!(free_mib_to_bytes("[N/A]\n"), None);
+        assert_eq!(free_mib_to_bytes(""), None);
+    }
 }

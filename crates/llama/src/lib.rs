@@ -16,7 +16,7 @@ pub use checkpoint::{
     load_pretrained_with_ids, save_pretrained, SaveDtype, SaveOptions,
 };
 pub use config::{load_config, LlamaConfig};
-pub use device::{host_memory_available, parse_device};
+pub use device::{host_memory_available, memory_available, parse_device};
 pub use error::{LlamaError, Result};
 pub use generate::{generate, Generated, SamplingParams};
 pub use model::{Head, KvCache, Llama, Side, StepInput};

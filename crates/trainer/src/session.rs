@@ -178,10 +178,11 @@ impl<'r> Session<'r> {
     }
 
     /// Says the run's memory plan (one line on stderr) and refuses it when it exceeds the
-    /// memory the device has (CPU devices: available RAM; GPUs are not checked yet).
+    /// memory the device has (CPU devices: available RAM; CUDA devices: the GPU's free memory,
+    /// from `nvidia-smi`; not checked where neither can be read).
     pub fn check_memory(&self, plan: &crate::MemoryPlan) -> Result<()> {
         eprintln!("{}", plan.summary());
-        let available = llama::host_memory_available(&self.device);
+        let available = llama::memory_available(&self.recipe.runtime.device, &self.device);
         plan.check(available, &self.recipe.runtime.device)
     }
 
