@@ -19,4 +19,4 @@ pub use config::{load_config, LlamaConfig};
 pub use device::{host_memory_available, memory_available, parse_device};
 pub use error::{LlamaError, Result};
 pub use generate::{generate, Generated, SamplingParams};
-pub use model::{Head, KvCache, Llama, Side, StepInput};
+pub use model::{AdapterDropout, Head, KvCache, Llama, Side, StepInput};

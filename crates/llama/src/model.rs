@@ -53,6 +53,20 @@ pub struct Llama {
     /// over f32 master weights, as mixed precision does); `None`: the weights' own dtype.
     #[module(skip)]
     pub compute_dtype: Option<FloatDType>,
+    /// Dropout on the input of every LoRA adapter, set on the copy of the model a training
+    /// pass runs (`None`: no dropout, as in every other pass).
+    #[module(skip)]
+    pub adapter_dropout: Option<AdapterDropout>,
+}
+
+/// LoRA dropout for one training pass: each adapter sees its input with elements dropped with
+/// probability `prob` (and the rest scaled by `1 / (1 - prob)`), as PEFT's `lora_dropout`;
+/// the frozen weight sees the whole input. The masks are drawn from `seed` and the weight's id,
+/// so a layer recomputed in the backward pass draws the same ones.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdapterDropout {
+    pub prob: f64,
+    pub seed: u64,
 }
 
 /// Which head sits on the decoder's final hidden states.
@@ -70,6 +84,7 @@ pub enum Head {
 pub struct LayerInputs {
     rope: (Tensor<4>, Tensor<4>),
     mask: Tensor<4, Bool>,
+    dropout: Option<AdapterDropout>,
 }
 
 /// Keys and values of the tokens seen so far, one entry per layer, each `[batch, kv_heads,
@@ -184,16 +199,17 @@ impl Attention {
         rope: &(Tensor<4>, Tensor<4>),
         mask: Tensor<4, Bool>,
         cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+        dropout: Option<AdapterDropout>,
     ) -> Tensor<3> {
         let [batch, time, _] = x.dims();
         let (heads, kv_heads, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = project(&self.q_proj, x.clone())
+        let q = project(&self.q_proj, x.clone(), dropout)
             .reshape([batch, time, heads, hd])
             .swap_dims(1, 2);
-        let k = project(&self.k_proj, x.clone())
+        let k = project(&self.k_proj, x.clone(), dropout)
             .reshape([batch, time, kv_heads, hd])
             .swap_dims(1, 2);
-        let v = project(&self.v_proj, x)
+        let v = project(&self.v_proj, x, dropout)
             .reshape([batch, time, kv_heads, hd])
             .swap_dims(1, 2);
         let q = apply_rope(q, rope);
@@ -238,7 +254,7 @@ impl Attention {
             .cast(dtype)
             .swap_dims(1, 2)
             .reshape([batch, time, heads * hd]);
-        project(&self.o_proj, out)
+        project(&self.o_proj, out, dropout)
     }
 }
 
@@ -309,18 +325,39 @@ impl ModuleMapper for CastFloats {
 
 /// `x @ W` with the weight at the activations' dtype (a no-op unless they differ: f32 master
 /// weights under bf16 compute).
-fn project<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
+/// With `dropout` and an adapter on the weight, the adapter sees `x` with elements dropped:
+/// burn composes the adapter into the weight, so the product with the whole `x` is corrected
+/// by `scale * (dropped(x) - x) @ a @ b`.
+fn project<const D: usize>(
+    linear: &Linear,
+    x: Tensor<D>,
+    dropout: Option<AdapterDropout>,
+) -> Tensor<D> {
     let weight = linear.weight.val();
-    if weight.dtype() == x.dtype() {
-        linear.forward(x)
+    let [d_in, d_out] = weight.dims();
+    let mut shape = x.dims();
+    let rows: usize = shape[..D - 1].iter().product();
+    shape[D - 1] = d_out;
+    let flat = x.reshape([rows, d_in]);
+    let dtype = flat.dtype();
+    let mut out = flat.clone().matmul(if weight.dtype() == dtype {
+        weight
     } else {
-        let weight = weight.cast(x.dtype());
-        let [d_in, _] = weight.dims();
-        let mut shape = x.dims();
-        let rows: usize = shape[..D - 1].iter().product();
-        shape[D - 1] = weight.dims()[1];
-        x.reshape([rows, d_in]).matmul(weight).reshape(shape)
+        weight.cast(dtype)
+    });
+    if let (Some(dropout), Some(adapter)) = (dropout, linear.weight.adapter()) {
+        if dropout.prob > 0.0 {
+            let device = flat.device();
+            // A stream of its own per weight and pass, the same whenever the pass is recomputed.
+            device.seed(dropout.seed ^ linear.weight.id.val().wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let keep = 1.0 - dropout.prob;
+            let kept = flat.random_like(burn::tensor::Distribution::Bernoulli(keep));
+            let change = flat.clone() * kept.div_scalar(keep) - flat;
+            let (a, b) = (adapter.a.val().cast(dtype), adapter.b.val().cast(dtype));
+            out = out + change.matmul(a).matmul(b).mul_scalar(adapter.scale);
+        }
     }
+    out.reshape(shape)
 }
 
 /// RMSNorm: statistics in f32 (burn's RmsNorm computes them so), the weight at the
@@ -336,9 +373,13 @@ fn norm<const D: usize>(norm: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
 }
 
 impl Mlp {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(project(&self.gate_proj, x.clone()));
-        project(&self.down_proj, gate * project(&self.up_proj, x))
+    fn forward(&self, x: Tensor<3>, dropout: Option<AdapterDropout>) -> Tensor<3> {
+        let gate = silu(project(&self.gate_proj, x.clone(), dropout));
+        project(
+            &self.down_proj,
+            gate * project(&self.up_proj, x, dropout),
+            dropout,
+        )
     }
 }
 
@@ -349,12 +390,14 @@ impl DecoderLayer {
         rope: &(Tensor<4>, Tensor<4>),
         mask: Tensor<4, Bool>,
         cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+        dropout: Option<AdapterDropout>,
     ) -> Tensor<3> {
-        let h = x.clone()
+        let input = norm(&self.input_layernorm, x.clone());
+        let h = x + self.self_attn.forward(input, rope, mask, cache, dropout);
+        h.clone()
             + self
-                .self_attn
-                .forward(norm(&self.input_layernorm, x), rope, mask, cache);
-        h.clone() + self.mlp.forward(norm(&self.post_attention_layernorm, h))
+                .mlp
+                .forward(norm(&self.post_attention_layernorm, h), dropout)
     }
 }
 
@@ -397,12 +440,13 @@ impl Llama {
         LayerInputs {
             rope: rope_tables(&input.positions, head_dim, self.rope_theta, &device),
             mask: attention_mask(&input.valid, input.segments.as_deref(), time, &device),
+            dropout: self.adapter_dropout,
         }
     }
 
     /// Decoder layer `index` on `x` (`[batch, time, hidden]`).
     pub fn layer(&self, index: usize, x: Tensor<3>, shared: &LayerInputs) -> Tensor<3> {
-        self.layers[index].forward(x, &shared.rope, shared.mask.clone(), None)
+        self.layers[index].forward(x, &shared.rope, shared.mask.clone(), None, shared.dropout)
     }
 
     /// The final RMSNorm, after the last layer.
@@ -427,7 +471,7 @@ impl Llama {
                 let rope = rope_tables(&input.positions, head_dim, self.rope_theta, &device);
                 let mask = attention_mask(&cache.key_valid, None, time, &device);
                 for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-                    x = layer.forward(x, &rope, mask.clone(), Some(slot));
+                    x = layer.forward(x, &rope, mask.clone(), Some(slot), None);
                 }
             }
             None => {
@@ -457,7 +501,7 @@ impl Llama {
             .expect("scalar_outputs needs a model with a scalar head");
         let [b, t, _] = hidden.dims();
         // Scores and values leave the model as f32, whatever it computes in.
-        project(head, hidden).reshape([b, t]).cast(DType::F32)
+        project(head, hidden, None).reshape([b, t]).cast(DType::F32)
     }
 
     /// A reward model's score of each sequence `[batch]`, read at the row's last real token
@@ -485,7 +529,7 @@ impl Llama {
             "a model with a scalar head has no next-token logits"
         );
         match &self.lm_head {
-            Some(head) => project(head, hidden),
+            Some(head) => project(head, hidden, None),
             None => {
                 let [b, t, d] = hidden.dims();
                 let weight = self.embed_tokens.weight.val().cast(hidden.dtype());

@@ -108,6 +108,7 @@ pub fn build_llama(
         score,
         rope_theta: config.rope_theta,
         compute_dtype: None,
+        adapter_dropout: None,
     })
 }
 

@@ -261,6 +261,7 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
         settings.clone(),
     );
     ppo.vocab_limit = vocab_limit;
+    ppo.grad_plan = trainer::chunked::GradPlan::for_recipe(recipe);
     ppo.policy_optimizer = policy_optimizer;
     ppo.value_optimizer = value_optimizer;
     if let Some(kl) = kl {

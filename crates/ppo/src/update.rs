@@ -8,7 +8,7 @@ use burn::prelude::*;
 use llama::Llama;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use trainer::chunked::model_grads;
+use trainer::chunked::{model_grads, GradPlan};
 use trainer::optim::clip_grad_norm;
 use trainer::step::DeviceSum;
 
@@ -88,17 +88,19 @@ impl Ppo {
             self.seed ^ (iteration as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
         );
         let mut u = UpdateStats::default();
-        for _epoch in 0..s.ppo_epochs {
+        for epoch in 0..s.ppo_epochs {
             let mut order: Vec<usize> = (0..rollouts.len()).collect();
             order.shuffle(&mut rng);
-            for mini_batch in order.chunks(mini) {
+            for (index, mini_batch) in order.chunks(mini).enumerate() {
                 let count: usize = mini_batch.iter().map(|&i| rollouts[i].response.len()).sum();
                 let mut policy_grads = GradientsAccumulator::<Llama>::new();
                 let mut value_grads = GradientsAccumulator::<Llama>::new();
                 // The mini-batch `micro` rollouts at a time, gradients accumulated: each
                 // piece's losses are sums over its tokens divided by the mini-batch's count.
-                for piece in mini_batch.chunks(micro) {
-                    let (policy, value) = self.piece_grads(rollouts, t, piece, count, &mut u);
+                for (part, piece) in mini_batch.chunks(micro).enumerate() {
+                    let pass = [iteration, epoch, index, part].map(|n| n as u64);
+                    let plan = self.grad_plan.at(&pass);
+                    let (policy, value) = self.piece_grads(rollouts, t, piece, count, plan, &mut u);
                     policy_grads.accumulate(&self.policy, policy);
                     value_grads.accumulate(&self.value, value);
                 }
@@ -135,6 +137,7 @@ impl Ppo {
         t: &Targets<'_>,
         piece: &[usize],
         count: usize,
+        plan: GradPlan,
         u: &mut UpdateStats,
     ) -> (GradientsParams, GradientsParams) {
         let s = &self.settings;
@@ -155,12 +158,14 @@ impl Ppo {
         let old_t = tensor(t.old_logp);
         let advantages = tensor(t.advantages);
         let policy = &self.policy;
-        let mut plan = self.grad_plan;
-        plan.chunk = self.loss_chunk;
+        let policy_plan = GradPlan {
+            chunk: self.loss_chunk,
+            ..plan
+        };
         let (loss, policy_grads) = model_grads(
             policy,
             &padded.input,
-            plan,
+            policy_plan,
             |hidden| next_token_slice(hidden, width),
             |part, range| {
                 let (logp, _) = chunk_logprobs(
@@ -189,7 +194,7 @@ impl Ppo {
         let (vloss, value_grads) = model_grads(
             value,
             &padded.input,
-            self.grad_plan.unchunked(),
+            plan.unchunked(),
             |hidden| hidden,
             |hidden, _| {
                 let rows = batch.len();

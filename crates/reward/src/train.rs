@@ -65,7 +65,7 @@ pub fn run(recipe: &Recipe, section: &RewardSection, options: &RunOptions) -> Re
     let total_steps = run.total;
     let mut batches = run.batches(lengths(&train_set));
     let micro = recipe.micro_batch_size();
-    let plan = GradPlan::new(&recipe.train);
+    let plan = GradPlan::for_recipe(recipe);
     // The latest evaluation and the step it measured.
     let mut last_eval: Option<(usize, PairEval)> = None;
     let mut last_loss = f64::NAN;
@@ -78,7 +78,7 @@ pub fn run(recipe: &Recipe, section: &RewardSection, options: &RunOptions) -> Re
         let mut accumulator = GradientsAccumulator::<Llama>::new();
         let mut step_loss = DeviceSum::default();
         let mut step_right = DeviceSum::default();
-        for chunk in items.chunks(micro) {
+        for (m, chunk) in items.chunks(micro).enumerate() {
             let batch = PairBatch::new(chunk, pad);
             let margins = pair_margins(&batch, section);
             let n = chunk.len();
@@ -88,7 +88,7 @@ pub fn run(recipe: &Recipe, section: &RewardSection, options: &RunOptions) -> Re
                 &margins,
                 section.centering,
                 global_pairs,
-                plan,
+                plan.at(&[step as u64, m as u64]),
             );
             step_right.add(right);
             step_loss.add(loss);

@@ -76,7 +76,7 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     let micro = recipe.micro_batch_size();
     let pad = config.pad_token_id.unwrap_or(0);
     let chunk = train.loss_chunk;
-    let plan = GradPlan::new(train);
+    let plan = GradPlan::for_recipe(recipe);
     let mut last_loss = f64::NAN;
     let mut eval_loss = None;
     let mut checkpoint = PathBuf::new();
@@ -94,8 +94,9 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
             .sum();
         let mut accumulator = GradientsAccumulator::<Llama>::new();
         let mut step_loss = DeviceSum::default();
-        for batch in &micro_batches {
-            let (loss, grads) = sft_loss_and_grads(&model, batch, trained, plan);
+        for (m, batch) in micro_batches.iter().enumerate() {
+            let pass = plan.at(&[step as u64, m as u64]);
+            let (loss, grads) = sft_loss_and_grads(&model, batch, trained, pass);
             step_loss.add(loss);
             accumulator.accumulate(&model, grads);
             run.count(batch.tokens.iter().map(Vec::len).sum(), batch.tokens.len());

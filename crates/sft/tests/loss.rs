@@ -74,7 +74,11 @@ fn the_chunked_loss_gives_the_same_loss_and_gradients() {
         let batch = SequenceBatch::new(&eight_items(), 0);
         let total = batch.trained_tokens();
         let width = batch.tokens[0].len();
-        let plan = |chunk: usize, layerwise: bool| GradPlan { chunk, layerwise };
+        let plan = |chunk: usize, layerwise: bool| GradPlan {
+            chunk,
+            layerwise,
+            ..GradPlan::default()
+        };
         let (whole, grads) = sft_loss_and_grads(&model, &batch, total, plan(0, false));
         let whole = whole.into_scalar::<f32>();
         let reference = grads_by_name(&model, &grads);
@@ -134,4 +138,76 @@ fn gradient_accumulation_matches_one_large_batch() {
 fn burn_dataset_get(d: &SequenceDataset, i: usize) -> data::batch::SequenceItem {
     use data::batch::Dataset;
     d.get(i).unwrap()
+}
+
+/// The LoRA factors' gradients by name.
+fn factor_grads(model: &llama::Llama, grads: &GradientsParams) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    for (i, layer) in model.layers.iter().enumerate() {
+        for (name, linear) in [
+            ("q", &layer.self_attn.q_proj),
+            ("gate", &layer.mlp.gate_proj),
+        ] {
+            let adapter = linear.weight.adapter().expect("an adapted projection");
+            for (factor, param) in [("a", &adapter.a), ("b", &adapter.b)] {
+                let grad = grads.get::<2>(param.id).expect("factors have gradients");
+                out.push((format!("{i}.{name}.{factor}"), llama::model::to_host(grad)));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn lora_dropout_draws_the_same_masks_when_layers_are_recomputed() {
+    let device = llama::parse_device(&test_support::test_device_name())
+        .unwrap()
+        .autodiff();
+    let config = llama::load_config(&test_support::tiny_test_config()).unwrap();
+    let spec = llama::lora::LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "gate_proj".into()],
+        quantize: llama::lora::BaseQuant::None,
+    };
+    let base = llama::init_random(&config, &device, 11).unwrap();
+    let model = llama::lora::attach(base, &spec, llama::lora::Factors::Fresh(3), None).unwrap();
+    let batch = SequenceBatch::new(&eight_items(), 0);
+    let total = batch.trained_tokens();
+    let plan = |dropout: f64, layerwise: bool, chunk: usize| {
+        GradPlan {
+            chunk,
+            layerwise,
+            dropout,
+            pass_seed: 5,
+        }
+        .at(&[7, 1])
+    };
+    let grads = |plan: GradPlan| {
+        let (loss, grads) = sft_loss_and_grads(&model, &batch, total, plan);
+        (loss.into_scalar::<f32>(), factor_grads(&model, &grads))
+    };
+    let (loss, plain) = grads(plan(0.3, false, 0));
+    for (layerwise, chunk) in [(true, 0), (true, 37), (false, 37)] {
+        let (again, recomputed) = grads(plan(0.3, layerwise, chunk));
+        assert!((again - loss).abs() <= 1e-5, "{again} vs {loss}");
+        assert_same_grads(&plain, &recomputed, 1e-5);
+    }
+    // Dropout changes what the factors learn from (B starts at zero, so not the loss yet), and
+    // another pass draws other masks.
+    let (_, without) = grads(plan(0.0, false, 0));
+    let (_, other_pass) = grads(GradPlan {
+        pass_seed: 6,
+        ..plan(0.3, false, 0)
+    });
+    let differs = |x: &[(String, Vec<f32>)], y: &[(String, Vec<f32>)]| {
+        x.iter()
+            .zip(y)
+            .any(|((_, a), (_, b))| a.iter().zip(b).any(|(p, q)| (p - q).abs() > 1e-4))
+    };
+    assert!(differs(&plain, &without), "dropout changed no gradient");
+    assert!(
+        differs(&plain, &other_pass),
+        "two passes drew the same masks"
+    );
 }

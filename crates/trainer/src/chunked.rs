@@ -20,6 +20,9 @@ pub struct GradPlan {
     /// Activation checkpointing: keep only each decoder layer's input from the forward pass and
     /// recompute the layer in the backward pass.
     pub layerwise: bool,
+    /// LoRA dropout (`[lora] dropout`; 0: none) and the pass's seed for its masks.
+    pub dropout: f64,
+    pub pass_seed: u64,
 }
 
 impl GradPlan {
@@ -27,7 +30,26 @@ impl GradPlan {
         Self {
             chunk: train.loss_chunk,
             layerwise: train.activation_checkpointing,
+            dropout: 0.0,
+            pass_seed: train.seed,
         }
+    }
+
+    /// [`GradPlan::new`] with the recipe's LoRA dropout.
+    pub fn for_recipe(recipe: &crate::Recipe) -> Self {
+        Self {
+            dropout: recipe.lora.as_ref().map_or(0.0, |lora| lora.dropout),
+            ..Self::new(&recipe.train)
+        }
+    }
+
+    /// The plan of one pass, named by `parts` (step, micro-batch, ...): its dropout masks are
+    /// drawn from them and the run's seed, so a resumed run draws the same ones.
+    pub fn at(self, parts: &[u64]) -> Self {
+        let pass_seed = parts.iter().fold(self.pass_seed, |seed, &part| {
+            (seed ^ part).wrapping_mul(0x0100_0000_01b3).rotate_left(17)
+        });
+        Self { pass_seed, ..self }
     }
 
     /// The same plan with the head and loss in one piece (scalar heads).
@@ -53,6 +75,19 @@ pub fn model_grads(
     select: impl Fn(Tensor<3>) -> Tensor<3>,
     chunk_loss: impl FnMut(Tensor<3>, Range<usize>) -> Tensor<1>,
 ) -> (Tensor<1>, GradientsParams) {
+    let with_dropout;
+    let model = if plan.dropout > 0.0 {
+        with_dropout = Llama {
+            adapter_dropout: Some(llama::AdapterDropout {
+                prob: plan.dropout,
+                seed: plan.pass_seed,
+            }),
+            ..model.clone()
+        };
+        &with_dropout
+    } else {
+        model
+    };
     if !plan.layerwise {
         let states = select(model.hidden_states(input, None));
         let (loss, grads, _) = head_grads(model, states, None, plan.chunk, chunk_loss);
@@ -88,10 +123,12 @@ pub fn model_grads(
             .expect("a layer's output depends on its input");
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }
-    let grads = (model.embed(input) * Tensor::from_inner(d_output))
-        .sum()
-        .backward();
-    accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    let embedded = model.embed(input);
+    // Frozen embeddings (LoRA) have nothing to learn from the last gradient.
+    if embedded.is_tracked() {
+        let grads = (embedded * Tensor::from_inner(d_output)).sum().backward();
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
     (loss, accumulator.grads())
 }
 

@@ -226,7 +226,7 @@ pub struct LoraSection {
     /// The update is scaled by `alpha / rank`; default `2 * rank`.
     #[serde(default)]
     pub alpha: Option<f64>,
-    /// Dropout on the adapter's input; only 0 is supported (see the README).
+    /// Dropout on the adapters' input (PEFT's `lora_dropout`), in training passes only.
     #[serde(default)]
     pub dropout: f64,
     /// Projections that get adapters: any of q_proj, k_proj, v_proj, o_proj, gate_proj,
@@ -266,14 +266,6 @@ impl LoraSection {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err("[lora] `dropout` must be within [0, 1)".into());
-        }
-        if self.dropout > 0.0 {
-            return Err(
-                "[lora] `dropout` > 0 is not supported: burn's LoRA composes the \
-                        adapter into the weight, so there is no separate adapter input to drop; \
-                        use 0"
-                    .into(),
-            );
         }
         if self.targets.is_empty() {
             return Err("[lora] `targets` must name at least one projection".into());
