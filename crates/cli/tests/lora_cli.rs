@@ -163,6 +163,28 @@ fn lora_sft_learns_resumes_exactly_and_exports() {
     assert_success(&from_merged);
     assert_eq!(stdout(&from_adapter), stdout(&from_merged));
 
+    // Without [lora], a recipe starting from the adapter directory trains the merged model in
+    // full.
+    let full_recipe =
+        on_base::<trainer::recipe::NoSection>(SFT, &checkpoint, &tmp.path().join("full-r"));
+    let (run, metrics) = run_recipe(
+        "sft",
+        &full_recipe,
+        &tmp.path().join("full-from-lora"),
+        &sets(&[
+            "train.max_steps=3",
+            "train.log_every=1",
+            "train.eval_every=0",
+        ]),
+    );
+    assert_success(&run);
+    let losses: Vec<f64> = losses_by_step(&metrics).iter().map(|(_, l)| *l).collect();
+    assert!(losses[0] != losses[2], "nothing trained: {losses:?}");
+    assert!(tmp
+        .path()
+        .join("full-from-lora/checkpoint-3/model.safetensors")
+        .is_file());
+
     let adapter = tmp.path().join("adapter");
     assert_success(&export(&checkpoint, &adapter, &["--adapter"]));
     assert!(adapter.join("adapter_config.json").is_file());
@@ -271,6 +293,26 @@ fn lora_reward_and_ppo_train_adapters() {
     assert!(checkpoint.join("adapter_model.safetensors").is_file());
     assert!(checkpoint.join("value/adapter_model.safetensors").is_file());
     assert!(!checkpoint.join("value/model.safetensors").exists());
+
+    // QLoRA: the reference is the packed base itself.
+    if !test_device_name().starts_with("tch") {
+        let mut q8 = ppo_sets.clone();
+        q8.extend([
+            "lora.quantize_base=\"q8\"".to_string(),
+            "train.max_steps=1".to_string(),
+        ]);
+        let (run, metrics) = run_recipe(
+            "ppo",
+            &ppo_recipe,
+            &tmp.path().join("ppo-q8"),
+            &with_sets(&q8),
+        );
+        assert_success(&run);
+        assert_eq!(
+            metrics.iter().filter_map(|v| v["kl"].as_f64()).next(),
+            Some(0.0)
+        );
+    }
 }
 
 #[test]

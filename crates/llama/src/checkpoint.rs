@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use burn::module::Module;
 use burn::prelude::Device;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -107,6 +108,7 @@ fn load_adapter(
         config.pad_token_id = Some(0);
     }
     let weights = SafetensorsDir::open_file(&dir.join(lora::ADAPTER_WEIGHTS))?;
+    lora::check_no_unexpected(&weights, config.num_hidden_layers, &adapter.target_modules)?;
     let mut model = lora::attach(
         model,
         &adapter.spec(quantize),
@@ -140,7 +142,9 @@ fn load_dir(
         // Inference and export read an adapter directory merged into its base.
         let (config, model) =
             load_adapter(dir, device, head, ids, seed, lora::BaseQuant::None, depth)?;
-        return Ok((config, lora::merge(model)));
+        // Attaching froze the base; merged, every weight trains again (full fine-tuning from
+        // a LoRA checkpoint), as a model read from a full checkpoint does.
+        return Ok((config, lora::merge(model).set_require_grad(true)));
     }
     if !config_path.exists() {
         return Err(LlamaError::Config {

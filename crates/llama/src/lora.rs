@@ -376,6 +376,12 @@ pub struct AdapterConfig {
     #[serde(default)]
     pub use_rslora: bool,
     #[serde(default)]
+    pub bias: Option<String>,
+    #[serde(default)]
+    pub rank_pattern: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub alpha_pattern: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
     pub use_dora: bool,
 }
 
@@ -433,6 +439,31 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     }
     if config.r == 0 {
         return Err(unsupported("`r` must be >= 1".into()));
+    }
+    let patterned = |p: &Option<serde_json::Map<String, serde_json::Value>>| {
+        p.as_ref().is_some_and(|m| !m.is_empty())
+    };
+    if patterned(&config.rank_pattern) || patterned(&config.alpha_pattern) {
+        return Err(unsupported(
+            "per-module `rank_pattern` / `alpha_pattern` are not supported".into(),
+        ));
+    }
+    if config.bias.as_deref().is_some_and(|b| b != "none") {
+        return Err(unsupported(
+            "adapter biases (`bias` other than \"none\") are not supported".into(),
+        ));
+    }
+    // PEFT lists `classifier` beside `score` for sequence classification; Llama has only the
+    // latter.
+    if let Some(bad) = config
+        .modules_to_save
+        .iter()
+        .flatten()
+        .find(|m| !["score", "classifier"].contains(&m.as_str()))
+    {
+        return Err(unsupported(format!(
+            "`modules_to_save` names `{bad}`: only a reward model's `score` head is supported"
+        )));
     }
     if let Some(bad) = config
         .target_modules
@@ -520,6 +551,41 @@ pub fn write_adapter(model: &Llama, info: &AdapterInfo<'_>, dir: &Path) -> Resul
     let path = dir.join(ADAPTER_CONFIG);
     let text = serde_json::to_string_pretty(&config).expect("JSON values always serialize");
     std::fs::write(&path, text + "\n").map_err(io_err(&path))
+}
+
+/// Refuses an adapter file holding tensors its config does not account for (what a loader would
+/// otherwise drop silently): only the factors of `targets` in `layers` layers and a scalar head.
+pub(crate) fn check_no_unexpected(
+    weights: &SafetensorsDir,
+    layers: usize,
+    targets: &[String],
+) -> Result<()> {
+    let mut expected = vec![format!("{PEFT_PREFIX}score.weight")];
+    for layer in 0..layers {
+        for target in targets {
+            let mlp = ["gate_proj", "up_proj", "down_proj"].contains(&target.as_str());
+            let block = if mlp { "mlp" } else { "self_attn" };
+            let module = format!("model.layers.{layer}.{block}.{target}");
+            expected.push(peft_name(&module, "lora_A"));
+            expected.push(peft_name(&module, "lora_B"));
+        }
+    }
+    let mut unexpected: Vec<&str> = weights
+        .names()
+        .filter(|n| !expected.iter().any(|e| e == n))
+        .collect();
+    unexpected.sort();
+    match unexpected.first() {
+        Some(first) => Err(LlamaError::Safetensors {
+            path: weights.file_for(first).to_path_buf(),
+            message: format!(
+                "unexpected tensor `{first}` ({} unexpected in all): not an adapter of the \
+                 target modules its adapter_config.json names",
+                unexpected.len()
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Reads a saved scalar head from an adapter directory's weights, `[1, hidden]` in PyTorch

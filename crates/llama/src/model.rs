@@ -340,11 +340,15 @@ fn project<const D: usize>(
     shape[D - 1] = d_out;
     let flat = x.reshape([rows, d_in]);
     let dtype = flat.dtype();
-    let mut out = flat.clone().matmul(if weight.dtype() == dtype {
-        weight
-    } else {
-        weight.cast(dtype)
-    });
+    // A packed (quantised) weight is dequantised by the product itself, to the activations'
+    // dtype; only a float weight of another dtype is cast.
+    let mut out = flat
+        .clone()
+        .matmul(if weight.dtype() == dtype || !weight.dtype().is_float() {
+            weight
+        } else {
+            weight.cast(dtype)
+        });
     if let (Some(dropout), Some(adapter)) = (dropout, linear.weight.adapter()) {
         if dropout.prob > 0.0 {
             let device = flat.device();

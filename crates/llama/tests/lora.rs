@@ -219,6 +219,36 @@ fn saved_adapters_load_merge_and_round_trip_in_peft_layout() {
     for (name, shape, values) in &tensors {
         assert_eq!(&written.read_f32(name, shape).unwrap(), values, "{name}");
     }
+    // What the configuration does not account for is refused, not dropped.
+    let extra = tmp.path().join("extra");
+    std::fs::create_dir_all(&extra).unwrap();
+    std::fs::copy(
+        adapter_dir.join(lora::ADAPTER_CONFIG),
+        extra.join(lora::ADAPTER_CONFIG),
+    )
+    .unwrap();
+    let mut more = tensors.clone();
+    more.push((
+        "base_model.model.lm_head.weight".into(),
+        vec![2, 2],
+        vec![0.0; 4],
+    ));
+    write_safetensors(&extra.join(lora::ADAPTER_WEIGHTS), &more);
+    let err = llama::load_pretrained(&extra, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unexpected tensor `base_model.model.lm_head.weight`"),
+        "{err}"
+    );
+    test_support::edit_json(&extra.join(lora::ADAPTER_CONFIG), |c| {
+        c["alpha_pattern"] = serde_json::json!({"q_proj": 32});
+    });
+    let err = llama::load_pretrained(&extra, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("alpha_pattern"), "{err}");
+
     let ids: HashMap<String, u64> = lora::adapter_ids(&adapted);
     assert_eq!(ids.len(), 2 * 2 * config.num_hidden_layers);
     let (_, resumed) = llama::checkpoint::load_adapter_dir(

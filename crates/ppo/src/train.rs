@@ -261,7 +261,8 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
         settings.clone(),
     );
     ppo.vocab_limit = vocab_limit;
-    ppo.grad_plan = trainer::chunked::GradPlan::for_recipe(recipe);
+    // No LoRA dropout in PPO's passes (as TRL): the old log-probabilities were taken without it,
+    // and the probability ratio must start at 1.
     ppo.policy_optimizer = policy_optimizer;
     ppo.value_optimizer = value_optimizer;
     if let Some(kl) = kl {
