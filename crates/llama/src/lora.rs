@@ -75,20 +75,12 @@ const BLOCK: u8 = 32;
 /// width (Llama 2's widths are all multiples of 32); `None` below 8, where one scale per tensor
 /// is used instead.
 fn block_size(model: &Llama, targets: &[String]) -> Option<u8> {
-    let layer = model.layers.first()?;
-    let (a, m) = (&layer.self_attn, &layer.mlp);
-    let widths = [
-        ("q_proj", &a.q_proj),
-        ("k_proj", &a.k_proj),
-        ("v_proj", &a.v_proj),
-        ("o_proj", &a.o_proj),
-        ("gate_proj", &m.gate_proj),
-        ("up_proj", &m.up_proj),
-        ("down_proj", &m.down_proj),
-    ]
-    .into_iter()
-    .filter(|(kind, _)| targets.iter().any(|t| t == kind))
-    .map(|(_, linear)| linear.weight.dims()[1]);
+    let widths = projections(model)
+        .into_iter()
+        .filter(|(module, kind, _)| {
+            module.starts_with("model.layers.0.") && targets.iter().any(|t| t == kind)
+        })
+        .map(|(_, _, linear)| linear.weight.dims()[1]);
     let gcd = widths.fold(BLOCK as usize, |g, w| {
         let (mut x, mut y) = (g, w);
         while y != 0 {
@@ -282,25 +274,30 @@ fn peft_name(module: &str, factor: &str) -> String {
 
 /// The adapted projections of a model with their Hugging Face module names, in layer order.
 fn adapted(model: &Llama) -> Vec<(String, &Linear)> {
-    let mut out = Vec::new();
-    for (i, layer) in model.layers.iter().enumerate() {
-        let a = &layer.self_attn;
-        let m = &layer.mlp;
-        for (name, linear) in [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ] {
-            if linear.weight.adapter().is_some() {
-                out.push((format!("model.layers.{i}.{name}"), linear));
-            }
-        }
-    }
-    out
+    projections(model)
+        .into_iter()
+        .filter(|(_, _, linear)| linear.weight.adapter().is_some())
+        .map(|(module, _, linear)| (module, linear))
+        .collect()
+}
+
+/// Every decoder projection with its Hugging Face module name and kind (`q_proj`, ...), in
+/// checkpoint order, as [`crate::weights::hf_params`] names them.
+fn projections(model: &Llama) -> Vec<(String, &'static str, &Linear)> {
+    crate::weights::hf_params(model)
+        .into_iter()
+        .filter_map(|(name, param)| {
+            let crate::weights::ParamRef::Linear(linear) = param else {
+                return None;
+            };
+            let module = name.strip_suffix(".weight")?;
+            let last = module.rsplit('.').next()?;
+            let kind = TARGETS.into_iter().find(|k| *k == last)?;
+            module
+                .starts_with("model.layers.")
+                .then(|| (module.to_string(), kind, linear))
+        })
+        .collect()
 }
 
 /// Whether any projection carries an adapter.
