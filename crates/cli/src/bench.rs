@@ -64,6 +64,9 @@ pub struct GenerateBench {
     new_tokens: usize,
     #[arg(long, default_value = "flex")]
     device: String,
+    /// Weights and compute in f32 or bf16
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    dtype: String,
     /// Only measure with the KV cache
     #[arg(long)]
     cache_only: bool,
@@ -78,26 +81,39 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Data(args) => bench_data(args),
         BenchCommand::Sft(args) => {
             let recipe = trainer::Recipe::load(&args.recipe, &args.set)?;
-            let rate = sft::train::bench(&recipe, args.steps.max(1))?;
+            let report = sft::train::bench(&recipe, args.steps.max(1))?;
+            let rate = report.tokens_per_sec;
             let t = &recipe.train;
             if args.json {
                 println!(
                     "{}",
                     serde_json::json!({
-                        "device": recipe.runtime.device, "batch_size": t.batch_size,
+                        "device": recipe.runtime.device, "dtype": recipe.runtime.dtype,
+                        "lora": recipe.lora.is_some(),
+                        "activation_checkpointing": t.activation_checkpointing,
+                        "batch_size": t.batch_size,
                         "micro_batch_size": recipe.micro_batch_size(),
                         "seq_len": recipe.data.max_seq_len, "steps": args.steps,
                         "tokens_per_sec": rate,
+                        "parameters": report.config.parameter_count(),
+                        "trained_parameters": report.trained_parameters,
+                        "model_flops_per_token": report.flops_per_token,
+                        "model_tflops_per_sec": report.flops_per_token * rate / 1e12,
+                        "memory_plan": report.plan,
+                        "peak_rss_bytes": peak_rss_bytes(),
                     })
                 );
             } else {
                 println!(
-                    "{}: {:.0} tokens/s (batch {} x {} tokens, micro-batch {})",
+                    "{}: {:.0} tokens/s, {:.2} model TFLOP/s (batch {} x {} tokens, micro-batch \
+                     {}; planned {})",
                     recipe.runtime.device,
                     rate,
+                    report.flops_per_token * rate / 1e12,
                     t.batch_size,
                     recipe.data.max_seq_len,
-                    recipe.micro_batch_size()
+                    recipe.micro_batch_size(),
+                    trainer::memory::human_bytes(report.plan.total)
                 );
             }
             Ok(())
@@ -181,6 +197,10 @@ fn bench_generate(args: GenerateBench) -> Result<()> {
     let device = parse_device(&args.device)?;
     let config = load_config(&args.config)?;
     let model = init_random(&config, &device, 0).context("building the model")?;
+    let model = match args.dtype.as_str() {
+        "bf16" => llama::model::cast_weights(model, burn::tensor::FloatDType::BF16),
+        _ => model,
+    };
     // Deterministic prompt ids away from the special tokens.
     let prompts: Vec<Vec<u32>> = (0..args.batch)
         .map(|b| {
@@ -220,7 +240,8 @@ fn bench_generate(args: GenerateBench) -> Result<()> {
             println!(
                 "{}",
                 serde_json::json!({
-                    "device": args.device, "batch": args.batch, "prompt_len": args.prompt_len,
+                    "device": args.device, "dtype": args.dtype, "batch": args.batch,
+                    "prompt_len": args.prompt_len,
                     "new_tokens": args.new_tokens, "use_cache": use_cache,
                     "tokens_per_sec": rate, "seconds": seconds,
                 })

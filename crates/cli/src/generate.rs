@@ -32,7 +32,7 @@ pub struct GenerateArgs {
     /// Tokenizer file (default: MODEL/tokenizer.json)
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// flex | tch:cpu | tch:cuda:N | cuda:N
+    /// flex | cuda:N | tch:cpu | tch:cuda:N
     #[arg(long, default_value = "flex")]
     device: String,
     /// Recompute the whole sequence at every step (slow; for comparison)

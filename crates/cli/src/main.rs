@@ -10,6 +10,7 @@ mod generate;
 mod info;
 mod score;
 mod train_cmd;
+mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -50,6 +51,8 @@ enum Command {
     /// Inspect training data: counts, token lengths, rendered examples
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
+    /// Check a model on a device against reference outputs from `transformers`
+    Verify(verify::VerifyArgs),
     /// Benchmarks (not tests): generation, data, SFT and reward-model throughput
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -70,6 +73,7 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Export(args) => export::run(args),
         Command::Data(command) => data_cmd::run(command),
+        Command::Verify(args) => verify::run(args),
         Command::Bench(command) => bench::run(command),
     };
     if let Err(error) = result {

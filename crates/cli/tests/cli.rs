@@ -362,12 +362,14 @@ fn sft(out: &Path, extra: &[&str]) -> (Output, Vec<serde_json::Value>) {
 
 #[test]
 fn bf16_runs_learn_near_f32_resume_exactly_and_save_their_dtype() {
+    // The recipe's full 300 steps: round-to-nearest bf16 updates stalled over that length (33%
+    // above f32 at the end) while 40 steps looked fine.
     let tmp = tempfile::tempdir().unwrap();
     let steps = sets(&[
-        "train.max_steps=40",
+        "train.max_steps=300",
         "train.log_every=1",
         "train.eval_every=0",
-        "train.save_every=20",
+        "train.save_every=280",
     ]);
     let final_loss = |dtype: &str| {
         let dtype_set = format!("runtime.dtype=\"{dtype}\"");
@@ -377,24 +379,23 @@ fn bf16_runs_learn_near_f32_resume_exactly_and_save_their_dtype() {
         );
         assert_success(&run);
         let losses: Vec<f64> = metrics.iter().filter_map(|v| v["loss"].as_f64()).collect();
-        assert_eq!(losses.len(), 40, "{dtype}");
+        assert_eq!(losses.len(), 300, "{dtype}");
         let first: f64 = losses[..3].iter().sum::<f64>() / 3.0;
-        assert!(
-            losses[39] < first - 0.5,
-            "{dtype}: {first} -> {}",
-            losses[39]
-        );
-        (losses[39], metrics)
+        // The last 20 steps' mean: one batch's loss in bf16 moves by a few percent with the
+        // CPU's bf16 kernels (README, "Precision").
+        let last: f64 = losses[280..].iter().sum::<f64>() / 20.0;
+        assert!(last < first - 0.5, "{dtype}: {first} -> {last}");
+        (last, metrics)
     };
     let (reference, _) = final_loss("f32");
     for dtype in ["bf16", "bf16-mixed"] {
         let (loss, metrics) = final_loss(dtype);
         assert!(
             (loss - reference).abs() <= 0.02 * reference,
-            "{dtype}: final loss {loss} against f32 {reference}"
+            "{dtype}: mean loss of the last 20 steps {loss} against f32 {reference}"
         );
         // Checkpoints keep the run's dtype: bf16 weights are saved as bf16, exactly.
-        let checkpoint = tmp.path().join(dtype).join("checkpoint-40");
+        let checkpoint = tmp.path().join(dtype).join("checkpoint-300");
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(checkpoint.join("config.json")).unwrap())
                 .unwrap();
@@ -404,14 +405,15 @@ fn bf16_runs_learn_near_f32_resume_exactly_and_save_their_dtype() {
             "float32"
         };
         assert_eq!(config["torch_dtype"], saved, "{dtype}");
-        // Resuming at step 20 retraces steps 21 to 40 exactly.
-        let from = tmp.path().join(dtype).join("checkpoint-20");
+        // Resuming at step 280 retraces steps 281 to 300 exactly (bf16's rounding noise too).
+        let from = tmp.path().join(dtype).join("checkpoint-280");
         let dtype_set = format!("runtime.dtype=\"{dtype}\"");
         let mut args = [&steps[..], &sets(&[&dtype_set])].concat();
         args.extend(["--resume", arg(&from)]);
         let (run, resumed) = sft(&tmp.path().join(format!("{dtype}-resumed")), &args);
         assert_success(&run);
-        let tail: Vec<(u64, f64)> = losses_by_step(&metrics).into_iter().skip(20).collect();
+        let tail: Vec<(u64, f64)> = losses_by_step(&metrics).into_iter().skip(280).collect();
+        assert_eq!(tail.len(), 20);
         assert_eq!(losses_by_step(&resumed), tail, "{dtype}");
     }
     let (run, _) = sft(&tmp.path().join("x"), &sets(&["runtime.dtype=\"f16\""]));
@@ -435,18 +437,20 @@ fn sft_trains_deterministically_and_writes_a_usable_checkpoint() {
     assert_eq!(losses(&a).len(), 30);
     assert_eq!(losses(&a), losses(&b), "same seed, same losses");
     // Activation checkpointing recomputes each layer instead of storing it: the same losses
-    // and gradient norms (to rounding, over 30 steps of training: 1e-5, relative for norms).
+    // (to rounding, over 30 steps of training: 1e-5) and gradient norms. The recomputed
+    // forward pass rounds differently and the difference compounds over the steps; a norm at a
+    // loss spike amplifies it (1.4e-5 relative at step 30 on an AMD EPYC), so norms get 1e-4.
     let checkpointed = [&steps[..], &sets(&["train.activation_checkpointing=true"])].concat();
     let (_, c) = sft(&tmp.path().join("c"), &checkpointed);
     let norms = |m: &[serde_json::Value]| -> Vec<f64> {
         m.iter().filter_map(|v| v["grad_norm"].as_f64()).collect()
     };
-    for (x, y) in [(losses(&a), losses(&c)), (norms(&a), norms(&c))] {
+    for (x, y, tolerance) in [(losses(&a), losses(&c), 1e-5), (norms(&a), norms(&c), 1e-4)] {
         assert_eq!(x.len(), 30);
         assert!(
             x.iter()
                 .zip(&y)
-                .all(|(x, y)| (x - y).abs() <= 1e-5 * x.abs().max(1.0)),
+                .all(|(x, y)| (x - y).abs() <= tolerance * x.abs().max(1.0)),
             "{x:?} vs {y:?}"
         );
     }

@@ -238,6 +238,16 @@ fn qlora_sft_learns_on_a_quantized_base() {
         );
         assert!(out.join("checkpoint-8/adapter_model.safetensors").is_file());
     }
+    if test_device_name().starts_with("tch") {
+        return;
+    }
+    // Adapters fitted to a 4-bit base do not resume on an 8-bit one.
+    let overrides = lora_sets(&[r#"lora.quantize_base="q8""#, "train.max_steps=12"]);
+    let mut args = with_sets(&overrides);
+    let from = tmp.path().join("q4/checkpoint-8");
+    args.extend(["--resume", arg(&from)]);
+    let (run, _) = run_recipe("sft", &recipe, &tmp.path().join("q8-resumed"), &args);
+    assert_user_error(&run, "trained with lora.quantize_base = \"q4\"");
 }
 
 #[test]

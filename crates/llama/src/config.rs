@@ -408,6 +408,26 @@ impl LlamaConfig {
         self.checked_parameter_count().unwrap_or(u64::MAX)
     }
 
+    /// Model FLOPs of one trained token in sequences of `seq_len` (PaLM's accounting, as MFU
+    /// uses it): 2 per matrix weight forward, 2 more for the input gradient and 2 more for the
+    /// weight gradient where weights are trained (`weight_gradients`; false for a frozen LoRA
+    /// base), plus `12 * layers * hidden * seq_len` for attention's scores and weighted sums.
+    /// The embedding lookup is free; recomputation (activation checkpointing) is not counted.
+    pub fn training_flops_per_token(&self, seq_len: usize, weight_gradients: bool) -> f64 {
+        let embedding = (self.vocab_size * self.hidden_size) as f64;
+        let norms = ((2 * self.num_hidden_layers + 1) * self.hidden_size) as f64;
+        let matmul_weights = self.parameter_count() as f64
+            - norms
+            - if self.tie_word_embeddings {
+                0.0
+            } else {
+                embedding
+            };
+        let per_weight = if weight_gradients { 6.0 } else { 4.0 };
+        let attention = 12.0 * (self.num_hidden_layers * self.hidden_size) as f64 * seq_len as f64;
+        per_weight * matmul_weights + attention
+    }
+
     /// The parameter count, or `None` when it does not fit in a `u64`.
     pub fn checked_parameter_count(&self) -> Option<u64> {
         let d = self.hidden_size as u64;

@@ -4,9 +4,9 @@ use burn::prelude::Device;
 
 use crate::error::{LlamaError, Result};
 
-/// The device names users write: `flex` (pure-Rust CPU, the default), `tch:cpu`,
-/// `tch:cuda:N`, and `cuda:N` (libtorch CUDA).
-pub const DEVICE_HELP: &str = "flex | tch:cpu | tch:cuda:N | cuda:N";
+/// The device names users write: `flex` (pure-Rust CPU, the default), `cuda:N` (burn's CubeCL
+/// CUDA backend, the `cuda` feature), `tch:cpu` and `tch:cuda:N` (libtorch, the `tch` feature).
+pub const DEVICE_HELP: &str = "flex | cuda:N | tch:cpu | tch:cuda:N";
 
 pub fn parse_device(name: &str) -> Result<Device> {
     let name = name.trim();
@@ -17,19 +17,10 @@ pub fn parse_device(name: &str) -> Result<Device> {
         Some(rest) => (true, rest),
         None => (false, name),
     };
-    let cuda_index = rest
-        .strip_prefix("cuda")
-        .map(|i| i.strip_prefix(':').unwrap_or(i))
-        .map(|i| {
-            if i.is_empty() {
-                Ok(0)
-            } else {
-                i.parse::<usize>()
-            }
-        });
-    match (tch, rest, cuda_index) {
+    match (tch, rest, cuda_index(name)) {
         (true, "cpu", _) => libtorch_cpu(),
-        (_, _, Some(Ok(index))) => libtorch_cuda(index),
+        (true, _, Some(index)) => libtorch_cuda(index),
+        (false, _, Some(index)) => cubecl_cuda(index),
         _ => Err(LlamaError::Invalid(format!(
             "unknown device `{name}` (expected {DEVICE_HELP})"
         ))),
@@ -37,7 +28,7 @@ pub fn parse_device(name: &str) -> Result<Device> {
 }
 
 #[cfg(feature = "tch")]
-#[allow(deprecated)] // burn-tch is deprecated upstream but is our libtorch/CUDA path
+#[allow(deprecated)] // burn-tch is deprecated upstream; kept for users who have libtorch
 fn libtorch_cpu() -> Result<Device> {
     Ok(Device::libtorch())
 }
@@ -50,18 +41,32 @@ fn libtorch_cuda(index: usize) -> Result<Device> {
 
 #[cfg(not(feature = "tch"))]
 fn libtorch_cpu() -> Result<Device> {
-    Err(not_built("tch:cpu"))
+    Err(not_built("tch:cpu", "tch", "libtorch"))
 }
 
 #[cfg(not(feature = "tch"))]
 fn libtorch_cuda(index: usize) -> Result<Device> {
-    Err(not_built(&format!("cuda:{index}")))
+    Err(not_built(&format!("tch:cuda:{index}"), "tch", "libtorch"))
 }
 
-#[cfg(not(feature = "tch"))]
-fn not_built(name: &str) -> LlamaError {
+#[cfg(feature = "cuda")]
+fn cubecl_cuda(index: usize) -> Result<Device> {
+    Ok(Device::cuda(index))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cubecl_cuda(index: usize) -> Result<Device> {
+    Err(not_built(
+        &format!("cuda:{index}"),
+        "cuda",
+        "burn's CUDA backend",
+    ))
+}
+
+#[allow(dead_code)] // unused when every backend is built
+fn not_built(name: &str, feature: &str, what: &str) -> LlamaError {
     LlamaError::Invalid(format!(
-        "device `{name}` needs libtorch: rebuild with `--features tch` (see README, \"Backends\")"
+        "device `{name}` needs {what}: rebuild with `--features cli/{feature}` (see README, \"Backends\")"
     ))
 }
 
@@ -137,6 +142,34 @@ mod tests {
         assert_eq!(cuda_index("tch:cpu"), None);
         assert_eq!(cuda_index("flex"), None);
         assert_eq!(cuda_index("cuda:x"), None);
+    }
+
+    /// `cuda:N` is burn's CUDA backend and `tch:*` libtorch; a backend not built is refused in
+    /// one line naming its feature, and unknown names list the valid ones.
+    #[test]
+    fn device_names_pick_their_backend_or_name_the_missing_feature() {
+        let message = |name: &str| parse_device(name).err().map(|e| e.to_string());
+        assert!(parse_device("flex").is_ok());
+        if cfg!(not(feature = "cuda")) {
+            let error = message("cuda:1").unwrap();
+            assert!(
+                error.contains("`cuda:1`") && error.contains("--features cli/cuda"),
+                "{error}"
+            );
+        }
+        if cfg!(not(feature = "tch")) {
+            let error = message("tch:cuda:0").unwrap();
+            assert!(
+                error.contains("`tch:cuda:0`") && error.contains("cli/tch"),
+                "{error}"
+            );
+        } else {
+            assert!(parse_device("tch:cpu").is_ok());
+        }
+        for bad in ["gpu", "cuda:x", "tch:gpu", "tch:cuda:-1"] {
+            let error = message(bad).unwrap();
+            assert!(error.contains(DEVICE_HELP), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod error;
 pub mod generate;
 pub mod lora;
 pub mod model;
+pub mod reference;
 pub mod shards;
 pub mod weights;
 

@@ -21,6 +21,18 @@ fn llama2_parameter_counts_are_exact() {
     }
 }
 
+/// Llama 2 7B by hand: 32 layers of 4 * 4096^2 attention and 3 * 4096 * 11008 MLP weights,
+/// plus the 32000 x 4096 head, give 6,607,077,376 matrix weights; attention over 4096 positions
+/// adds 12 * 32 * 4096 * 4096 = 6,442,450,944 FLOPs per token.
+#[test]
+fn training_flops_per_token_follow_palm_accounting() {
+    let config = llama::load_config(&root().join("configs/llama2-7b.toml")).unwrap();
+    let full = 6.0 * 6_607_077_376.0 + 6_442_450_944.0;
+    let frozen = 4.0 * 6_607_077_376.0 + 6_442_450_944.0;
+    assert_eq!(config.training_flops_per_token(4096, true), full);
+    assert_eq!(config.training_flops_per_token(4096, false), frozen);
+}
+
 #[test]
 fn parameter_count_matches_built_model() {
     let device = test_device();

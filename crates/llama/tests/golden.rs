@@ -24,17 +24,15 @@ fn logits_match_transformers() {
     }
 }
 
-/// bf16 keeps 8 significant bits. These models' logits reach 12 in magnitude, and transformers'
-/// own bf16 forward pass (4.57.1, CPU) is this far off its f32 logits: ours may be no further.
-const BF16_TOLERANCE: [(&str, f32); 2] = [("tiny-gqa", 0.65), ("tiny-odd", 0.84)];
-
 #[test]
 fn bf16_and_mixed_logits_stay_near_transformers() {
     use burn::tensor::FloatDType;
     let device = test_device();
-    for (name, tolerance) in BF16_TOLERANCE {
+    // Tolerances: how far transformers' own bf16 forward pass is from its f32 logits.
+    for name in ["tiny-gqa", "tiny-odd"] {
         let (_, model) = llama::load_pretrained(&golden_dir(name), &device).expect("load");
         let golden = load_golden(name);
+        let tolerance = golden.bf16_tolerance().expect("a measured bf16 tolerance");
         let bf16 = llama::model::cast_weights(model.clone(), FloatDType::BF16);
         let mixed = llama::Llama {
             compute_dtype: Some(FloatDType::BF16),
@@ -291,4 +289,48 @@ fn generation_never_picks_ids_past_the_vocab_limit() {
             assert!(row.tokens.iter().all(|&t| t < 256), "{:?}", row.tokens);
         }
     }
+}
+
+/// `train verify`'s checks pass on the references and catch a small change to any of them.
+#[test]
+fn verify_passes_on_references_and_catches_changes() {
+    let device = test_device();
+    let name = "tiny-odd";
+    let (_, model) = llama::load_pretrained(&golden_dir(name), &device).expect("load");
+    let golden = load_golden(name);
+    let checks = llama::reference::verify(&model, &golden).expect("verify");
+    let names: Vec<&str> = checks.iter().map(|c| c.name).collect();
+    assert_eq!(
+        names,
+        [
+            "logits",
+            "kv_cache",
+            "mixed_padding",
+            "greedy_tokens",
+            "bf16_logits",
+            "bf16_mixed_logits"
+        ]
+    );
+    assert!(checks.iter().all(|c| c.passed()), "{checks:?}");
+
+    // Twice the f32 tolerance on one logit of the longest sequence fails the three f32 checks.
+    let mut changed = load_golden(name);
+    let longest = (0..changed.sequences.len())
+        .max_by_key(|&i| changed.sequences[i].len())
+        .unwrap();
+    changed.logits[longest][7] += 2.0 * llama::reference::F32_TOLERANCE;
+    let failed: Vec<&str> = llama::reference::verify(&model, &changed)
+        .expect("verify")
+        .iter()
+        .filter(|c| !c.passed())
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(failed, ["logits", "kv_cache", "mixed_padding"]);
+
+    // One greedy token changed: that continuation differs in all four ways of generating it.
+    let mut changed = load_golden(name);
+    changed.greedy[0].1[0] += 1;
+    let checks = llama::reference::verify(&model, &changed).expect("verify");
+    let greedy = checks.iter().find(|c| c.name == "greedy_tokens").unwrap();
+    assert_eq!(greedy.measured, 4.0);
 }

@@ -132,7 +132,18 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
 
 /// Tokens/s of full training steps (forward, loss, backward, clipping, AdamW) on random full-length
 /// sequences of the recipe's batch shape, after one warm-up step. A benchmark, not a test.
-pub fn bench(recipe: &Recipe, steps: usize) -> Result<f64> {
+/// What `train bench sft` measured, with what the throughput is set against.
+pub struct BenchReport {
+    pub tokens_per_sec: f64,
+    pub config: llama::LlamaConfig,
+    /// Parameters that take gradients (with LoRA: the adapters).
+    pub trained_parameters: usize,
+    /// Model FLOPs of one trained token (see `LlamaConfig::training_flops_per_token`).
+    pub flops_per_token: f64,
+    pub plan: MemoryPlan,
+}
+
+pub fn bench(recipe: &Recipe, steps: usize) -> Result<BenchReport> {
     use rand::{Rng, SeedableRng};
     let train = &recipe.train;
     let device = trainer::session::training_device(recipe)?;
@@ -174,5 +185,14 @@ pub fn bench(recipe: &Recipe, steps: usize) -> Result<f64> {
             timed += start.elapsed().as_secs_f64();
         }
     }
-    Ok((steps * train.batch_size * len) as f64 / timed.max(1e-9))
+    Ok(BenchReport {
+        tokens_per_sec: (steps * train.batch_size * len) as f64 / timed.max(1e-9),
+        trained_parameters: match recipe.lora {
+            Some(_) => llama::lora::trainable_parameters(&model),
+            None => config.parameter_count() as usize,
+        },
+        flops_per_token: config.training_flops_per_token(len, recipe.lora.is_none()),
+        plan: memory_plan(recipe, &config),
+        config,
+    })
 }

@@ -24,6 +24,11 @@ pub struct TrainerState {
     /// Whatever else a trainer must restore (PPO: the KL controller, the value model's ids).
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// How a LoRA run quantised its frozen base (`None`: not a LoRA run, or a checkpoint
+    /// from before this was recorded). Resuming with another setting would train the same
+    /// adapters on different base weights, so it is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize_base: Option<llama::lora::BaseQuant>,
 }
 
 pub const STATE_FILE: &str = "trainer_state.json";

@@ -149,6 +149,7 @@ impl<'r> Session<'r> {
         let (config, model) = match (&self.resume, &self.state) {
             (Some(dir), Some(state)) => {
                 check_resumed_tokenizer(&self.tokenizer, dir)?;
+                check_resumed_quantization(self.recipe, dir, state)?;
                 let loaded = resume_model(self.recipe, dir, &self.device, head, &state.param_ids)?;
                 if loaded.1.head() != head {
                     return Err(TrainError::Invalid(format!(
@@ -391,6 +392,7 @@ impl Run<'_> {
                 seed: self.recipe.train.seed,
                 param_ids: llama::weights::param_ids(model),
                 extra: serde_json::Value::Null,
+                quantize_base: self.recipe.lora.as_ref().map(|lora| lora.quantize_base),
             };
             more(dir, &mut state)?;
             checkpoint::write_training_state(dir, optimizer, &state)
@@ -575,6 +577,36 @@ pub fn resume_model(
              trained with",
             dir.display()
         ))),
+    }
+}
+
+/// Refuses to resume a LoRA checkpoint with another `quantize_base` than it was trained with:
+/// the adapters were fitted to that base's rounding.
+fn check_resumed_quantization(
+    recipe: &Recipe,
+    checkpoint: &Path,
+    state: &TrainerState,
+) -> Result<()> {
+    let (Some(trained), Some(lora)) = (state.quantize_base, recipe.lora.as_ref()) else {
+        return Ok(());
+    };
+    if trained != lora.quantize_base {
+        return Err(TrainError::Invalid(format!(
+            "{}: trained with lora.quantize_base = {}, the recipe says {}; resume with the \
+             setting it was trained with",
+            checkpoint.display(),
+            quant_name(trained),
+            quant_name(lora.quantize_base)
+        )));
+    }
+    Ok(())
+}
+
+fn quant_name(quant: llama::lora::BaseQuant) -> &'static str {
+    match quant {
+        llama::lora::BaseQuant::None => "\"none\"",
+        llama::lora::BaseQuant::Q8 => "\"q8\"",
+        llama::lora::BaseQuant::Q4 => "\"q4\"",
     }
 }
 

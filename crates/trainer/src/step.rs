@@ -150,5 +150,7 @@ pub fn bench_step(
     clip_grad_norm(&model, &mut grads, train.grad_clip);
     let model = optimizer.step(train.lr, model, grads);
     let _ = llama::model::to_host(model.norm.gamma.val());
+    // GPU backends queue work asynchronously: wait for the whole step before it is timed.
+    let _ = model.norm.gamma.val().device().sync();
     model
 }

@@ -3,14 +3,25 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
+use burn::tensor::DType;
 use llama::model::to_host;
 use llama::weights::{hf_params, ParamRef};
-use trainer::optim::{adamw, clip_grad_norm, grad_norm};
+use trainer::optim::{adamw, clip_grad_norm, grad_norm, round_to_bf16_stochastically};
 use trainer::recipe::TrainSection;
 
 fn tiny_model() -> llama::Llama {
+    tiny_model_on(&Device::flex())
+}
+
+fn tiny_model_on(device: &Device) -> llama::Llama {
     let config = llama::load_config(&test_support::tiny_test_config()).unwrap();
-    llama::init_random(&config, &Device::flex().autodiff(), 5).unwrap()
+    llama::init_random(&config, &device.clone().autodiff(), 5).unwrap()
+}
+
+/// LLAMA_TEST_DEVICE (flex by default): the bf16 tests run on each backend of the suite.
+fn test_device() -> Device {
+    let name = test_support::test_device_name();
+    llama::parse_device(&name).unwrap_or_else(|e| panic!("LLAMA_TEST_DEVICE: {e}"))
 }
 
 fn host_grads(model: &llama::Llama, grads: &GradientsParams) -> Vec<f32> {
@@ -108,4 +119,82 @@ fn a_zero_clip_means_no_clipping() {
     let before = host_grads(&model, &grads);
     clip_grad_norm(&model, &mut grads, Some(0.0));
     assert_eq!(host_grads(&model, &grads), before);
+}
+
+#[test]
+fn stochastic_rounding_picks_a_neighbour_with_the_right_odds() {
+    let device = test_device();
+    device.seed(7);
+    let n = 20_000;
+    // Each value with the bf16 neighbours around it: above 1 the spacing is 2^-7, below it
+    // 2^-8; exact values, zero and negatives too.
+    let cases: [(f32, [f32; 2]); 6] = [
+        (1.001, [1.0, 1.0078125]),
+        (0.999, [0.99609375, 1.0]),
+        (-1.001, [-1.0078125, -1.0]),
+        (3.0e-5, [2.9921532e-5, 3.0040741e-5]),
+        (0.5, [0.5, 0.5]),
+        (0.0, [0.0, 0.0]),
+    ];
+    for (x, [low, high]) in cases {
+        let rounded = round_to_bf16_stochastically(Tensor::<1>::full([n], x, &device));
+        assert_eq!(rounded.dtype(), DType::BF16);
+        let values = to_host(rounded);
+        assert!(
+            values.iter().all(|&v| v == low || v == high),
+            "{x}: {:?}",
+            values.iter().find(|&&v| v != low && v != high)
+        );
+        // Unbiased: the mean is x, within four standard errors of the two-point draw.
+        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        let p = if high > low {
+            (x - low) as f64 / (high - low) as f64
+        } else {
+            0.0
+        };
+        let error = (high - low) as f64 * (p * (1.0 - p) / n as f64).sqrt();
+        assert!(
+            (mean - x as f64).abs() <= 4.0 * error + 1e-12,
+            "{x}: mean {mean}, standard error {error}"
+        );
+    }
+}
+
+struct Ones(GradientsParams);
+
+impl ModuleVisitor for Ones {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.register(param.id, param.val().ones_like().inner());
+    }
+}
+
+#[test]
+fn bf16_parameters_keep_updates_smaller_than_their_rounding_step() {
+    // A norm weight of 1.0 in bf16 moves in steps of 2^-8 below 1: AdamW at lr 1e-4 moves it
+    // 1e-4 a step, which round-to-nearest drops every time. Stochastic rounding keeps it in
+    // expectation: after 100 steps the weights average 0.99.
+    let model = llama::model::cast_weights(
+        tiny_model_on(&test_device()),
+        burn::tensor::FloatDType::BF16,
+    );
+    let train: TrainSection =
+        toml::from_str("batch_size = 1\nlr = 1e-4\nweight_decay = 0.0").unwrap();
+    let mut optimizer = adamw(&train);
+    let mut model = model;
+    for _ in 0..100 {
+        let mut ones = Ones(GradientsParams::new());
+        model.visit(&mut ones);
+        model = optimizer.step(1e-4, model, ones.0);
+    }
+    assert_eq!(model.norm.gamma.val().dtype(), DType::BF16);
+    let gammas: Vec<f32> = hf_params(&model)
+        .into_iter()
+        .filter(|(name, _)| name.contains("norm"))
+        .flat_map(|(_, p)| p.to_host())
+        .collect();
+    let mean = gammas.iter().map(|&g| g as f64).sum::<f64>() / gammas.len() as f64;
+    assert!(
+        (mean - 0.99).abs() <= 2e-3,
+        "mean norm weight {mean} after 100 steps"
+    );
 }

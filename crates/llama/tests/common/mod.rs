@@ -20,55 +20,9 @@ pub fn test_device() -> Device {
     llama::parse_device(&name).unwrap_or_else(|e| panic!("LLAMA_TEST_DEVICE: {e}"))
 }
 
-pub struct Golden {
-    pub sequences: Vec<Vec<u32>>,
-    pub logits: Vec<Vec<f32>>,
-    pub greedy: Vec<(Vec<u32>, Vec<u32>)>,
-    pub max_new_tokens: usize,
-}
-
-pub fn load_golden(name: &str) -> Golden {
-    let dir = test_support::golden_dir(name);
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("golden.json")).expect("golden.json"),
-    )
-    .expect("golden.json parses");
-    let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .expect("id list")
-            .iter()
-            .map(|x| x.as_u64().expect("id") as u32)
-            .collect()
-    };
-    let sequences: Vec<Vec<u32>> = json["sequences"]
-        .as_array()
-        .expect("sequences")
-        .iter()
-        .map(ids)
-        .collect();
-    let greedy = json["greedy"]
-        .as_array()
-        .expect("greedy")
-        .iter()
-        .map(|g| (ids(&g["prompt_ids"]), ids(&g["new_tokens"])))
-        .collect();
-    let bytes = std::fs::read(dir.join("golden.safetensors")).expect("golden.safetensors");
-    let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("golden safetensors");
-    let logits = (0..sequences.len())
-        .map(|i| {
-            let view = tensors.tensor(&format!("logits_{i}")).expect("logits_i");
-            view.data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
-        })
-        .collect();
-    Golden {
-        sequences,
-        logits,
-        greedy,
-        max_new_tokens: json["max_new_tokens"].as_u64().expect("max_new_tokens") as usize,
-    }
+/// The `transformers` reference outputs saved beside golden model `name`.
+pub fn load_golden(name: &str) -> llama::reference::Reference {
+    llama::reference::Reference::load(&test_support::golden_dir(name)).expect("golden files")
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
