@@ -556,8 +556,9 @@ def bundle(out, backend):
             return 1
         for key in ["LIBTORCH_USE_PYTORCH", "LIBTORCH_INCLUDE", "LIBTORCH_LIB"]:
             env.pop(key, None)
-        env.update({"LIBTORCH": libtorch, "LIBTORCH_BYPASS_VERSION_CHECK": "1",
-                    "CARGO_TARGET_DIR": TCH_TARGET})
+        # Absolute: torch-sys's build script runs in its own directory.
+        env.update({"LIBTORCH": os.path.abspath(libtorch), "LIBTORCH_BYPASS_VERSION_CHECK": "1",
+                    "CARGO_TARGET_DIR": os.path.abspath(TCH_TARGET)})
         build = ["cargo", "build", "--release", "-p", "cli", "--features", "cli/tch"]
         binary = os.path.join(TCH_TARGET, "release", "train")
     else:
