@@ -36,6 +36,18 @@ fn libtorch_cpu() -> Result<Device> {
 #[cfg(feature = "tch")]
 #[allow(deprecated)]
 fn libtorch_cuda(index: usize) -> Result<Device> {
+    // libtorch only fails at the first operation on a missing GPU, inside a panic: ask first.
+    let gpus = Device::enumerate(burn::tensor::DeviceType::LibTorch).len();
+    if index >= gpus {
+        let hint = if gpus == 0 {
+            " (no NVIDIA GPU or driver?)"
+        } else {
+            ""
+        };
+        return Err(LlamaError::Invalid(format!(
+            "device `tch:cuda:{index}`: libtorch sees {gpus} CUDA device(s){hint}"
+        )));
+    }
     Ok(Device::libtorch_cuda(index))
 }
 
@@ -165,6 +177,9 @@ mod tests {
             );
         } else {
             assert!(parse_device("tch:cpu").is_ok());
+            // A GPU libtorch cannot see is refused up front, not by a panic at the first use.
+            let error = message("tch:cuda:99").unwrap();
+            assert!(error.contains("libtorch sees"), "{error}");
         }
         for bad in ["gpu", "cuda:x", "tch:gpu", "tch:cuda:-1"] {
             let error = message(bad).unwrap();
