@@ -82,10 +82,16 @@ PEAKS = [
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="flex, tiny shapes")
-    parser.add_argument("--device", help="default cuda:0 (flex with --dry-run)")
+    parser.add_argument("--device", help="default: tch:cuda:0 in a libtorch bundle, else cuda:0; "
+                                         "flex with --dry-run")
     parser.add_argument("--bin", help="the train binary (default: ./train, then target/release)")
     parser.add_argument("--out", help="work directory (default $OUT or a temporary one)")
     parser.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
+    parser.add_argument("--skip", action="append", default=[], metavar="STEP",
+                        help="leave a step out (repeatable), e.g. to split the check over calls")
+    parser.add_argument("--budget", type=float, default=450,
+                        help="seconds for the whole check (default 450; 0: none); a step that "
+                             "would run past it stops and fails")
     parser.add_argument("--bundle", metavar="DIR", help="build and bundle; nothing is checked")
     parser.add_argument("--backend", choices=["tch", "cuda"], default="tch",
                         help="the bundle's GPU backend: libtorch 2.11 (tch:cuda:0) or burn's "
@@ -109,10 +115,13 @@ def main() -> int:
     env = dict(os.environ)
     if device.startswith("cuda"):
         env.update(cuda_environment())
-    elif device.startswith("tch:"):
-        env.update(libtorch_environment())
-    check = Check(os.path.abspath(binary), device, args.dry_run, work, env)
+    if device.startswith("tch:") or bundle_backend() == "tch":
+        env.update(libtorch_environment())  # a libtorch build loads it whatever the device
     started = time.time()
+    deadline = started + args.budget if args.budget > 0 else None
+    report = os.path.join(os.path.abspath(out), "gpu-check.json")
+    check = Check(os.path.abspath(binary), device, args.dry_run, work, env, deadline, report,
+                  set(args.skip))
     check.result.update(
         {
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -135,24 +144,32 @@ def main() -> int:
     if not args.no_peer and not args.dry_run:
         check.step("peer_pytorch", check.peer)
     check.result["seconds"] = round(time.time() - started, 1)
-    check.result["passed"] = not check.failures
-    check.result["failures"] = check.failures
-    text = json.dumps(check.result, indent=1)
-    with open(os.path.join(os.path.abspath(out), "gpu-check.json"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+    check.result["finished"] = True
+    print(check.save())
     return 0 if not check.failures else 1
 
 
 class Check:
-    def __init__(self, binary, device, dry_run, work, env):
+    def __init__(self, binary, device, dry_run, work, env, deadline, report, skip):
         self.binary, self.device, self.dry_run, self.work, self.env = (
             binary, device, dry_run, work, env
         )
-        self.result = {"steps": {}}
+        self.deadline, self.report, self.skip = deadline, report, skip
+        self.result = {"steps": {}, "skipped": sorted(skip)}
         self.failures = []
 
+    def save(self):
+        """Writes the report so far (after every step: a check cut short keeps what it did)."""
+        self.result["passed"] = not self.failures
+        self.result["failures"] = self.failures
+        text = json.dumps(self.result, indent=1)
+        with open(self.report, "w") as f:
+            f.write(text + "\n")
+        return text
+
     def step(self, name, run):
+        if name in self.skip:
+            return
         started = time.time()
         try:
             outcome = run()
@@ -164,11 +181,18 @@ class Check:
         if not outcome.get("passed", True):
             self.failures.append(name)
         self.result["steps"][name] = outcome
+        self.save()
         print(f"gpu-check: {name}: {'ok' if outcome.get('passed', True) else 'FAILED'} "
               f"({outcome['seconds']} s)", file=sys.stderr)
 
-    def train(self, args, timeout, sample_memory=False):
-        """Runs `train ARGS`; returns (stdout, peak GPU memory in bytes or None)."""
+    def train(self, args, timeout, sample_memory=False, allow_failure=False):
+        """Runs `train ARGS`; returns (stdout, peak GPU memory in bytes or None), or with
+        `allow_failure` (stdout, exit status)."""
+        if self.deadline is not None:
+            left = self.deadline - time.time()
+            if left < 5:
+                raise StepFailed("the check's time budget (--budget) is spent")
+            timeout = min(timeout, left)
         sampler = GpuMemory(self.device) if sample_memory else None
         try:
             run = subprocess.run(
@@ -176,22 +200,28 @@ class Check:
                 timeout=timeout,
             )
         except subprocess.TimeoutExpired:
-            raise StepFailed(f"`train {' '.join(args[:3])}` ran past {timeout} s")
+            raise StepFailed(f"`train {' '.join(args[:3])}` ran past {timeout:.0f} s")
         finally:
             peak = sampler.stop() if sampler else None
+        if allow_failure:
+            return run.stdout, run.returncode
         if run.returncode != 0:
             tail = (run.stderr.strip().splitlines() or ["(no output)"])[-3:]
             raise StepFailed(f"`train {' '.join(args[:3])}` failed: {' | '.join(tail)}")
         return run.stdout, peak
 
     def verify(self):
-        stdout, _ = self.train(
+        # A failed check still prints its measurements: keep them.
+        stdout, status = self.train(
             ["verify", "--device", self.device, "--json"]
             + [a for g in GOLDEN for a in ["--model", g]],
-            timeout=300,
+            timeout=300, allow_failure=True,
         )
-        models = [json.loads(line) for line in stdout.splitlines() if line.strip()]
-        return {"passed": len(models) == len(GOLDEN), "models": models}
+        models = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+        outcome = {"passed": status == 0 and len(models) == len(GOLDEN), "models": models}
+        if status != 0 and not models:
+            outcome["error"] = f"`train verify` exited with {status} before any model"
+        return outcome
 
     def tiny_recipes(self):
         """SFT, then a reward model, then PPO from both, as the quickstart chains them."""
@@ -486,7 +516,10 @@ def link_union(sources, target):
 
 def missing_headers(env):
     include = os.path.join(env.get("CUDA_PATH") or "/usr/local/cuda", "include")
-    return [h for h in KERNEL_HEADERS if not os.path.exists(os.path.join(include, h))]
+    # NVRTC searches include/ and include/cccl (where CCCL 13 keeps nv/target).
+    roots = [include, os.path.join(include, "cccl")]
+    return [h for h in KERNEL_HEADERS
+            if not any(os.path.exists(os.path.join(root, h)) for root in roots)]
 
 
 def fetch_cuda_headers(archive):
@@ -522,11 +555,16 @@ def fetch_cuda_headers(archive):
                         tar.addfile(member, io.BytesIO(data))
 
 
+def bundle_backend():
+    """What the bundle's binary was built with (its BACKEND file), or None outside a bundle."""
+    if os.path.isfile("BACKEND"):
+        return open("BACKEND").read().strip()
+    return None
+
+
 def default_gpu_device():
-    """`tch:cuda:0` for a bundle built on libtorch (its BACKEND file), else `cuda:0`."""
-    if os.path.isfile("BACKEND") and open("BACKEND").read().strip() == "tch":
-        return "tch:cuda:0"
-    return "cuda:0"
+    """`tch:cuda:0` for a bundle built on libtorch, else `cuda:0`."""
+    return "tch:cuda:0" if bundle_backend() == "tch" else "cuda:0"
 
 
 def libtorch_environment():
@@ -607,8 +645,10 @@ def fetch_libtorch(target):
     import zipfile
 
     libtorch = os.path.join(target, "torch")
-    if os.path.isfile(os.path.join(libtorch, "lib", "libtorch_cpu.so")):
+    done = os.path.join(target, ".complete")
+    if os.path.isfile(done):
         return libtorch
+    shutil.rmtree(target, ignore_errors=True)  # an extraction cut short
     with tempfile.TemporaryDirectory() as tmp:
         pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
                f"torch=={LIBTORCH_VERSION}"]
@@ -624,7 +664,10 @@ def fetch_libtorch(target):
                         z.extract(info, target)
     for lib in glob.glob(os.path.join(libtorch, "lib", "*.so*")):
         os.chmod(lib, 0o755)
-    return libtorch if os.path.isdir(os.path.join(libtorch, "lib")) else None
+    if not os.path.isdir(os.path.join(libtorch, "lib")):
+        return None
+    open(done, "w").close()
+    return libtorch
 
 
 if __name__ == "__main__":

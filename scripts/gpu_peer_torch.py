@@ -98,10 +98,12 @@ def flops_per_token(shape, seq, weight_gradients):
 def build(shape, device, lora, checkpointing):
     s = SHAPES[shape]
     torch.manual_seed(0)
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        LlamaForCausalLM = None
     with torch.device(device):
-        try:
-            from transformers import LlamaConfig, LlamaForCausalLM
-
+        if LlamaForCausalLM is not None:
             config = LlamaConfig(
                 vocab_size=s["vocab"], hidden_size=s["dim"], intermediate_size=s["ffn"],
                 num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
@@ -120,7 +122,7 @@ def build(shape, device, lora, checkpointing):
                 )
                 model.config.use_cache = False
             logits_of = lambda ids: model(input_ids=ids).logits  # noqa: E731
-        except ImportError:
+        else:
             model = PlainLlama(s, checkpointing).to(torch.bfloat16)
             logits_of = model
     if lora:
@@ -132,12 +134,14 @@ def with_lora(model, rank):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     try:
         from peft import LoraConfig, get_peft_model
-
-        model.enable_input_require_grads() if hasattr(model, "enable_input_require_grads") else None
+    except ImportError:
+        get_peft_model = None
+    if get_peft_model is not None and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
         return get_peft_model(
             model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
         )
-    except ImportError:
+    else:
         for p in model.parameters():
             p.requires_grad_(False)
         for name, module in list(model.named_modules()):
@@ -272,7 +276,10 @@ def bench_sft(device, name, shape, batch, micro, seq, lora, checkpointing, steps
         "trained_parameters": sum(p.numel() for p in trained),
     }
     if device == "cuda":
-        report["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+        # Reserved by the caching allocator, the closer figure to what nvidia-smi shows of
+        # ours (which also counts the CUDA context); allocated for reference.
+        report["peak_gpu_memory_bytes"] = torch.cuda.max_memory_reserved()
+        report["peak_gpu_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
     del model, optimizer, batches
     return report
 

@@ -77,6 +77,14 @@ fn verify_fails_in_one_line_on_a_wrong_reference() {
         );
     }
     assert_user_error(&run, "check(s) failed");
+    // A reference token outside the vocabulary: refused, not a panic in the embedding.
+    let path = model.join("golden.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["sequences"][0][1] = serde_json::json!(99_999);
+    std::fs::write(&path, json.to_string()).unwrap();
+    let run = train(&["verify", "--model", arg(&model)]);
+    assert_user_error(&run, "outside the vocabulary");
     // No reference files: one line naming the file.
     std::fs::remove_file(model.join("golden.json")).unwrap();
     let run = train(&["verify", "--model", arg(&model)]);

@@ -159,10 +159,22 @@ impl Check {
 /// Runs every check of `reference` on `model` (loaded from the reference's checkpoint, in f32):
 /// logits of each sequence; the same through the KV cache a token at a time; a batch mixing
 /// left, right and two-sided padding; greedy continuations alone and batched, with and without
-/// the cache; and, where a bf16 tolerance is known, the logits with bf16 weights (`bf16`) and
-/// with bf16 compute over f32 weights (`bf16-mixed`).
+/// the cache; and, where a bf16 tolerance is known, the logits with bf16 weights
+/// (`bf16_logits`) and with bf16 compute over f32 weights (`bf16_mixed_logits`).
 pub fn verify(model: &Llama, reference: &Reference) -> Result<Vec<Check>> {
     let vocab = model.vocab_size();
+    let token_lists = reference
+        .sequences
+        .iter()
+        .chain(reference.greedy.iter().map(|(prompt, _)| prompt));
+    for tokens in token_lists {
+        if tokens.is_empty() || tokens.iter().any(|&id| id as usize >= vocab) {
+            return Err(LlamaError::Invalid(format!(
+                "a reference sequence is empty or holds ids outside the vocabulary of {vocab}: \
+                 {tokens:?}"
+            )));
+        }
+    }
     if reference
         .logits
         .iter()

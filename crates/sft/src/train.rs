@@ -130,8 +130,6 @@ pub fn run(recipe: &Recipe, options: &RunOptions) -> Result<Summary> {
     })
 }
 
-/// Tokens/s of full training steps (forward, loss, backward, clipping, AdamW) on random full-length
-/// sequences of the recipe's batch shape, after one warm-up step. A benchmark, not a test.
 /// What `train bench sft` measured, with what the throughput is set against.
 pub struct BenchReport {
     pub tokens_per_sec: f64,
@@ -143,6 +141,8 @@ pub struct BenchReport {
     pub plan: MemoryPlan,
 }
 
+/// Tokens/s of full training steps (forward, loss, backward, clipping, AdamW) on random full-length
+/// sequences of the recipe's batch shape, after one warm-up step. A benchmark, not a test.
 pub fn bench(recipe: &Recipe, steps: usize) -> Result<BenchReport> {
     use rand::{Rng, SeedableRng};
     let train = &recipe.train;
