@@ -112,33 +112,32 @@ impl Optimizer for MomentsAtParamDtype {
             }
         };
         let time = state.as_ref().map_or(0, |state| state.momentum.time);
-        let state = state.map(|mut state| {
-            let m = &mut state.momentum;
-            m.moment_1 = at(m.moment_1.clone());
-            m.moment_2 = at(m.moment_2.clone());
-            m.max_moment_2 = m.max_moment_2.take().map(at);
-            state
-        });
+        let state = state.map(|state| map_moments(state, at));
         if !stochastic {
             return self.adamw.step(lr, tensor, grad, state);
         }
         let device = tensor.device();
         device.seed(self.noise_seed(time, &tensor.dims()));
         let (tensor, state) = self.adamw.step(lr, at(tensor), at(grad), state);
-        let round = round_to_bf16_stochastically;
-        let state = state.map(|mut state| {
-            let m = &mut state.momentum;
-            m.moment_1 = round(m.moment_1.clone());
-            m.moment_2 = round(m.moment_2.clone());
-            m.max_moment_2 = m.max_moment_2.take().map(round);
-            state
-        });
-        (round(tensor), state)
+        let state = state.map(|state| map_moments(state, round_to_bf16_stochastically));
+        (round_to_bf16_stochastically(tensor), state)
     }
 
     fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
         AdamW::to_device(state, device)
     }
+}
+
+/// `state` with `f` applied to each of AdamW's moments.
+fn map_moments<const D: usize>(
+    mut state: AdamWState<D>,
+    f: impl Fn(Tensor<D>) -> Tensor<D>,
+) -> AdamWState<D> {
+    let m = &mut state.momentum;
+    m.moment_1 = f(m.moment_1.clone());
+    m.moment_2 = f(m.moment_2.clone());
+    m.max_moment_2 = m.max_moment_2.take().map(&f);
+    state
 }
 
 /// `x` (f32) in bf16, rounded to one of the two bf16 values around it with probabilities that

@@ -75,11 +75,13 @@ fn global_norm_clipping_scales_every_gradient_together() {
     assert_eq!(host_grads(&model, &grads), after);
 }
 
-struct Zeros(GradientsParams);
+/// Gradients of one value for every parameter.
+struct Filled(GradientsParams, f32);
 
-impl ModuleVisitor for Zeros {
+impl ModuleVisitor for Filled {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.0.register(param.id, param.val().zeros_like().inner());
+        let grad = param.val().full_like(self.1).inner();
+        self.0.register(param.id, grad);
     }
 }
 
@@ -89,7 +91,7 @@ fn weight_decay_spares_norm_weights() {
     let train: TrainSection =
         toml::from_str("batch_size = 1\nlr = 0.1\nweight_decay = 0.5").unwrap();
     let mut optimizer = adamw(&train);
-    let mut zeros = Zeros(GradientsParams::new());
+    let mut zeros = Filled(GradientsParams::new(), 0.0);
     model.visit(&mut zeros);
     let before: Vec<(String, Vec<f32>)> = hf_params(&model)
         .into_iter()
@@ -160,14 +162,6 @@ fn stochastic_rounding_picks_a_neighbour_with_the_right_odds() {
     }
 }
 
-struct Ones(GradientsParams);
-
-impl ModuleVisitor for Ones {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.0.register(param.id, param.val().ones_like().inner());
-    }
-}
-
 #[test]
 fn bf16_parameters_keep_updates_smaller_than_their_rounding_step() {
     // A norm weight of 1.0 in bf16 moves in steps of 2^-8 below 1: AdamW at lr 1e-4 moves it
@@ -182,7 +176,7 @@ fn bf16_parameters_keep_updates_smaller_than_their_rounding_step() {
     let mut optimizer = adamw(&train);
     let mut model = model;
     for _ in 0..100 {
-        let mut ones = Ones(GradientsParams::new());
+        let mut ones = Filled(GradientsParams::new(), 1.0);
         model.visit(&mut ones);
         model = optimizer.step(1e-4, model, ones.0);
     }
