@@ -45,6 +45,10 @@ pub struct InspectArgs {
     /// Print the counts as one JSON object
     #[arg(long)]
     json: bool,
+    /// Also write every example's token ids and trained mask to this file (JSON Lines, train
+    /// split first): exactly what a trainer sees, for reference computations elsewhere
+    #[arg(long)]
+    ids: Option<PathBuf>,
 }
 
 pub fn run(command: DataCommand) -> Result<()> {
@@ -110,6 +114,9 @@ fn inspect(args: InspectArgs) -> Result<()> {
     let tokenizer = Tokenizer::from_file(&recipe.tokenizer)?;
     let loaded = load_data(&recipe.data, &recipe.base, &tokenizer, recipe.seed)?;
     let summary = summarize(&loaded);
+    if let Some(path) = &args.ids {
+        write_ids(&loaded, path).with_context(|| format!("{}", path.display()))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
         return Ok(());
@@ -164,5 +171,46 @@ fn inspect(args: InspectArgs) -> Result<()> {
         println!("\n--- {}:{}", source.display(), item.line);
         println!("{}", render_item(&tokenizer, &item.tokens, marking)?);
     }
+    Ok(())
+}
+
+/// One JSON line per example: its split, kind and token ids, with the trained mask of sequences
+/// and of both answers of a pair.
+fn write_ids(data: &data::LoadedData, path: &std::path::Path) -> Result<()> {
+    use data::Tokenized;
+    use std::io::Write;
+    let rendered =
+        |r: &data::chat::Rendered| serde_json::json!({"ids": r.ids, "trained": r.trained});
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let splits = [("train", &data.train), ("eval", &data.eval)];
+    for (split, items) in splits {
+        for item in items.iter() {
+            let record = match &item.tokens {
+                Tokenized::Sequence(r) => {
+                    serde_json::json!({"split": split, "kind": "sequence", "sequence": rendered(r)})
+                }
+                Tokenized::Pair {
+                    chosen,
+                    rejected,
+                    prompt_len,
+                    ..
+                } => serde_json::json!({
+                    "split": split,
+                    "kind": "pair",
+                    "prompt_len": prompt_len,
+                    "chosen": rendered(chosen),
+                    "rejected": rendered(rejected),
+                }),
+                Tokenized::Prompt { ids, category } => serde_json::json!({
+                    "split": split,
+                    "kind": "prompt",
+                    "ids": ids,
+                    "category": category,
+                }),
+            };
+            writeln!(out, "{record}")?;
+        }
+    }
+    out.flush()?;
     Ok(())
 }

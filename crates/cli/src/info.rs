@@ -163,12 +163,18 @@ fn recipe_plan(args: &InfoArgs) -> Result<()> {
         .into_iter()
         .flatten()
         .collect();
-        let value = match load(&settings.value_model)? {
-            Some(value) => value,
-            None => rms.first().cloned().context("[ppo] needs a reward model")?,
+        let value = match (settings.has_value_model(), load(&settings.value_model)?) {
+            (false, _) => None,
+            (true, Some(value)) => Some(value),
+            (true, None) => Some(rms.first().cloned().context("[ppo] needs a reward model")?),
         };
-        let plan = ppo::train::memory_plan(&recipe, &settings, &policy, &value, &rms);
+        let plan = ppo::train::memory_plan(&recipe, &settings, &policy, value.as_ref(), &rms);
         ("ppo", recipe, plan)
+    } else if table.contains_key("dpo") {
+        let (recipe, settings) = trainer::Recipe::load_with::<dpo::DpoSection>(path, &args.set)?;
+        let settings = settings.unwrap_or_default();
+        let plan = dpo::train::memory_plan(&recipe, &settings, &model_config(&recipe)?);
+        ("dpo", recipe, plan)
     } else if table.contains_key("reward") {
         let (recipe, _) = trainer::Recipe::load_with::<reward::RewardSection>(path, &args.set)?;
         let plan = reward::train::memory_plan(&recipe, &model_config(&recipe)?);

@@ -31,6 +31,8 @@ enum Command {
     Sft(train_cmd::TrainArgs),
     /// Train a reward model on preference pairs from a recipe
     Reward(train_cmd::TrainArgs),
+    /// Direct preference optimisation (DPO, IPO, cDPO, robust DPO) on preference pairs
+    Dpo(train_cmd::TrainArgs),
     /// RLHF with PPO against one or two reward models, from a recipe
     Ppo(train_cmd::TrainArgs),
     /// Rejection sampling fine-tuning: best of K answers by a reward model, then SFT
@@ -64,6 +66,7 @@ fn main() {
     let result = match cli.command {
         Command::Sft(args) => train_cmd::run_sft(args),
         Command::Reward(args) => train_cmd::run_reward(args),
+        Command::Dpo(args) => train_cmd::run_dpo(args),
         Command::Ppo(args) => train_cmd::run_ppo(args),
         Command::Rs(args) => train_cmd::run_rs(args),
         Command::Distill(args) => train_cmd::run_distill(args),

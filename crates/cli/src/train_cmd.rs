@@ -81,6 +81,29 @@ pub fn run_reward(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+pub fn run_dpo(args: TrainArgs) -> Result<()> {
+    let (recipe, section, options) = args.load::<dpo::DpoSection>()?;
+    let section = section.unwrap_or_default();
+    let summary =
+        dpo::train::run(&recipe, &section, &options).with_context(|| args.context("dpo"))?;
+    let eval = summary.eval.map(|e| {
+        e.values("eval_")
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::json!(v)))
+            .collect::<serde_json::Map<String, serde_json::Value>>()
+    });
+    println!(
+        "{}",
+        serde_json::json!({
+            "steps": summary.steps,
+            "final_loss": summary.final_loss,
+            "eval": eval,
+            "checkpoint": summary.checkpoint,
+        })
+    );
+    Ok(())
+}
+
 pub fn run_ppo(args: TrainArgs) -> Result<()> {
     let (recipe, section, options) = args.load_required::<ppo::PpoSection>()?;
     let summary =

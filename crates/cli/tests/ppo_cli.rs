@@ -210,3 +210,141 @@ fn ppo_bad_input_gives_one_line_errors() {
     assert_user_error(&run, "above ppo.max_kl");
     assert!(out.join("checkpoint-1/model.safetensors").exists());
 }
+
+#[test]
+fn grpo_runs_without_a_value_model_resumes_exactly_and_matches_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rm = reward_model(&tmp.path().join("rm"));
+    // From the golden checkpoint that transformers loads (context 128), all 16 rollouts of an
+    // iteration (4 prompts x 4 answers) in one mini-batch and logged as samples, so the second
+    // iteration's logged values can be recomputed from them.
+    let golden = golden_dir("tiny-gqa");
+    let recipe = recipe_from_checkpoint(RECIPE, &golden, tmp.path());
+    let rm_set = format!("ppo.reward_model=\"{}\"", rm.display());
+    let base = [
+        "ppo.estimator=\"grpo\"",
+        "ppo.group_size=4",
+        "ppo.kl_coef=0.1",
+        "ppo.whiten_reward=false",
+        "ppo.ppo_epochs=1",
+        "ppo.mini_batch_size=16",
+        "ppo.samples=16",
+        "ppo.sample_every=1",
+        "train.batch_size=4",
+        "train.max_steps=4",
+        "train.save_every=1",
+        "data.max_seq_len=100",
+    ];
+    let grpo = |out: &Path, extra: &[&str]| {
+        let mut overrides: Vec<&str> = base.to_vec();
+        overrides.extend_from_slice(extra);
+        overrides.push(&rm_set);
+        run_recipe("ppo", &recipe, out, &sets(&overrides))
+    };
+    let full = tmp.path().join("full");
+    let (run, metrics) = grpo(&full, &[]);
+    assert_success(&run);
+    assert_eq!(series(&metrics, "reward_mean").len(), 4);
+    assert_eq!(series(&metrics, "value_loss").len(), 0, "no value model");
+    assert_eq!(series(&metrics, "kl")[0], 0.0);
+    assert!(series(&metrics, "kl")[1] > 0.0);
+    assert!(!full.join("checkpoint-4/value").exists());
+    let samples = read_jsonl(&full.join("samples.jsonl"));
+    assert_eq!(samples.len(), 64, "16 rollouts every iteration");
+    // A prompt's four answers are consecutive, and a group's advantages sum to zero.
+    for group in samples.chunks(4) {
+        assert!(group
+            .iter()
+            .all(|s| s["prompt_ids"] == group[0]["prompt_ids"]));
+        let sum: f64 = group.iter().map(|s| s["advantage"].as_f64().unwrap()).sum();
+        assert!(sum.abs() < 1e-6, "{sum}");
+    }
+
+    // Stopped after iteration 2 and resumed: the same numbers afterwards.
+    let stopped = tmp.path().join("stopped");
+    copy_tree(&full, &stopped);
+    for step in [3, 4] {
+        std::fs::remove_dir_all(stopped.join(format!("checkpoint-{step}"))).unwrap();
+    }
+    let mut overrides: Vec<&str> = base.to_vec();
+    overrides.push(&rm_set);
+    let (run, resumed) = run_recipe("ppo", &recipe, &stopped, &resume_latest(&overrides));
+    assert_success(&run);
+    for key in ["reward_mean", "kl", "policy_loss", "grad_norm"] {
+        let (a, b) = (series(&metrics, key), series(&resumed, key));
+        assert_eq!(a.len(), b.len(), "{key}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-6, "{key}: {x} vs {y}");
+        }
+    }
+
+    // Iteration 2 recomputed with transformers: rewards, KL, advantages and the policy loss.
+    if let Some(python) = python_with_transformers() {
+        for (penalty, out) in [("loss", full.clone()), ("reward", tmp.path().join("rloo"))] {
+            if penalty == "reward" {
+                let (run, _) = grpo(
+                    &out,
+                    &["ppo.estimator=\"rloo\"", "ppo.kl_penalty=\"reward\""],
+                );
+                assert_success(&run);
+            }
+            let estimator = if penalty == "loss" { "grpo" } else { "rloo" };
+            let args: Vec<PathBuf> = [
+                out.join("checkpoint-1"),
+                golden.clone(),
+                rm.clone(),
+                out.join("samples.jsonl"),
+                out.join("metrics.jsonl"),
+            ]
+            .into_iter()
+            .chain(
+                [
+                    "--iteration",
+                    "2",
+                    "--group",
+                    "4",
+                    "--beta",
+                    "0.1",
+                    "--estimator",
+                    estimator,
+                    "--kl-penalty",
+                    penalty,
+                ]
+                .map(PathBuf::from),
+            )
+            .collect();
+            let refs: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();
+            assert_python_check(&python, "check_grpo.py", &refs);
+        }
+    }
+}
+
+#[test]
+fn critic_free_settings_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x");
+    let rm = tmp.path().join("rm-unused");
+    for (set, needle) in [
+        (vec!["ppo.estimator=\"grpo\""], "group_size"),
+        (
+            vec!["ppo.estimator=\"rloo\"", "ppo.group_size=1"],
+            "group_size",
+        ),
+        (vec!["ppo.group_size=0"], "group_size"),
+        (vec!["ppo.estimator=\"a2c\""], "estimator"),
+        (
+            vec![
+                "ppo.estimator=\"grpo\"",
+                "ppo.group_size=2",
+                "ppo.value_model=\"v\"",
+            ],
+            "value_model",
+        ),
+        (vec!["ppo.kl_penalty=\"both\""], "kl_penalty"),
+        (vec!["ppo.group_size=\"four\""], "group_size"),
+    ] {
+        let (run, _) = ppo(&out, &rm, &sets(&set));
+        assert_user_error(&run, needle);
+    }
+    assert!(!out.exists());
+}

@@ -34,9 +34,10 @@ fn shipped_recipes_load_for_their_command() {
     for path in recipes {
         let text = std::fs::read_to_string(&path).unwrap();
         let table: toml::Table = text.parse().unwrap();
-        let loaders: [(&str, Loader); 5] = [
+        let loaders: [(&str, Loader); 6] = [
             ("", load_recipe::<trainer::recipe::NoSection>),
             ("reward", load_recipe::<reward::RewardSection>),
+            ("dpo", load_recipe::<dpo::DpoSection>),
             ("ppo", load_recipe::<ppo::PpoSection>),
             ("rs", load_recipe::<sampling::rejection_sampling::RsSection>),
             ("distill", load_recipe::<sampling::distill::DistillSection>),

@@ -4,7 +4,7 @@
 
 use burn::prelude::*;
 
-use crate::section::PpoSection;
+use crate::section::{Estimator, PpoSection};
 
 /// Which reward model's score a prompt gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -159,6 +159,85 @@ pub fn advantages(
         returns,
         kl_mean,
     }
+}
+
+/// GRPO's advantages: each reward's distance from the mean of its group (`group` consecutive
+/// rollouts answer the same prompt) in units of the group's sample standard deviation (Bessel's
+/// correction, as `torch.std`), `(r - mean) / (std + 1e-4)`. A group of equal rewards gets 0.
+pub fn grpo_advantages(rewards: &[f64], group: usize) -> Vec<f64> {
+    rewards
+        .chunks(group.max(1))
+        .flat_map(|g| {
+            let n = g.len() as f64;
+            let mean = g.iter().sum::<f64>() / n;
+            let var = g.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+            let std = var.sqrt();
+            g.iter().map(move |r| (r - mean) / (std + 1e-4))
+        })
+        .collect()
+}
+
+/// RLOO's advantages: each reward minus the mean of the other rewards of its group.
+pub fn rloo_advantages(rewards: &[f64], group: usize) -> Vec<f64> {
+    rewards
+        .chunks(group.max(1))
+        .flat_map(|g| {
+            let (n, sum) = (g.len() as f64, g.iter().sum::<f64>());
+            g.iter().map(move |r| {
+                if n > 1.0 {
+                    r - (sum - r) / (n - 1.0)
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect()
+}
+
+/// The advantages of the critic-free estimators: one value per answer from its sequence reward
+/// (the shaped reward, less `β · KL` summed over the answer when `beta_in_reward > 0`),
+/// relative to the other answers of its group, given to every token of the answer. No returns
+/// (there is no value model to fit) and no explained variance.
+pub fn critic_free_advantages(
+    estimator: Estimator,
+    shaped: &[f64],
+    old_logp: &[Vec<f64>],
+    ref_logp: &[Vec<f64>],
+    beta_in_reward: f64,
+    group: usize,
+) -> Advantages {
+    let kl_per_sequence: Vec<f64> = old_logp
+        .iter()
+        .zip(ref_logp)
+        .map(|(a, b)| token_kl(a, b).iter().sum())
+        .collect();
+    let rewards: Vec<f64> = shaped
+        .iter()
+        .zip(&kl_per_sequence)
+        .map(|(r, kl)| r - beta_in_reward * kl)
+        .collect();
+    let per_sequence = match estimator {
+        Estimator::Rloo => rloo_advantages(&rewards, group),
+        Estimator::Grpo | Estimator::Gae => grpo_advantages(&rewards, group),
+    };
+    let advantages = per_sequence
+        .iter()
+        .zip(old_logp)
+        .map(|(&a, tokens)| vec![a; tokens.len()])
+        .collect();
+    Advantages {
+        advantages,
+        returns: old_logp.iter().map(|t| vec![0.0; t.len()]).collect(),
+        kl_mean: mean_std(&kl_per_sequence).0,
+        explained_variance: 0.0,
+    }
+}
+
+/// GRPO's per-token KL estimate (Schulman's k3, unbiased and never negative):
+/// `exp(ρ - π) - (ρ - π) - 1` with `π`, `ρ` the policy's and the reference's log-probabilities.
+pub fn kl_k3(logp: Tensor<2>, ref_logp: Tensor<2>) -> Tensor<2> {
+    let diff = ref_logp - logp;
+    diff.clone().exp() - diff - 1.0
 }
 
 /// Mean and (population) standard deviation.

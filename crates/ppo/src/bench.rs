@@ -29,8 +29,17 @@ pub fn bench(
         None => with_precision(recipe, load_model(recipe, &inner, llama::Head::Lm)?.1),
     };
     let rm = llama::init_random_with_head(&config, &inner, llama::Head::Score, train.seed + 1)?;
-    let value = llama::init_random_with_head(&config, &device, llama::Head::Score, train.seed + 2)?;
-    let value = with_precision(recipe, attach_adapters(recipe, value, train.seed + 2)?);
+    let value = match settings.has_value_model() {
+        true => {
+            let value =
+                llama::init_random_with_head(&config, &device, llama::Head::Score, train.seed + 2)?;
+            Some(with_precision(
+                recipe,
+                attach_adapters(recipe, value, train.seed + 2)?,
+            ))
+        }
+        false => None,
+    };
     let models = Models {
         policy,
         value,

@@ -16,10 +16,11 @@ use trainer::recipe::TrainSection;
 use trainer::{Result, TrainError};
 
 use crate::algo::{
-    advantages, mean_std, shape_rewards, KlController, ModelScores, RewardSource, Rewards,
+    advantages, critic_free_advantages, mean_std, shape_rewards, Advantages, KlController,
+    ModelScores, RewardSource, Rewards,
 };
 use crate::rollout::{gather_rows, pad_rollouts, token_logprobs, token_values, Rollout};
-use crate::section::PpoSection;
+use crate::section::{Estimator, KlPenalty, PpoSection};
 use crate::update::Targets;
 
 /// Everything one iteration reports.
@@ -43,7 +44,8 @@ impl IterationReport {
 /// The models and optimizer state of a PPO run.
 pub struct Ppo {
     pub policy: Llama,
-    pub value: Llama,
+    /// The value model of GAE (none for the critic-free estimators).
+    pub value: Option<Llama>,
     /// The frozen initial policy.
     pub reference: Llama,
     pub helpfulness: Option<RewardModel>,
@@ -77,7 +79,7 @@ pub struct Ppo {
 /// The models of a PPO run.
 pub struct Models {
     pub policy: Llama,
-    pub value: Llama,
+    pub value: Option<Llama>,
     pub reference: Llama,
     pub helpfulness: Option<RewardModel>,
     pub safety: Option<RewardModel>,
@@ -139,7 +141,7 @@ impl Ppo {
         }
     }
 
-    /// One PPO iteration on `prompts`.
+    /// One PPO iteration on `prompts`, each answered `group_size` times.
     pub fn iteration(
         &mut self,
         prompts: &[Prompt],
@@ -147,10 +149,16 @@ impl Ppo {
         tokenizer: &Tokenizer,
     ) -> Result<IterationReport> {
         let s = self.settings.clone();
+        let group = s.group_size.max(1);
+        // A prompt's answers are consecutive rollouts: the groups the estimators compare.
+        let asked: Vec<Prompt> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), group))
+            .collect();
 
         let started = Instant::now();
         let sampler = self.policy.valid();
-        let rollouts = self.rollout(&sampler, prompts, iteration)?;
+        let rollouts = self.rollout(&sampler, &asked, iteration)?;
         let generation_s = started.elapsed().as_secs_f64();
 
         let started = Instant::now();
@@ -169,20 +177,35 @@ impl Ppo {
             &ended,
             &s,
         );
-        let fit = advantages(
-            &rewards.shaped,
-            &scored.old_logp,
-            &scored.ref_logp,
-            &scored.old_values,
-            self.kl.beta,
-            s.gamma,
-            s.lam,
-        );
+        let beta_in_reward = match s.kl_penalty() {
+            KlPenalty::Reward => self.kl.beta,
+            KlPenalty::Loss => 0.0,
+        };
+        let fit = match s.estimator {
+            Estimator::Gae => advantages(
+                &rewards.shaped,
+                &scored.old_logp,
+                &scored.ref_logp,
+                &scored.old_values,
+                beta_in_reward,
+                s.gamma,
+                s.lam,
+            ),
+            estimator => critic_free_advantages(
+                estimator,
+                &rewards.shaped,
+                &scored.old_logp,
+                &scored.ref_logp,
+                beta_in_reward,
+                group,
+            ),
+        };
         let scoring_s = started.elapsed().as_secs_f64();
 
         let started = Instant::now();
         let targets = Targets {
             old_logp: &scored.old_logp,
+            ref_logp: &scored.ref_logp,
             old_values: &scored.old_values,
             advantages: &fit.advantages,
             returns: &fit.returns,
@@ -210,8 +233,10 @@ impl Ppo {
             ),
         ];
         values.extend(update.metrics());
+        if self.value.is_some() {
+            values.push(("explained_variance", fit.explained_variance));
+        }
         values.extend([
-            ("explained_variance", fit.explained_variance),
             ("response_length", mean_std(&lengths).0),
             ("eos_fraction", count(&|i| rollouts[i].ended)),
             (
@@ -240,7 +265,7 @@ impl Ppo {
             }
         }
         let samples = samples(
-            &rollouts, &rewards, &helpful, &safety, iteration, &s, tokenizer,
+            &rollouts, &rewards, &helpful, &safety, &fit, iteration, &s, tokenizer,
         );
         Ok(IterationReport {
             values,
@@ -316,7 +341,7 @@ impl Ppo {
             old_values: Vec::with_capacity(rollouts.len()),
             entropy_sum: 0.0,
         };
-        let frozen_value = self.value.valid();
+        let frozen_value = self.value.as_ref().map(|v| v.valid());
         let all: Vec<&Rollout> = rollouts.iter().collect();
         for chunk in all.chunks(self.micro_batch.max(1)) {
             let padded = pad_rollouts(chunk, self.pad);
@@ -342,9 +367,12 @@ impl Ppo {
                 self.loss_chunk,
             );
             scored.ref_logp.extend(rows(logp));
-            scored
-                .old_values
-                .extend(rows(token_values(&frozen_value, &padded)));
+            match &frozen_value {
+                Some(value) => scored.old_values.extend(rows(token_values(value, &padded))),
+                None => scored
+                    .old_values
+                    .extend(chunk.iter().map(|r| vec![0.0; r.response.len()])),
+            }
         }
         scored
     }
@@ -372,12 +400,15 @@ impl Ppo {
     }
 }
 
-/// The first `settings.samples` rollouts as JSON, for `samples.jsonl` and TensorBoard.
+/// The first `settings.samples` rollouts as JSON, for `samples.jsonl` and TensorBoard: the
+/// text, the token ids, the rewards and (critic-free estimators) the answer's advantage.
+#[allow(clippy::too_many_arguments)]
 fn samples(
     rollouts: &[Rollout],
     rewards: &Rewards,
     helpful: &Option<ModelScores>,
     safety: &Option<ModelScores>,
+    fit: &Advantages,
     iteration: usize,
     s: &PpoSection,
     tokenizer: &Tokenizer,
@@ -397,6 +428,11 @@ fn samples(
                 "helpfulness_score": helpful.as_ref().map(|v| v.raw[i]),
                 "safety_score": safety.as_ref().map(|v| v.raw[i]),
                 "ended_with_eos": r.ended,
+                "prompt_ids": r.prompt,
+                "response_ids": r.response,
+                "advantage": (s.estimator != Estimator::Gae)
+                    .then(|| fit.advantages[i].first().copied())
+                    .flatten(),
             })
         })
         .collect()

@@ -6,9 +6,46 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// How an iteration turns rewards into advantages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Estimator {
+    /// Generalised advantage estimation with a value model (PPO as in Llama 2).
+    #[default]
+    Gae,
+    /// Group-relative (Shao et al., 2024): `(r - mean) / (std + 1e-4)` over the `group_size`
+    /// answers to the same prompt, for every token of an answer. No value model.
+    Grpo,
+    /// REINFORCE leave-one-out (Ahmadian et al., 2024): `r` minus the mean of the other answers
+    /// to the same prompt, for every token. No value model.
+    Rloo,
+}
+
+/// Where the KL to the reference enters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlPenalty {
+    /// `-β · KL` in the reward (per token for GAE; summed over the answer for GRPO/RLOO).
+    Reward,
+    /// `β · KL` as a term of the policy loss, with the per-token estimator
+    /// `exp(ρ - π) - (ρ - π) - 1` (GRPO's).
+    Loss,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PpoSection {
+    /// `gae` (with a value model), `grpo` or `rloo` (critic-free, `group_size` answers per
+    /// prompt).
+    #[serde(default)]
+    pub estimator: Estimator,
+    /// Answers sampled per prompt; at least 2 for `grpo` and `rloo`.
+    #[serde(default = "one_pass")]
+    pub group_size: usize,
+    /// Where the KL penalty goes: by default the reward for `gae` and `rloo`, the loss for
+    /// `grpo`.
+    #[serde(default)]
+    pub kl_penalty: Option<KlPenalty>,
     /// The helpfulness reward model (or the only one).
     #[serde(default)]
     pub reward_model: Option<PathBuf>,
@@ -124,6 +161,21 @@ fn default_samples() -> usize {
     4
 }
 
+impl PpoSection {
+    /// Whether the estimator needs a value model (GAE).
+    pub fn has_value_model(&self) -> bool {
+        self.estimator == Estimator::Gae
+    }
+
+    /// Where the KL penalty goes, the estimator's default when unset.
+    pub fn kl_penalty(&self) -> KlPenalty {
+        self.kl_penalty.unwrap_or(match self.estimator {
+            Estimator::Grpo => KlPenalty::Loss,
+            Estimator::Gae | Estimator::Rloo => KlPenalty::Reward,
+        })
+    }
+}
+
 impl trainer::Section for PpoSection {
     const NAME: &'static str = "ppo";
 
@@ -163,6 +215,26 @@ impl trainer::Section for PpoSection {
         }
         if self.target_kl.is_some_and(|t| !(t > 0.0 && t.is_finite())) {
             return Err("[ppo] `target_kl` must be positive".into());
+        }
+        if self.group_size == 0 {
+            return Err("[ppo] `group_size` must be >= 1".into());
+        }
+        if self.estimator != Estimator::Gae && self.group_size < 2 {
+            return Err(format!(
+                "[ppo] `group_size` must be >= 2 for estimator = \"{}\" (its baseline is the \
+                 other answers to the same prompt), not {}",
+                if self.estimator == Estimator::Grpo {
+                    "grpo"
+                } else {
+                    "rloo"
+                },
+                self.group_size
+            ));
+        }
+        if self.estimator != Estimator::Gae && self.value_model.is_some() {
+            return Err(
+                "[ppo] `value_model` is for estimator = \"gae\"; grpo and rloo use none".into(),
+            );
         }
         if self.generation_batch == Some(0) || self.mini_batch_size == Some(0) {
             return Err("[ppo] `generation_batch` and `mini_batch_size` must be >= 1".into());

@@ -122,7 +122,7 @@ pub fn memory_plan(
     recipe: &Recipe,
     settings: &PpoSection,
     policy: &llama::LlamaConfig,
-    value: &llama::LlamaConfig,
+    value: Option<&llama::LlamaConfig>,
     reward_models: &[llama::LlamaConfig],
 ) -> MemoryPlan {
     let positions = recipe.data.max_seq_len + settings.max_new_tokens;
@@ -131,18 +131,15 @@ pub fn memory_plan(
         positions,
         lm_head,
     };
-    let generated = settings
-        .generation_batch
-        .unwrap_or(recipe.train.batch_size)
-        .min(recipe.train.batch_size);
+    let rollouts = recipe.train.batch_size * settings.group_size.max(1);
+    let generated = settings.generation_batch.unwrap_or(rollouts).min(rollouts);
     let kv_cache = (generated * positions * 2 * policy.kv_dim()) as u64
         * policy.num_hidden_layers as u64
         * recipe.runtime.precision().activation_bytes();
-    let mut plan = MemoryPlan::for_recipe(policy, pass(true), recipe).and(MemoryPlan::for_recipe(
-        value,
-        pass(false),
-        recipe,
-    ));
+    let mut plan = MemoryPlan::for_recipe(policy, pass(true), recipe);
+    if let Some(value) = value {
+        plan = plan.and(MemoryPlan::for_recipe(value, pass(false), recipe));
+    }
     // With LoRA the reference is the policy's own base, held once.
     if recipe.lora.is_none() {
         plan = plan.and(MemoryPlan::frozen_as(policy, recipe.runtime.precision()));
@@ -208,7 +205,13 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
         Some(_) => llama::lora::without_adapters(&burn::module::Module::valid(&policy)),
         None => trainer::session::with_precision(recipe, load_model(recipe, &inner, Head::Lm)?.1),
     };
-    let (value_config, value) = value_model(&session, settings)?;
+    let (value_config, value) = match settings.has_value_model() {
+        true => {
+            let (config, value) = value_model(&session, settings)?;
+            (Some(config), Some(value))
+        }
+        false => (None, None),
+    };
     let rm_configs: Vec<_> = [&helpfulness, &safety]
         .into_iter()
         .flatten()
@@ -218,7 +221,7 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
         recipe,
         settings,
         &config,
-        &value_config,
+        value_config.as_ref(),
         &rm_configs,
     ))?;
     let vocab_limit = session.tokenizer.vocab_size().min(config.vocab_size);
@@ -234,7 +237,10 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
     }
     // The value model's optimizer and the KL controller of the run being resumed, read before
     // anything is written.
-    let value_optimizer = session.optimizer(VALUE_DIR)?;
+    let value_optimizer = match settings.has_value_model() {
+        true => Some(session.optimizer(VALUE_DIR)?),
+        false => None,
+    };
     let kl = match (&session.resume, &session.state) {
         (Some(dir), Some(state)) => Some(
             serde_json::from_value(state.extra["kl"].clone()).map_err(|e| {
@@ -264,7 +270,9 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
     // No LoRA dropout in PPO's passes (as TRL): the old log-probabilities were taken without it,
     // and the probability ratio must start at 1.
     ppo.policy_optimizer = policy_optimizer;
-    ppo.value_optimizer = value_optimizer;
+    if let Some(value_optimizer) = value_optimizer {
+        ppo.value_optimizer = value_optimizer;
+    }
     if let Some(kl) = kl {
         ppo.kl = kl;
     }
@@ -295,7 +303,7 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
             write_samples(&mut run, &mut samples_file, &samples_path, &report, done)?;
         }
         if run.due(done, train.save_every) {
-            checkpoint = save(&run, &ppo, settings, &config, &value_config, done)?;
+            checkpoint = save(&run, &ppo, settings, &config, value_config.as_ref(), done)?;
         }
         last = report;
     }
@@ -360,14 +368,14 @@ fn write_samples(
 }
 
 /// `checkpoint-<iteration>/`: the policy (a Hugging Face directory with its optimizer and the
-/// trainer state, which holds the KL controller), and `value/`, the value model with its
+/// trainer state, which holds the KL controller), and (GAE) `value/`, the value model with its
 /// optimizer.
 fn save(
     run: &Run,
     ppo: &Ppo,
     settings: &PpoSection,
     config: &llama::LlamaConfig,
-    value_config: &llama::LlamaConfig,
+    value_config: Option<&llama::LlamaConfig>,
     step: usize,
 ) -> Result<PathBuf> {
     run.save(
@@ -376,10 +384,14 @@ fn save(
         config,
         &ppo.policy_optimizer,
         |dir, state| {
+            let (Some(value), Some(value_config)) = (&ppo.value, value_config) else {
+                state.extra = serde_json::json!({ "kl": ppo.kl });
+                return Ok(());
+            };
             let value_dir = dir.join(VALUE_DIR);
             let base = value_source(settings)?;
             trainer::checkpoint::write_model(
-                &ppo.value,
+                value,
                 value_config,
                 run.recipe,
                 Some(&base),
@@ -388,7 +400,7 @@ fn save(
             trainer::checkpoint::write_optimizer(&value_dir, &ppo.value_optimizer)?;
             state.extra = serde_json::json!({
                 "kl": ppo.kl,
-                "value_param_ids": llama::weights::param_ids(&ppo.value),
+                "value_param_ids": llama::weights::param_ids(value),
             });
             Ok(())
         },

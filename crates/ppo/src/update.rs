@@ -12,15 +12,17 @@ use trainer::chunked::{model_grads, GradPlan};
 use trainer::optim::clip_grad_norm;
 use trainer::step::DeviceSum;
 
-use crate::algo::{policy_loss, value_loss};
+use crate::algo::{kl_k3, policy_loss, value_loss};
 use crate::iteration::Ppo;
 use crate::rollout::{
     chunk_logprobs, next_token_slice, pad_rollouts, response_mask, scatter, Rollout,
 };
+use crate::section::KlPenalty;
 
 /// Per-token quantities of each rollout (at its response positions) that the update fits.
 pub struct Targets<'a> {
     pub old_logp: &'a [Vec<f64>],
+    pub ref_logp: &'a [Vec<f64>],
     pub old_values: &'a [Vec<f64>],
     pub advantages: &'a [Vec<f64>],
     pub returns: &'a [Vec<f64>],
@@ -41,21 +43,27 @@ pub struct UpdateStats {
     pub sequence_tokens: usize,
     grad_norm: f64,
     value_grad_norm: f64,
+    /// Whether a value model was trained (GAE).
+    has_value: bool,
 }
 
 impl UpdateStats {
-    /// The update's metrics (one host read of each device sum).
-    pub fn metrics(self) -> [(&'static str, f64); 6] {
+    /// The update's metrics (one host read of each device sum); the value model's only when
+    /// there is one.
+    pub fn metrics(self) -> Vec<(&'static str, f64)> {
         let seen = self.tokens.max(1) as f64;
         let steps = self.steps.max(1) as f64;
-        [
+        let mut metrics = vec![
             ("clip_fraction", self.clipped.read() / seen),
             ("approx_kl", self.approx_kl.read() / seen),
             ("policy_loss", self.policy_loss.read() / steps),
-            ("value_loss", self.value_loss.read() / steps),
             ("grad_norm", self.grad_norm),
-            ("value_grad_norm", self.value_grad_norm),
-        ]
+        ];
+        if self.has_value {
+            metrics.push(("value_loss", self.value_loss.read() / steps));
+            metrics.push(("value_grad_norm", self.value_grad_norm));
+        }
+        metrics
     }
 }
 
@@ -87,7 +95,10 @@ impl Ppo {
         let mut rng = rand::rngs::StdRng::seed_from_u64(
             self.seed ^ (iteration as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
         );
-        let mut u = UpdateStats::default();
+        let mut u = UpdateStats {
+            has_value: self.value.is_some(),
+            ..UpdateStats::default()
+        };
         for epoch in 0..s.ppo_epochs {
             let mut order: Vec<usize> = (0..rollouts.len()).collect();
             order.shuffle(&mut rng);
@@ -102,7 +113,9 @@ impl Ppo {
                     let plan = self.grad_plan.at(&pass);
                     let (policy, value) = self.piece_grads(rollouts, t, piece, count, plan, &mut u);
                     policy_grads.accumulate(&self.policy, policy);
-                    value_grads.accumulate(&self.value, value);
+                    if let (Some(model), Some(grads)) = (&self.value, value) {
+                        value_grads.accumulate(model, grads);
+                    }
                 }
                 u.tokens += count;
                 u.steps += 1;
@@ -115,22 +128,25 @@ impl Ppo {
                 );
                 self.policy = policy;
                 u.grad_norm = grad_norm;
-                let (value, grad_norm) = clipped_step(
-                    &mut self.value_optimizer,
-                    self.value.clone(),
-                    value_grads.grads(),
-                    self.value_lr,
-                    self.grad_clip,
-                );
-                self.value = value;
-                u.value_grad_norm = grad_norm;
+                if let Some(model) = self.value.take() {
+                    let (value, grad_norm) = clipped_step(
+                        &mut self.value_optimizer,
+                        model,
+                        value_grads.grads(),
+                        self.value_lr,
+                        self.grad_clip,
+                    );
+                    self.value = Some(value);
+                    u.value_grad_norm = grad_norm;
+                }
             }
         }
         u
     }
 
-    /// The policy's and the value model's gradients on the rollouts `piece` of a mini-batch
-    /// whose response tokens number `count`, with their losses and statistics added to `u`.
+    /// The policy's and (GAE) the value model's gradients on the rollouts `piece` of a
+    /// mini-batch whose response tokens number `count`, with their losses and statistics added
+    /// to `u`. With `kl_penalty = "loss"` the policy loss has the term `β · k3` per token.
     fn piece_grads(
         &self,
         rollouts: &[Rollout],
@@ -139,7 +155,7 @@ impl Ppo {
         count: usize,
         plan: GradPlan,
         u: &mut UpdateStats,
-    ) -> (GradientsParams, GradientsParams) {
+    ) -> (GradientsParams, Option<GradientsParams>) {
         let s = &self.settings;
         let device = self.policy.device();
         let batch: Vec<&Rollout> = piece.iter().map(|&i| &rollouts[i]).collect();
@@ -157,6 +173,11 @@ impl Ppo {
 
         let old_t = tensor(t.old_logp);
         let advantages = tensor(t.advantages);
+        let kl_beta = match s.kl_penalty() {
+            KlPenalty::Loss => self.kl.beta,
+            KlPenalty::Reward => 0.0,
+        };
+        let ref_t = (kl_beta > 0.0).then(|| tensor(t.ref_logp));
         let policy = &self.policy;
         let policy_plan = GradPlan {
             chunk: self.loss_chunk,
@@ -184,12 +205,21 @@ impl Ppo {
                     .add((log_ratio.clone().square() * mask.clone()).sum() * 0.5);
                 let outside = (log_ratio.exp() - 1.0).abs().greater_elem(s.clip_range);
                 u.clipped.add((outside.float() * mask.clone()).sum());
-                policy_loss(logp, old, cols(&advantages), mask, s.clip_range, count)
+                let kl = ref_t
+                    .as_ref()
+                    .map(|r| (kl_k3(logp.clone(), cols(r)) * mask.clone()).sum() * kl_beta);
+                let loss = policy_loss(logp, old, cols(&advantages), mask, s.clip_range, count);
+                match kl {
+                    Some(kl) => loss + kl / (count.max(1) as f64),
+                    None => loss,
+                }
             },
         );
         u.policy_loss.add(loss);
 
-        let value = &self.value;
+        let Some(value) = &self.value else {
+            return (policy_grads, None);
+        };
         let (old_values, returns) = (tensor(t.old_values), tensor(t.returns));
         let (vloss, value_grads) = model_grads(
             value,
@@ -210,6 +240,6 @@ impl Ppo {
             },
         );
         u.value_loss.add(vloss);
-        (policy_grads, value_grads)
+        (policy_grads, Some(value_grads))
     }
 }

@@ -8,10 +8,11 @@ use burn::prelude::*;
 use data::batch::{PairBatch, PairItem};
 use llama::{Head, LlamaConfig};
 use ppo::algo::{
-    combine_reward, gae, policy_loss, token_kl, token_rewards, value_loss, whiten, KlController,
-    RewardSource,
+    combine_reward, critic_free_advantages, gae, grpo_advantages, kl_k3, policy_loss,
+    rloo_advantages, token_kl, token_rewards, value_loss, whiten, KlController, RewardSource,
 };
 use ppo::rollout::{pad_rollouts, response_mask, scatter, Rollout};
+use ppo::section::Estimator;
 use ppo::{Models, Ppo, PpoSection, Prompt};
 use rand::{Rng, SeedableRng};
 use reward::RewardModel;
@@ -24,6 +25,63 @@ fn test_device() -> Device {
 
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() < 1e-9
+}
+
+#[test]
+fn group_advantages_of_hand_made_groups() {
+    // Two groups of 4: rewards 1, 2, 3, 6 (mean 3, sample std sqrt(14/3) = 2.1602469) and four
+    // equal rewards.
+    let rewards = [1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0];
+    let grpo = grpo_advantages(&rewards, 4);
+    let expected = [-0.925_777_244_6, -0.462_888_622_3, 0.0, 1.388_665_866_9];
+    for (got, want) in grpo.iter().zip(expected) {
+        assert!((got - want).abs() < 1e-9, "{grpo:?}");
+    }
+    // A group of equal rewards teaches nothing: zero advantage, no NaN.
+    assert_eq!(&grpo[4..], &[0.0; 4]);
+    // RLOO: each minus the mean of the other three: 1 - 11/3, 2 - 10/3, 3 - 3, 6 - 2.
+    let rloo = rloo_advantages(&rewards, 4);
+    let expected = [-8.0 / 3.0, -4.0 / 3.0, 0.0, 4.0];
+    for (got, want) in rloo.iter().zip(expected) {
+        assert!((got - want).abs() < 1e-12, "{rloo:?}");
+    }
+    assert_eq!(&rloo[4..], &[0.0; 4]);
+    // Groups of 2 (sample std of 0 and 3: 3 / sqrt 2): GRPO gives 1.5 / (2.1213203 + 1e-4),
+    // about 1/sqrt 2 whatever the gap; RLOO the gap itself.
+    let two = grpo_advantages(&[0.0, 3.0], 2);
+    assert!(
+        (two[1] - 1.5 / (2.121_320_343_6 + 1e-4)).abs() < 1e-9,
+        "{two:?}"
+    );
+    assert_eq!(two[0], -two[1]);
+    assert_eq!(rloo_advantages(&[0.0, 3.0], 2), vec![-3.0, 3.0]);
+}
+
+#[test]
+fn critic_free_advantages_take_the_kl_in_the_reward_and_fill_every_token() {
+    // Two answers to one prompt, equal shaped rewards; the first is 0.5 nats from the
+    // reference (0.5 at its first token), so with β = 1 in the reward it gets 0.5 and the other 1.
+    let old = vec![vec![-1.0, -1.0], vec![-1.0]];
+    let reference = vec![vec![-1.5, -1.0], vec![-1.0]];
+    let fit = critic_free_advantages(Estimator::Rloo, &[1.0, 1.0], &old, &reference, 1.0, 2);
+    assert_eq!(fit.advantages, vec![vec![-0.5, -0.5], vec![0.5]]);
+    assert!((fit.kl_mean - 0.25).abs() < 1e-12);
+    assert_eq!(fit.returns, vec![vec![0.0, 0.0], vec![0.0]]);
+    // Without the KL in the reward the two are equal: nothing to learn.
+    let fit = critic_free_advantages(Estimator::Grpo, &[1.0, 1.0], &old, &reference, 0.0, 2);
+    assert_eq!(fit.advantages, vec![vec![0.0, 0.0], vec![0.0]]);
+}
+
+#[test]
+fn k3_kl_estimate_is_zero_at_the_reference_and_positive_elsewhere() {
+    let device = test_device();
+    let t = |v: Vec<f32>| Tensor::<2>::from_data(burn::tensor::TensorData::new(v, [1, 3]), &device);
+    let k3 = llama::model::to_host(kl_k3(t(vec![-1.0, -2.0, -0.3]), t(vec![-1.5, -2.0, -0.1])));
+    // exp(-0.5) + 0.5 - 1; 0; exp(0.2) - 0.2 - 1.
+    let expected = [0.106_530_659_7, 0.0, 0.021_402_758_2];
+    for (got, want) in k3.iter().zip(expected) {
+        assert!((f64::from(*got) - want).abs() < 1e-6, "{k3:?}");
+    }
 }
 
 #[test]
@@ -277,7 +335,7 @@ fn ppo_raises_the_reward_of_a_learned_reward_model_with_bounded_kl() {
 
     let models = Models {
         policy: llama::init_random(&config, &ad, 8).unwrap(),
-        value: rm_trained,
+        value: Some(rm_trained),
         reference: llama::init_random(&config, &device, 8).unwrap(),
         helpfulness: Some(rm),
         safety: None,
@@ -322,6 +380,57 @@ fn ppo_raises_the_reward_of_a_learned_reward_model_with_bounded_kl() {
     );
 }
 
+/// GRPO and RLOO, with no value model, raise the reward of the same learned reward model.
+#[test]
+fn critic_free_estimators_raise_the_reward_without_a_value_model() {
+    let device = test_device();
+    let config = tiny_config();
+    let ad = device.clone().autodiff();
+    let rm_trained = train_reward_model(&config, &ad);
+    let tok = tokenizer();
+    for estimator in ["grpo", "rloo"] {
+        let models = Models {
+            policy: llama::init_random(&config, &ad, 8).unwrap(),
+            value: None,
+            reference: llama::init_random(&config, &device, 8).unwrap(),
+            helpfulness: Some(RewardModel::new(rm_trained.valid(), config.clone())),
+            safety: None,
+        };
+        let settings: PpoSection = serde_json::from_value(serde_json::json!({
+            "reward_model": "unused", "max_new_tokens": 8, "kl_coef": 0.05,
+            "estimator": estimator, "group_size": 4, "whiten_reward": false,
+            "ppo_epochs": 2, "samples": 0, "mini_batch_size": 8,
+        }))
+        .unwrap();
+        let mut ppo = Ppo::new(models, &config, &train_section(1e-2), 8, settings);
+        let prompts: Vec<Prompt> = (0..4)
+            .map(|i| Prompt {
+                ids: vec![1, 10 + i as u32, 11],
+                category: None,
+            })
+            .collect();
+        let mut rewards = Vec::new();
+        for iteration in 0..12 {
+            let report = ppo.iteration(&prompts, iteration, &tok).unwrap();
+            assert!(report.get("value_loss").is_none(), "no value model");
+            assert!(report.get("policy_loss").unwrap().is_finite());
+            assert!(
+                report.kl.is_finite() && report.kl < 20.0,
+                "{estimator}: KL {}",
+                report.kl
+            );
+            rewards.push(report.reward_mean);
+        }
+        let early = (rewards[0] + rewards[1]) / 2.0;
+        let late = (rewards[10] + rewards[11]) / 2.0;
+        eprintln!("{estimator} rewards {rewards:?}");
+        assert!(
+            late > early + 1.0,
+            "{estimator}: reward should rise: {rewards:?}"
+        );
+    }
+}
+
 /// The policy's language-model head taken a few positions at a time (`train.loss_chunk`), the
 /// policy's and value model's layers recomputed in the backward pass
 /// (`train.activation_checkpointing`), and mini-batches taken a micro-batch at a time
@@ -336,7 +445,7 @@ fn the_chunked_policy_head_gives_the_same_iteration() {
     let run = |chunk: usize, layerwise: bool, micro: usize| {
         let models = Models {
             policy: llama::init_random(&config, &ad, 8).unwrap(),
-            value: llama::init_random_with_head(&config, &ad, Head::Score, 9).unwrap(),
+            value: Some(llama::init_random_with_head(&config, &ad, Head::Score, 9).unwrap()),
             reference: llama::init_random(&config, &device, 8).unwrap(),
             helpfulness: Some(RewardModel::new(
                 llama::init_random_with_head(&config, &device, Head::Score, 10).unwrap(),

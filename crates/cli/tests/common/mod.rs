@@ -146,6 +146,31 @@ pub fn losses_by_step(metrics: &[serde_json::Value]) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// A copy of the fixture recipe `recipe` (relative to the root, under `tests/fixtures/recipes`,
+/// starting from `model.config`) written into `dir` with `model.checkpoint = checkpoint` in its
+/// place and its other paths made absolute; returns its path as an argument.
+pub fn recipe_from_checkpoint(recipe: &str, checkpoint: &Path, dir: &Path) -> String {
+    let text = std::fs::read_to_string(root().join(recipe)).unwrap();
+    let text = text
+        .replace(
+            "config = \"../../../configs/tiny-test.toml\"",
+            &format!("checkpoint = \"{}\"", checkpoint.display()),
+        )
+        .replace("../../../", &format!("{}/", root().display()))
+        .replace(
+            "../tokenizer/",
+            &format!("{}/tokenizer/", test_support::fixtures().display()),
+        );
+    assert!(
+        text.contains("checkpoint = "),
+        "{recipe} starts from model.config"
+    );
+    let name = Path::new(recipe).file_name().unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().expect("a UTF-8 path").to_string()
+}
+
 /// Runs `train <command> --recipe <recipe>` into `out`, on LLAMA_TEST_DEVICE when set (flex by
 /// default); returns the process output and the lines of metrics.jsonl (none if it has none).
 pub fn run_recipe(
