@@ -262,3 +262,53 @@ fn dpo_bad_input_gives_one_line_errors() {
         "nothing written by a refused run"
     );
 }
+
+#[test]
+fn dpo_with_lora_uses_the_base_as_reference_resumes_and_exports_merged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = golden_dir("tiny-gqa");
+    let recipe = recipe_from_checkpoint(RECIPE, &golden, tmp.path());
+    let overrides = [
+        "data.max_seq_len=128",
+        "lora.rank=4",
+        "train.lr=1e-2",
+        "dpo.precompute_reference=true",
+    ];
+    let full = tmp.path().join("full");
+    let (run, metrics) = run_recipe("dpo", &recipe, &full, &sets(&overrides));
+    assert_success(&run);
+    // Fresh adapters change nothing: the base without them is the reference, loss log 2.
+    let losses = train_series(&metrics, "loss");
+    assert!(
+        (losses[0] - std::f64::consts::LN_2).abs() < 1e-5,
+        "{losses:?}"
+    );
+    assert!(
+        losses[4..].iter().sum::<f64>() < losses[..4].iter().sum::<f64>(),
+        "{losses:?}"
+    );
+    let checkpoint = full.join("checkpoint-8");
+    assert!(checkpoint.join("adapter_model.safetensors").is_file());
+    assert!(checkpoint.join("reference_logps.json").is_file());
+
+    let stopped = tmp.path().join("stopped");
+    copy_tree(&full, &stopped);
+    std::fs::remove_dir_all(stopped.join("checkpoint-8")).unwrap();
+    let (run, resumed) = run_recipe("dpo", &recipe, &stopped, &resume_latest(&overrides));
+    assert_success(&run);
+    let (a, b) = (
+        train_series(&metrics, "loss"),
+        train_series(&resumed, "loss"),
+    );
+    assert_close_series(&a, &b, 1e-6, "loss");
+
+    let exported = tmp.path().join("merged");
+    assert_success(&export(&checkpoint, &exported, &[]));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exported.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    if let Some(python) = python_with_transformers() {
+        assert_python_check(&python, "check_export.py", &[&checkpoint, &exported]);
+    }
+}
