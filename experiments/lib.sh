@@ -55,20 +55,39 @@ ensure_train() {
   fi
 }
 
-# stage NAME COMMAND...: runs COMMAND unless NAME finished before; records it when it succeeds.
+# The fingerprint of a stage: its command line, the content of every file named on it (recipes,
+# data) and the train binary. A stage whose fingerprint changed since it finished runs again.
+fingerprint() {
+  {
+    printf '%s\n' "$@"
+    for arg in "$@"; do
+      if [ -f "$arg" ]; then sha256sum "$arg"; fi
+    done
+    if [ -n "${TRAIN:-}" ] && [ -f "$TRAIN" ]; then sha256sum "$TRAIN"; fi
+  } | sha256sum | cut -d' ' -f1
+}
+
+# stage NAME COMMAND...: runs COMMAND unless NAME finished before with the same fingerprint;
+# records its time and fingerprint when it succeeds.
 stage() {
   local name="$1"
   shift
   local marker="$WORK/.done/$name"
+  local print
+  print="$(fingerprint "$@")"
   if [ -e "$marker" ]; then
-    echo "== $name: done before, skipped"
-    return 0
+    if grep -qx "fingerprint $print" "$marker"; then
+      echo "== $name: done before, skipped"
+      return 0
+    fi
+    echo "== $name: its command, inputs or binary changed since it ran; running again"
+  else
+    echo "== $name"
   fi
-  echo "== $name"
   local started=$SECONDS
   "$@"
   mkdir -p "$WORK/.done"
-  echo "$((SECONDS - started)) s" > "$marker"
+  printf '%s s\nfingerprint %s\n' "$((SECONDS - started))" "$print" > "$marker"
 }
 
 # The benign instruction data: Alpaca's 175 seed tasks as alpaca records, the first 150 for

@@ -11,6 +11,44 @@ pub enum EvalCommand {
     /// Refusal rate on safety prompt sets, false refusals on benign ones, and the safety reward
     /// model's scores of the answers
     Safety(SafetyArgs),
+    /// KL divergence of a model's sampled answers from a reference model (the SFT model)
+    Kl(KlArgs),
+}
+
+#[derive(Args)]
+pub struct KlArgs {
+    /// The fine-tuned model
+    #[arg(long)]
+    model: PathBuf,
+    /// The model it is compared with (the SFT model it started from)
+    #[arg(long)]
+    reference: PathBuf,
+    /// Prompt files ({"instructions": [...]} or prompts records)
+    #[arg(long, num_args = 1.., required = true)]
+    prompts: Vec<PathBuf>,
+    /// At most this many prompts from each file
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Answers sampled per prompt
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature (> 0); both models' distributions are taken at it
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Tokenizer file (default: the model directory's tokenizer.json)
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Print one JSON object (with every answer's value)
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -58,7 +96,78 @@ pub struct SafetyArgs {
 }
 
 pub fn run(command: EvalCommand) -> Result<()> {
-    let EvalCommand::Safety(args) = command;
+    match command {
+        EvalCommand::Safety(args) => safety(args),
+        EvalCommand::Kl(args) => kl(args),
+    }
+}
+
+fn kl(args: KlArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.temperature > 0.0 && args.temperature.is_finite(),
+        "--temperature must be > 0: the KL is estimated from sampled answers"
+    );
+    anyhow::ensure!(args.samples >= 1, "--samples must be at least 1");
+    let device = llama::parse_device(&args.device)?;
+    let load = |dir: &PathBuf| {
+        llama::load_pretrained_as(dir, &device, llama::Head::Lm, 0)
+            .with_context(|| format!("loading model {}", dir.display()))
+    };
+    let (config, model) = load(&args.model)?;
+    let (reference_config, reference) = load(&args.reference)?;
+    let tokenizer_path = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| args.model.join("tokenizer.json"));
+    let tokenizer = data::Tokenizer::from_file(&tokenizer_path)?;
+    trainer::session::check_generation_vocab(&tokenizer, &config, &tokenizer_path)?;
+    trainer::session::check_vocab(&tokenizer, &reference_config, &args.reference)?;
+    let theirs = args.reference.join("tokenizer.json");
+    if theirs.is_file() && !data::Tokenizer::from_file(&theirs)?.same_vocabulary(&tokenizer) {
+        anyhow::bail!(
+            "{}: the reference's tokenizer differs from the model's ({})",
+            theirs.display(),
+            tokenizer_path.display()
+        );
+    }
+    let mut prompts = Vec::new();
+    for path in &args.prompts {
+        let mut set = data::load_prompts(path)?;
+        set.truncate(args.limit.unwrap_or(usize::MAX));
+        prompts.extend(set);
+    }
+    anyhow::ensure!(!prompts.is_empty(), "the prompt files hold no prompts");
+    let settings = AnswerSettings {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: 1.0,
+        seed: args.seed,
+        batch_size: args.batch_size,
+    };
+    let report = sampling::kl_eval::kl_to_reference(
+        &model,
+        &reference,
+        &config,
+        &tokenizer,
+        &prompts,
+        &settings,
+        args.samples,
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "KL to the reference: {:.4} ± {:.4} nats per answer ({} answers, {:.4} per token)",
+            report.kl_mean,
+            report.kl_std / (report.answers as f64).sqrt(),
+            report.answers,
+            report.kl_per_token
+        );
+    }
+    Ok(())
+}
+
+fn safety(args: SafetyArgs) -> Result<()> {
     if args.prompts.is_empty() && args.benign.is_empty() {
         anyhow::bail!("give at least one prompt set with --prompts or --benign");
     }

@@ -252,4 +252,134 @@ fn experiment_scripts_check_their_data_and_resume_by_stage() {
     let text = stdout(&out);
     assert_eq!(text.matches("ran").count(), 1, "{text}");
     assert!(text.contains("demo: done before, skipped"), "{text}");
+
+    // A stage whose input file (a recipe) or binary changed runs again.
+    let input = tmp.path().join("recipe.toml");
+    std::fs::write(&input, "a = 1\n").unwrap();
+    let lib = root().join("experiments/lib.sh");
+    let run = |train: &str| {
+        let snippet = format!(
+            "source {}; stage read cat {}",
+            lib.display(),
+            input.display()
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &snippet])
+            .env("DATA", tmp.path())
+            .env("WORK", tmp.path().join("work"))
+            .env("TRAIN", train)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    assert!(run("/bin/true").contains("a = 1"));
+    assert!(run("/bin/true").contains("done before, skipped"));
+    std::fs::write(&input, "a = 2\n").unwrap();
+    let text = run("/bin/true");
+    assert!(
+        text.contains("changed since it ran") && text.contains("a = 2"),
+        "{text}"
+    );
+    let text = run("/bin/echo");
+    assert!(text.contains("changed since it ran"), "{text}");
+    assert!(run("/bin/echo").contains("done before, skipped"));
+}
+
+/// `train eval kl`: zero against the model itself, an error for a reference with another
+/// tokenizer, and for one-token answers an estimate within its standard error of the exact KL
+/// of the two models' next-token distributions.
+#[test]
+fn eval_kl_is_zero_to_itself_and_estimates_the_exact_kl() {
+    use burn::prelude::Device;
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (golden_dir("tiny-gqa"), golden_dir("tiny-odd"));
+    let prompts = tmp.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"Tell me a story about a cat.\"}\n").unwrap();
+    let kl = |reference: &Path, extra: &[&str]| {
+        let args = [
+            &[
+                "eval",
+                "kl",
+                "--model",
+                arg(&a),
+                "--reference",
+                arg(reference),
+            ][..],
+            &["--prompts", arg(&prompts), "--json"],
+            extra,
+        ]
+        .concat();
+        json_output(&train(&args))
+    };
+    let itself = kl(&a, &["--samples", "6", "--max-new-tokens", "5"]);
+    assert_eq!(itself["answers"], 6);
+    assert!(
+        json_f64s(&itself["per_answer"]).iter().all(|&v| v == 0.0),
+        "{itself}"
+    );
+
+    let n = 400;
+    let estimate = kl(
+        &b,
+        &["--samples", "400", "--max-new-tokens", "1", "--seed", "3"],
+    );
+    assert_eq!(estimate["answers"], n);
+    // The exact KL of the first answer token's distributions, from both models' logits.
+    let device: Device = llama::parse_device(&test_device_name()).unwrap();
+    let tokenizer = data::Tokenizer::from_file(&a.join("tokenizer.json")).unwrap();
+    let record = data::load_prompts(&prompts).unwrap().remove(0);
+    let ids = sampling::answers::prompt_ids(&tokenizer, &record, None, 127).unwrap();
+    let input = llama::StepInput::padded(&[ids.clone()], 0, llama::Side::Right);
+    let last = |dir: &Path| {
+        let (_, model) = llama::load_pretrained(dir, &device).unwrap();
+        let logits = llama::model::to_host(model.lm_logits(model.hidden_states(&input, None)));
+        let vocab = logits.len() / ids.len();
+        let row: Vec<f64> = logits[(ids.len() - 1) * vocab..]
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect();
+        let max = row.iter().copied().fold(f64::MIN, f64::max);
+        let norm = row.iter().map(|x| (x - max).exp()).sum::<f64>().ln() + max;
+        row.iter().map(|x| x - norm).collect::<Vec<f64>>()
+    };
+    let (p, q) = (last(&a), last(&b));
+    let exact: f64 = p.iter().zip(&q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum();
+    let mean = estimate["kl_mean"].as_f64().unwrap();
+    let error = estimate["kl_std"].as_f64().unwrap() / (n as f64).sqrt();
+    assert!(exact > 0.1, "the two models differ: {exact}");
+    assert!(
+        (mean - exact).abs() < 4.0 * error,
+        "estimate {mean} ± {error}, exact {exact}"
+    );
+
+    let other = tmp.path().join("other");
+    copy_tree(&b, &other);
+    edit_json(&other.join("tokenizer.json"), |tok| {
+        swap_token_ids(tok, "<unk>", "<s>")
+    });
+    let args = [
+        "eval",
+        "kl",
+        "--model",
+        arg(&a),
+        "--reference",
+        arg(&other),
+        "--prompts",
+        arg(&prompts),
+    ];
+    assert_user_error(&train(&args), "tokenizer differs");
+    let args = [
+        "eval",
+        "kl",
+        "--model",
+        arg(&a),
+        "--reference",
+        arg(&b),
+        "--prompts",
+        arg(&prompts),
+        "--temperature",
+        "0",
+    ];
+    assert_user_error(&train(&args), "temperature");
 }

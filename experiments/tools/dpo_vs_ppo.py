@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""Experiment 5's numbers: collected from a run into raw/, and rebuilt from raw/ into the table of
+RESULTS.md.
+
+Usage:
+  dpo_vs_ppo.py collect OUT_DIR HERE   copy the run's small outputs from OUT_DIR ($WORK/dpo-vs-ppo)
+                                       into HERE/raw/, write HERE/results.json and the plot
+                                       (matplotlib, if installed), print the table
+  dpo_vs_ppo.py table HERE             print the table rebuilt from HERE/raw/
+  dpo_vs_ppo.py check HERE             rebuild the table and results.json from HERE/raw/ and exit 1
+                                       when RESULTS.md's table (between the table markers) or
+                                       results.json differs
+
+raw/ holds, per method m in {dpo, ppo, grpo} and seed s: eval-m-s.json (train eval safety),
+eval-m-s.answers.jsonl.gz (every answer), kl-m-s.json (train eval kl), m-s.time.json (training
+wall-clock), m-s.metrics.jsonl (training metrics); and eval-sft.json(.answers.jsonl.gz) for the
+SFT model. Intervals are 95% t-intervals over the seeds (t = 4.303 for 3 seeds).
+"""
+import glob
+import gzip
+import json
+import math
+import os
+import shutil
+import sys
+
+METHODS = [("dpo", "DPO"), ("ppo", "PPO (GAE)"), ("grpo", "GRPO")]
+T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}
+START, END = "<!-- table:start -->", "<!-- table:end -->"
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def harmful_score(report):
+    """Mean safety reward-model score of the answers to the harmful (non-benign) prompt sets."""
+    total = count = 0.0
+    for s in report["sets"]:
+        if not s["benign"] and s.get("safety_score"):
+            total += s["safety_score"]["mean"] * s["prompts"]
+            count += s["prompts"]
+    return total / count if count else None
+
+
+def per_run(raw, name):
+    report = load(os.path.join(raw, f"eval-{name}.json"))
+    row = {
+        "refusal_rate": report["refusal_rate"],
+        "false_refusal_rate": report["false_refusal_rate"],
+        "harmful_safety_score": harmful_score(report),
+    }
+    kl = os.path.join(raw, f"kl-{name}.json")
+    if os.path.exists(kl):
+        row["kl_to_sft"] = load(kl)["kl_mean"]
+    time = os.path.join(raw, f"{name}.time.json")
+    if os.path.exists(time):
+        row["train_seconds"] = load(time)["seconds"]
+    return row
+
+
+def interval(values):
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, T95.get(n, 1.96) * sd / math.sqrt(n)
+
+
+def results(raw):
+    out = {"sft": per_run(raw, "sft"), "methods": {}}
+    for key, _ in METHODS:
+        seeds = sorted(int(p.split("-")[-1][:-5]) for p in glob.glob(os.path.join(raw, f"eval-{key}-*.json")))
+        runs = {str(s): per_run(raw, f"{key}-{s}") for s in seeds}
+        summary = {}
+        for metric in ["refusal_rate", "false_refusal_rate", "harmful_safety_score", "kl_to_sft", "train_seconds"]:
+            values = [r[metric] for r in runs.values() if r.get(metric) is not None]
+            if values:
+                mean, half = interval(values)
+                summary[metric] = {"mean": mean, "ci95": half, "seeds": values}
+        out["methods"][key] = {"seeds": runs, "summary": summary}
+    return out
+
+
+def cell(summary, metric, scale=1.0, digits=2, unit=""):
+    s = summary.get(metric)
+    if not s:
+        return "-"
+    values = ", ".join(f"{v * scale:.{digits}f}" for v in s["seeds"])
+    half = "" if s["ci95"] is None else f" ± {s['ci95'] * scale:.{digits}f}"
+    return f"{s['mean'] * scale:.{digits}f}{half}{unit} ({values})"
+
+
+def table(res):
+    lines = [
+        "| model | refusal, harmful prompts (%) | false refusal, benign prompts (%) | safety RM score, harmful prompts | KL to the SFT model (nats per answer) | training wall-clock (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    sft = res["sft"]
+    lines.append(
+        f"| SFT, 100 safety examples (the start) | {100 * sft['refusal_rate']:.1f} | "
+        f"{100 * sft['false_refusal_rate']:.1f} | {sft['harmful_safety_score']:.2f} | 0 | - |"
+    )
+    for key, label in METHODS:
+        s = res["methods"][key]["summary"]
+        if not s:
+            continue
+        lines.append(
+            f"| {label} | {cell(s, 'refusal_rate', 100, 1)} | {cell(s, 'false_refusal_rate', 100, 1)} | "
+            f"{cell(s, 'harmful_safety_score')} | {cell(s, 'kl_to_sft')} | {cell(s, 'train_seconds', 1, 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(res, here):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as p
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    panels = [
+        ("refusal_rate", 100, "refusal, harmful prompts (%)"),
+        ("false_refusal_rate", 100, "false refusal, benign prompts (%)"),
+        ("harmful_safety_score", 1, "safety RM score, harmful prompts"),
+        ("kl_to_sft", 1, "KL to the SFT model (nats/answer)"),
+    ]
+    fig, axes = p.subplots(1, 4, figsize=(16, 3.8))
+    names = ["SFT"] + [label for _, label in METHODS]
+    for ax, (metric, scale, title) in zip(axes, panels):
+        sft = res["sft"].get(metric, 0.0 if metric == "kl_to_sft" else None)
+        means, errs, points = [sft * scale if sft is not None else 0.0], [0.0], [[]]
+        for key, _ in METHODS:
+            s = res["methods"][key]["summary"].get(metric)
+            means.append(s["mean"] * scale if s else 0.0)
+            errs.append((s["ci95"] or 0.0) * scale if s else 0.0)
+            points.append([v * scale for v in s["seeds"]] if s else [])
+        ax.bar(range(len(names)), means, yerr=errs, capsize=4, color=["C7", "C0", "C1", "C2"])
+        for i, pts in enumerate(points):
+            ax.scatter([i] * len(pts), pts, color="k", s=10, zorder=3)
+        ax.set_xticks(range(len(names)), names, rotation=20)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("DPO vs PPO (GAE) vs GRPO from one SFT model; bars: mean, error bars: 95% interval, dots: seeds")
+    fig.tight_layout()
+    fig.savefig(os.path.join(here, "methods.png"), dpi=100)
+
+
+def collect(out_dir, here):
+    raw = os.path.join(here, "raw")
+    os.makedirs(raw, exist_ok=True)
+    for path in glob.glob(os.path.join(out_dir, "*.json")):
+        shutil.copy(path, raw)
+    for path in glob.glob(os.path.join(out_dir, "eval-*.answers.jsonl")):
+        with open(path, "rb") as src, gzip.open(os.path.join(raw, os.path.basename(path) + ".gz"), "wb", mtime=0) as dst:
+            shutil.copyfileobj(src, dst)
+    for run in glob.glob(os.path.join(out_dir, "*-[0-9]*")):
+        metrics = os.path.join(run, "metrics.jsonl")
+        if os.path.isdir(run) and os.path.exists(metrics):
+            shutil.copy(metrics, os.path.join(raw, os.path.basename(run) + ".metrics.jsonl"))
+    res = results(raw)
+    with open(os.path.join(here, "results.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    plot(res, here)
+    print(table(res))
+
+
+def check(here):
+    res = results(os.path.join(here, "raw"))
+    ok = True
+    if load(os.path.join(here, "results.json")) != json.loads(json.dumps(res)):
+        print("results.json differs from what raw/ gives", file=sys.stderr)
+        ok = False
+    text = open(os.path.join(here, "RESULTS.md")).read()
+    if START not in text or END not in text:
+        print(f"RESULTS.md has no {START} ... {END} block", file=sys.stderr)
+        return 1
+    committed = text.split(START)[1].split(END)[0].strip()
+    rebuilt = table(res)
+    if committed != rebuilt:
+        print("RESULTS.md's table differs from what raw/ gives:\n" + rebuilt, file=sys.stderr)
+        ok = False
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "collect":
+        collect(sys.argv[2], sys.argv[3])
+    elif mode == "table":
+        print(table(results(os.path.join(sys.argv[2], "raw"))))
+    elif mode == "check":
+        sys.exit(check(sys.argv[2]))
+    else:
+        sys.exit(__doc__)
