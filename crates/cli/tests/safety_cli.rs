@@ -330,7 +330,7 @@ fn eval_kl_is_zero_to_itself_and_estimates_the_exact_kl() {
     let tokenizer = data::Tokenizer::from_file(&a.join("tokenizer.json")).unwrap();
     let record = data::load_prompts(&prompts).unwrap().remove(0);
     let ids = sampling::answers::prompt_ids(&tokenizer, &record, None, 127).unwrap();
-    let input = llama::StepInput::padded(&[ids.clone()], 0, llama::Side::Right);
+    let input = llama::StepInput::padded(std::slice::from_ref(&ids), 0, llama::Side::Right);
     let last = |dir: &Path| {
         let (_, model) = llama::load_pretrained(dir, &device).unwrap();
         let logits = llama::model::to_host(model.lm_logits(model.hidden_states(&input, None)));
