@@ -55,13 +55,17 @@ ensure_train() {
   fi
 }
 
-# The fingerprint of a stage: its command line, the content of every file named on it (recipes,
-# data) and the train binary. A stage whose fingerprint changed since it finished runs again.
+# The fingerprint of a stage: its command line, the content of every file named on it outside
+# $WORK (recipes, data; what a stage writes into $WORK is its output, not its input) and the
+# train binary. A stage whose fingerprint changed since it finished runs again.
 fingerprint() {
   {
     printf '%s\n' "$@"
     for arg in "$@"; do
-      if [ -f "$arg" ]; then sha256sum "$arg"; fi
+      case "$arg" in
+        "$WORK"/*) ;;
+        *) if [ -f "$arg" ]; then sha256sum "$arg"; fi ;;
+      esac
     done
     if [ -n "${TRAIN:-}" ] && [ -f "$TRAIN" ]; then sha256sum "$TRAIN"; fi
   } | sha256sum | cut -d' ' -f1

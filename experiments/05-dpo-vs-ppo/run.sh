@@ -10,7 +10,8 @@ source "$(dirname "$0")/../lib.sh"
 source "$ROOT/experiments/lib-methods.sh"
 HERE="$ROOT/experiments/05-dpo-vs-ppo"
 OUT="$WORK/dpo-vs-ppo"
-SEEDS_RUN="${SEEDS_RUN:-0 1 2}"
+SEEDS_RUN="${SEEDS_RUN-0 1 2}"
+STARTED=$SECONDS
 require_data
 base_policy
 mkdir -p "$OUT"
@@ -52,4 +53,5 @@ for seed in $SEEDS_RUN; do
     stage "dvp-kl-$method-$seed" kl "$model" "$OUT/kl-$method-$seed.json"
   done
 done
+printf '{"seconds": %d, "what": "the whole run.sh"}\n' $((SECONDS - STARTED)) > "$OUT/run.time.json"
 "$PYTHON" "$ROOT/experiments/tools/dpo_vs_ppo.py" collect "$OUT" "$HERE"

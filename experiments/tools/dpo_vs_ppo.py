@@ -44,12 +44,32 @@ def harmful_score(report):
     return total / count if count else None
 
 
+def degeneracy(raw, name):
+    """Share of empty answers, share of repetitive ones (one word is at least half of the words of
+    a non-empty answer), and distinct-2 (distinct word bigrams over all bigrams) of every answer
+    of the evaluation (harmful and benign)."""
+    path = os.path.join(raw, f"eval-{name}.answers.jsonl.gz")
+    if not os.path.exists(path):
+        return {}
+    with gzip.open(path, "rt") as f:
+        answers = [json.loads(line)["answer"] for line in f if line.strip()]
+    bigrams = [tuple(w[i:i + 2]) for w in (a.split() for a in answers) for i in range(len(w) - 1)]
+    words = [a.split() for a in answers if a.strip()]
+    repetitive = sum(1 for w in words if max(w.count(x) for x in set(w)) * 2 >= len(w) and len(w) >= 4)
+    return {
+        "empty_answers": sum(1 for a in answers if not a.strip()) / len(answers),
+        "repetitive_answers": repetitive / len(answers),
+        "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
+    }
+
+
 def per_run(raw, name):
     report = load(os.path.join(raw, f"eval-{name}.json"))
     row = {
         "refusal_rate": report["refusal_rate"],
         "false_refusal_rate": report["false_refusal_rate"],
         "harmful_safety_score": harmful_score(report),
+        **degeneracy(raw, name),
     }
     kl = os.path.join(raw, f"kl-{name}.json")
     if os.path.exists(kl):
@@ -75,7 +95,8 @@ def results(raw):
         seeds = sorted(int(p.split("-")[-1][:-5]) for p in glob.glob(os.path.join(raw, f"eval-{key}-*.json")))
         runs = {str(s): per_run(raw, f"{key}-{s}") for s in seeds}
         summary = {}
-        for metric in ["refusal_rate", "false_refusal_rate", "harmful_safety_score", "kl_to_sft", "train_seconds"]:
+        for metric in ["refusal_rate", "false_refusal_rate", "harmful_safety_score", "kl_to_sft",
+                       "empty_answers", "repetitive_answers", "distinct_2", "train_seconds"]:
             values = [r[metric] for r in runs.values() if r.get(metric) is not None]
             if values:
                 mean, half = interval(values)
@@ -95,13 +116,14 @@ def cell(summary, metric, scale=1.0, digits=2, unit=""):
 
 def table(res):
     lines = [
-        "| model | refusal, harmful prompts (%) | false refusal, benign prompts (%) | safety RM score, harmful prompts | KL to the SFT model (nats per answer) | training wall-clock (s) |",
-        "|---|---|---|---|---|---|",
+        "| model | refusal, harmful prompts (%) | false refusal, benign prompts (%) | safety RM score, harmful prompts | KL to the SFT model (nats per answer) | empty answers (%) | repetitive answers (%) | distinct-2 | training wall-clock (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     sft = res["sft"]
     lines.append(
         f"| SFT, 100 safety examples (the start) | {100 * sft['refusal_rate']:.1f} | "
-        f"{100 * sft['false_refusal_rate']:.1f} | {sft['harmful_safety_score']:.2f} | 0 | - |"
+        f"{100 * sft['false_refusal_rate']:.1f} | {sft['harmful_safety_score']:.2f} | 0 | "
+        f"{100 * sft['empty_answers']:.1f} | {100 * sft['repetitive_answers']:.1f} | {sft['distinct_2']:.3f} | - |"
     )
     for key, label in METHODS:
         s = res["methods"][key]["summary"]
@@ -109,7 +131,8 @@ def table(res):
             continue
         lines.append(
             f"| {label} | {cell(s, 'refusal_rate', 100, 1)} | {cell(s, 'false_refusal_rate', 100, 1)} | "
-            f"{cell(s, 'harmful_safety_score')} | {cell(s, 'kl_to_sft')} | {cell(s, 'train_seconds', 1, 0)} |"
+            f"{cell(s, 'harmful_safety_score')} | {cell(s, 'kl_to_sft')} | {cell(s, 'empty_answers', 100, 1)} | "
+            f"{cell(s, 'repetitive_answers', 100, 1)} | {cell(s, 'distinct_2', 1, 3)} | {cell(s, 'train_seconds', 1, 0)} |"
         )
     return "\n".join(lines)
 
@@ -128,7 +151,10 @@ def plot(res, here):
         ("harmful_safety_score", 1, "safety RM score, harmful prompts"),
         ("kl_to_sft", 1, "KL to the SFT model (nats/answer)"),
     ]
-    fig, axes = p.subplots(1, 4, figsize=(16, 3.8))
+    panels.append(("empty_answers", 100, "empty answers (%)"))
+    panels.append(("repetitive_answers", 100, "repetitive answers (%)"))
+    fig, axes = p.subplots(2, 3, figsize=(15, 7.5))
+    axes = [ax for row in axes for ax in row]
     names = ["SFT"] + [label for _, label in METHODS]
     for ax, (metric, scale, title) in zip(axes, panels):
         sft = res["sft"].get(metric, 0.0 if metric == "kl_to_sft" else None)
@@ -154,7 +180,10 @@ def collect(out_dir, here):
     for path in glob.glob(os.path.join(out_dir, "*.json")):
         shutil.copy(path, raw)
     for path in glob.glob(os.path.join(out_dir, "eval-*.answers.jsonl")):
-        with open(path, "rb") as src, gzip.open(os.path.join(raw, os.path.basename(path) + ".gz"), "wb", mtime=0) as dst:
+        # No name or time in the gzip header: the same answers give the same bytes.
+        dest = os.path.join(raw, os.path.basename(path) + ".gz")
+        with open(path, "rb") as src, open(dest, "wb") as out, \
+                gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0) as dst:
             shutil.copyfileobj(src, dst)
     for run in glob.glob(os.path.join(out_dir, "*-[0-9]*")):
         metrics = os.path.join(run, "metrics.jsonl")

@@ -284,6 +284,28 @@ fn experiment_scripts_check_their_data_and_resume_by_stage() {
     let text = run("/bin/echo");
     assert!(text.contains("changed since it ran"), "{text}");
     assert!(run("/bin/echo").contains("done before, skipped"));
+
+    // What a stage writes into WORK is its output: written, it does not make the stage stale.
+    let output = tmp.path().join("work/copy.toml");
+    let snippet = format!(
+        "source {}; stage copy cp {} {}",
+        lib.display(),
+        input.display(),
+        output.display()
+    );
+    let copy = || {
+        let out = std::process::Command::new("bash")
+            .args(["-c", &snippet])
+            .env("DATA", tmp.path())
+            .env("WORK", tmp.path().join("work"))
+            .env("TRAIN", "/bin/true")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    assert!(!copy().contains("skipped"));
+    assert!(copy().contains("done before, skipped"));
 }
 
 /// `train eval kl`: zero against the model itself, an error for a reference with another
@@ -382,4 +404,39 @@ fn eval_kl_is_zero_to_itself_and_estimates_the_exact_kl() {
         "0",
     ];
     assert_user_error(&train(&args), "temperature");
+}
+
+/// Experiment 5's table and results.json are what its committed raw outputs give
+/// (`experiments/tools/dpo_vs_ppo.py check`), and the check fails when a number moves.
+#[test]
+fn experiment_5_tables_rebuild_from_its_raw_outputs() {
+    let Some(python) = python_with_transformers() else {
+        return;
+    };
+    let here = root().join("experiments/05-dpo-vs-ppo");
+    let tool = root().join("experiments/tools/dpo_vs_ppo.py");
+    let check = |dir: &Path| {
+        std::process::Command::new(&python)
+            .arg(&tool)
+            .arg("check")
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let out = check(&here);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // A copy with one committed evaluation changed no longer matches its RESULTS.md.
+    let tmp = tempfile::tempdir().unwrap();
+    copy_tree(&here, tmp.path());
+    edit_json(&tmp.path().join("raw/eval-dpo-0.json"), |report| {
+        let rate = report["refusal_rate"].as_f64().unwrap();
+        report["refusal_rate"] = serde_json::json!(rate + 0.01);
+    });
+    let out = check(tmp.path());
+    assert!(
+        !out.status.success(),
+        "a changed raw file must fail the check"
+    );
+    assert!(stderr(&out).contains("differs"), "{}", stderr(&out));
 }
