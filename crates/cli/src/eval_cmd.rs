@@ -122,6 +122,14 @@ fn kl(args: KlArgs) -> Result<()> {
     let tokenizer = data::Tokenizer::from_file(&tokenizer_path)?;
     trainer::session::check_generation_vocab(&tokenizer, &config, &tokenizer_path)?;
     trainer::session::check_vocab(&tokenizer, &reference_config, &args.reference)?;
+    anyhow::ensure!(
+        reference_config.max_position_embeddings >= config.max_position_embeddings,
+        "{}: the reference's context ({} tokens) is shorter than the model's ({}), which the \
+         prompts and answers may fill",
+        args.reference.join("config.json").display(),
+        reference_config.max_position_embeddings,
+        config.max_position_embeddings
+    );
     let theirs = args.reference.join("tokenizer.json");
     if theirs.is_file() && !data::Tokenizer::from_file(&theirs)?.same_vocabulary(&tokenizer) {
         anyhow::bail!(

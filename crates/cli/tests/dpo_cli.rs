@@ -242,6 +242,15 @@ fn dpo_bad_input_gives_one_line_errors() {
     let set = format!("dpo.reference=\"{}\"", reference.display());
     let (run, _) = dpo(&out, &sets(&[&set]));
     assert_user_error(&run, "tokenizer.json");
+    // One whose vocabulary differs from its config's claim (no tokenizer of its own to compare):
+    // the file and the tensor are named.
+    let vocab = tmp.path().join("other-vocab");
+    copy_tree(&golden_dir("tiny-gqa"), &vocab);
+    std::fs::remove_file(vocab.join("tokenizer.json")).unwrap();
+    edit_json(&vocab.join("config.json"), |c| c["vocab_size"] = 520.into());
+    let set_vocab = format!("dpo.reference=\"{}\"", vocab.display());
+    let (run, _) = dpo(&out, &sets(&[&set_vocab]));
+    assert_user_error(&run, "model.embed_tokens.weight");
     // One whose context is shorter than the sequences (128 against 256).
     copy_tree(&golden_dir("tiny-gqa"), &reference);
     let (run, _) = dpo(&out, &sets(&[&set]));

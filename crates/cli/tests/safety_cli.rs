@@ -404,6 +404,23 @@ fn eval_kl_is_zero_to_itself_and_estimates_the_exact_kl() {
         "0",
     ];
     assert_user_error(&train(&args), "temperature");
+    // A reference with a shorter context than the model's answers may fill.
+    let longer = tmp.path().join("longer");
+    copy_tree(&a, &longer);
+    edit_json(&longer.join("config.json"), |c| {
+        c["max_position_embeddings"] = 256.into()
+    });
+    let args = [
+        "eval",
+        "kl",
+        "--model",
+        arg(&longer),
+        "--reference",
+        arg(&a),
+        "--prompts",
+        arg(&prompts),
+    ];
+    assert_user_error(&train(&args), "shorter than the model's");
 }
 
 /// Experiment 5's table and results.json are what its committed raw outputs give
