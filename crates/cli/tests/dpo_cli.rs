@@ -36,6 +36,19 @@ fn assert_close_series(a: &[f64], b: &[f64], tolerance: f64, what: &str) {
     }
 }
 
+/// `train export` of a DPO checkpoint is a `LlamaForCausalLM` directory with the checkpoint's
+/// logits in transformers (when it is installed).
+fn assert_exports_a_causal_lm(checkpoint: &Path, exported: &Path) {
+    assert_success(&export(checkpoint, exported, &[]));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exported.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    if let Some(python) = python_with_transformers() {
+        assert_python_check(&python, "check_export.py", &[checkpoint, exported]);
+    }
+}
+
 #[test]
 fn dpo_learns_resumes_exactly_and_exports() {
     let tmp = tempfile::tempdir().unwrap();
@@ -121,15 +134,7 @@ fn dpo_learns_resumes_exactly_and_exports() {
     assert_close_series(&first(&metrics), &first(&held_metrics), 1e-5, "loss");
 
     // The policy exports as a plain language model.
-    let exported = tmp.path().join("policy");
-    assert_success(&export(&checkpoint, &exported, &[]));
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(exported.join("config.json")).unwrap())
-            .unwrap();
-    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
-    if let Some(python) = python_with_transformers() {
-        assert_python_check(&python, "check_export.py", &[&checkpoint, &exported]);
-    }
+    assert_exports_a_causal_lm(&checkpoint, &tmp.path().join("policy"));
 }
 
 #[test]
@@ -311,13 +316,5 @@ fn dpo_with_lora_uses_the_base_as_reference_resumes_and_exports_merged() {
     );
     assert_close_series(&a, &b, 1e-6, "loss");
 
-    let exported = tmp.path().join("merged");
-    assert_success(&export(&checkpoint, &exported, &[]));
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(exported.join("config.json")).unwrap())
-            .unwrap();
-    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
-    if let Some(python) = python_with_transformers() {
-        assert_python_check(&python, "check_export.py", &[&checkpoint, &exported]);
-    }
+    assert_exports_a_causal_lm(&checkpoint, &tmp.path().join("merged"));
 }

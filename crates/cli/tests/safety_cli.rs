@@ -237,34 +237,11 @@ fn experiment_scripts_check_their_data_and_resume_by_stage() {
     );
     assert!(err.contains("get it from"), "{err}");
 
-    let snippet = format!(
-        "source {}; stage demo echo ran; stage demo echo ran",
-        root().join("experiments/lib.sh").display()
-    );
-    let out = std::process::Command::new("bash")
-        .args(["-c", &snippet])
-        .env("DATA", tmp.path())
-        .env("WORK", tmp.path().join("work"))
-        .env("TRAIN", "/bin/true")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
-    assert_eq!(text.matches("ran").count(), 1, "{text}");
-    assert!(text.contains("demo: done before, skipped"), "{text}");
-
-    // A stage whose input file (a recipe) or binary changed runs again.
-    let input = tmp.path().join("recipe.toml");
-    std::fs::write(&input, "a = 1\n").unwrap();
     let lib = root().join("experiments/lib.sh");
-    let run = |train: &str| {
-        let snippet = format!(
-            "source {}; stage read cat {}",
-            lib.display(),
-            input.display()
-        );
+    // Runs `commands` after sourcing lib.sh, with `train` as the binary; its stdout.
+    let script = |commands: &str, train: &str| {
         let out = std::process::Command::new("bash")
-            .args(["-c", &snippet])
+            .args(["-c", &format!("source {}; {commands}", lib.display())])
             .env("DATA", tmp.path())
             .env("WORK", tmp.path().join("work"))
             .env("TRAIN", train)
@@ -273,6 +250,15 @@ fn experiment_scripts_check_their_data_and_resume_by_stage() {
         assert!(out.status.success(), "{}", stderr(&out));
         stdout(&out)
     };
+    let text = script("stage demo echo ran; stage demo echo ran", "/bin/true");
+    assert_eq!(text.matches("ran").count(), 1, "{text}");
+    assert!(text.contains("demo: done before, skipped"), "{text}");
+
+    // A stage whose input file (a recipe) or binary changed runs again.
+    let input = tmp.path().join("recipe.toml");
+    std::fs::write(&input, "a = 1\n").unwrap();
+    let read = format!("stage read cat {}", input.display());
+    let run = |train: &str| script(&read, train);
     assert!(run("/bin/true").contains("a = 1"));
     assert!(run("/bin/true").contains("done before, skipped"));
     std::fs::write(&input, "a = 2\n").unwrap();
@@ -287,23 +273,8 @@ fn experiment_scripts_check_their_data_and_resume_by_stage() {
 
     // What a stage writes into WORK is its output: written, it does not make the stage stale.
     let output = tmp.path().join("work/copy.toml");
-    let snippet = format!(
-        "source {}; stage copy cp {} {}",
-        lib.display(),
-        input.display(),
-        output.display()
-    );
-    let copy = || {
-        let out = std::process::Command::new("bash")
-            .args(["-c", &snippet])
-            .env("DATA", tmp.path())
-            .env("WORK", tmp.path().join("work"))
-            .env("TRAIN", "/bin/true")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
-        stdout(&out)
-    };
+    let copy_stage = format!("stage copy cp {} {}", input.display(), output.display());
+    let copy = || script(&copy_stage, "/bin/true");
     assert!(!copy().contains("skipped"));
     assert!(copy().contains("done before, skipped"));
 }
