@@ -165,10 +165,17 @@ fn precompute(
 ) -> Vec<[f64; 2]> {
     let all: Vec<usize> = (0..dataset.len()).collect();
     let mut out = Vec::with_capacity(dataset.len());
+    let bar = trainer::metrics::work_bar(dataset.len(), "reference log-probabilities (pairs)");
     for indices in all.chunks(micro.max(1)) {
         let batch = DpoBatch::new(&items_at(dataset, indices), pad);
         let logps = sequence_logps(model, &batch, chunk);
         out.extend((0..batch.pairs).map(|p| batch.pair(&logps, p)));
+        if let Some(bar) = &bar {
+            bar.inc(indices.len() as u64);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     out
 }

@@ -34,6 +34,23 @@ pub fn reopen_jsonl(path: &Path, key: &str, start: usize) -> std::io::Result<Fil
     std::fs::OpenOptions::new().append(true).open(path)
 }
 
+/// A progress bar on stderr for `total` items of work before or between training steps (a
+/// method's preparation, such as reference log-probabilities); none when stderr is not a
+/// terminal.
+pub fn work_bar(total: usize, message: &str) -> Option<ProgressBar> {
+    std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(total as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+            )
+            .expect("valid progress template"),
+        );
+        bar.set_message(message.to_string());
+        bar
+    })
+}
+
 pub struct MetricsLogger {
     jsonl: File,
     tensorboard: FileWriter,
