@@ -125,6 +125,13 @@ fn dpo_learns_resumes_exactly_and_exports() {
         std::fs::read(damaged.join("metrics.jsonl")).unwrap(),
         metrics_before
     );
+    // So does other data with as many pairs (answers cut shorter), found by the fingerprint.
+    let other = tmp.path().join("other-data");
+    copy_tree(&full, &other);
+    std::fs::remove_dir_all(other.join("checkpoint-16")).unwrap();
+    let shorter = [&overrides[..], &["data.max_seq_len=120"]].concat();
+    let (run, _) = dpo(&other, &resume_latest(&shorter));
+    assert_failed_with(&run, "computed for other pairs");
 
     // The reference held in memory instead gives the same run.
     let held = tmp.path().join("held");

@@ -26,11 +26,35 @@ pub type Summary = trainer::Summary<PairMetrics>;
 pub const REFERENCE_FILE: &str = "reference_logps.json";
 
 /// Summed answer log-probabilities `[chosen, rejected]` of every training and evaluation pair
-/// under the reference, in dataset order.
+/// under the reference, in dataset order, with a fingerprint of the pairs' tokens and masks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Precomputed {
+    pub data: String,
     pub train: Vec<[f64; 2]>,
     pub eval: Vec<[f64; 2]>,
+}
+
+/// FNV-1a over every pair's ids and trained masks, split by split: the same data in the same
+/// order gives the same string on every platform and Rust version.
+fn data_fingerprint(train: &DpoDataset, eval: &DpoDataset) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |value: u64| {
+        for byte in value.to_le_bytes() {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for dataset in [train, eval] {
+        feed(dataset.len() as u64);
+        for item in dataset.iter().flatten() {
+            for sequence in [&item.chosen, &item.rejected] {
+                feed(sequence.ids.len() as u64);
+                for (&id, &trained) in sequence.ids.iter().zip(&sequence.trained) {
+                    feed(u64::from(id) << 1 | u64::from(trained));
+                }
+            }
+        }
+    }
+    format!("{hash:016x}")
 }
 
 impl Precomputed {
@@ -42,16 +66,22 @@ impl Precomputed {
         std::fs::rename(&partial, &path).map_err(io_err(&path))
     }
 
-    /// The log-probabilities saved in `checkpoint`, which must be of this data.
-    fn read(checkpoint: &Path, train: usize, eval: usize) -> Result<Self> {
-        let path = checkpoint.join(REFERENCE_FILE);
+    /// The log-probabilities saved in `dir`, which must be of this data (the same pairs, tokens
+    /// and masks, in the same order).
+    fn read(dir: &Path, train: &DpoDataset, eval: &DpoDataset) -> Result<Self> {
+        let path = dir.join(REFERENCE_FILE);
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
         let saved: Self = serde_json::from_str(&text)
             .map_err(|e| TrainError::Invalid(format!("{}: {e}", path.display())))?;
-        if saved.train.len() != train || saved.eval.len() != eval {
+        let (pairs, held_out) = (train.len(), eval.len());
+        if saved.train.len() != pairs
+            || saved.eval.len() != held_out
+            || saved.data != data_fingerprint(train, eval)
+        {
             return Err(TrainError::Invalid(format!(
-                "{}: holds {} training and {} evaluation pairs, the data has {train} and {eval}: \
-                 resume with the data the run was trained on",
+                "{}: computed for other pairs ({} training and {} evaluation; the data now has \
+                 {pairs} and {held_out}, or other tokens): resume with the data, tokenizer and \
+                 max_seq_len the run was trained with",
                 path.display(),
                 saved.train.len(),
                 saved.eval.len()
@@ -284,7 +314,7 @@ pub fn run(recipe: &Recipe, section: &DpoSection, options: &RunOptions) -> Resul
     // Everything that can fail is read before the output directory changes.
     let saved = match &session.resume {
         Some(dir) if section.precompute_reference => {
-            Some(Precomputed::read(dir, train_set.len(), eval_set.len())?)
+            Some(Precomputed::read(dir, &train_set, &eval_set)?)
         }
         _ => None,
     };
@@ -307,11 +337,14 @@ pub fn run(recipe: &Recipe, section: &DpoSection, options: &RunOptions) -> Resul
                 eval_set.len()
             );
             let saved = Precomputed {
+                data: data_fingerprint(&train_set, &eval_set),
                 train: precompute(&net, &train_set, micro, pad, chunk),
                 eval: precompute(&net, &eval_set, micro, pad, chunk),
             };
-            saved.write(&recipe.output.dir)?;
-            Reference::Precomputed(saved)
+            let out = &recipe.output.dir;
+            saved.write(out)?;
+            // The values as read back, which is what a resumed run gets: the same to the bit.
+            Reference::Precomputed(Precomputed::read(out, &train_set, &eval_set)?)
         }
         (None, Some(net)) => Reference::Model(Box::new(net)),
         (None, None) => unreachable!("a reference model is loaded unless saved values exist"),

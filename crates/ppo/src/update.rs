@@ -205,9 +205,11 @@ impl Ppo {
                     .add((log_ratio.clone().square() * mask.clone()).sum() * 0.5);
                 let outside = (log_ratio.exp() - 1.0).abs().greater_elem(s.clip_range);
                 u.clipped.add((outside.float() * mask.clone()).sum());
-                let kl = ref_t
-                    .as_ref()
-                    .map(|r| (kl_k3(logp.clone(), cols(r)) * mask.clone()).sum() * kl_beta);
+                // Masked before the exponential: outside the response both are 0 (k3 = 0),
+                // where a prompt or pad token's log-probability could overflow exp.
+                let kl = ref_t.as_ref().map(|r| {
+                    (kl_k3(logp.clone() * mask.clone(), cols(r)) * mask.clone()).sum() * kl_beta
+                });
                 let loss = policy_loss(logp, old, cols(&advantages), mask, s.clip_range, count);
                 match kl {
                     Some(kl) => loss + kl / (count.max(1) as f64),
