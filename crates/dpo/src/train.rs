@@ -311,25 +311,23 @@ pub fn run(recipe: &Recipe, section: &DpoSection, options: &RunOptions) -> Resul
     if session.finished_before(train_set.len()) {
         return Ok(finished);
     }
-    // Everything that can fail is read before the output directory changes.
-    let saved = match &session.resume {
+    // Everything that can fail is read before the output directory changes: the saved
+    // reference values of the run being resumed, else the reference model.
+    let loaded = match &session.resume {
         Some(dir) if section.precompute_reference => {
-            Some(Precomputed::read(dir, &train_set, &eval_set)?)
+            Reference::Precomputed(Precomputed::read(dir, &train_set, &eval_set)?)
         }
-        _ => None,
-    };
-    let reference_net = match saved {
-        Some(_) => None,
-        None => Some(reference_model(&session, section, &model, &config)?),
+        _ => Reference::Model(Box::new(reference_model(
+            &session, section, &model, &config,
+        )?)),
     };
     let Some((mut run, mut optimizer)) = session.start(train_set.len())? else {
         return Ok(finished);
     };
     let micro = recipe.micro_batch_size();
     let chunk = train.loss_chunk;
-    let reference = match (saved, reference_net) {
-        (Some(saved), _) => Reference::Precomputed(saved),
-        (None, Some(net)) if section.precompute_reference => {
+    let reference = match loaded {
+        Reference::Model(net) if section.precompute_reference => {
             eprintln!(
                 "computing the reference's log-probabilities of {} training and {} evaluation \
                  pairs",
@@ -346,8 +344,7 @@ pub fn run(recipe: &Recipe, section: &DpoSection, options: &RunOptions) -> Resul
             // The values as read back, which is what a resumed run gets: the same to the bit.
             Reference::Precomputed(Precomputed::read(out, &train_set, &eval_set)?)
         }
-        (None, Some(net)) => Reference::Model(Box::new(net)),
-        (None, None) => unreachable!("a reference model is loaded unless saved values exist"),
+        other => other,
     };
     let total_steps = run.total;
     let mut batches = run.batches(lengths(&train_set));

@@ -4,7 +4,7 @@
 
 use burn::prelude::*;
 
-use crate::section::{Estimator, PpoSection};
+use crate::section::PpoSection;
 
 /// Which reward model's score a prompt gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -194,12 +194,13 @@ pub fn rloo_advantages(rewards: &[f64], group: usize) -> Vec<f64> {
         .collect()
 }
 
-/// The advantages of the critic-free estimators: one value per answer from its sequence reward
+/// The advantages of the critic-free estimators (`baseline`: [`grpo_advantages`] or
+/// [`rloo_advantages`]): one value per answer from its sequence reward
 /// (the shaped reward, less `β · KL` summed over the answer when `beta_in_reward > 0`),
 /// relative to the other answers of its group, given to every token of the answer. No returns
 /// (there is no value model to fit) and no explained variance.
 pub fn critic_free_advantages(
-    estimator: Estimator,
+    baseline: fn(&[f64], usize) -> Vec<f64>,
     shaped: &[f64],
     old_logp: &[Vec<f64>],
     ref_logp: &[Vec<f64>],
@@ -216,10 +217,7 @@ pub fn critic_free_advantages(
         .zip(&kl_per_sequence)
         .map(|(r, kl)| r - beta_in_reward * kl)
         .collect();
-    let per_sequence = match estimator {
-        Estimator::Rloo => rloo_advantages(&rewards, group),
-        Estimator::Grpo | Estimator::Gae => grpo_advantages(&rewards, group),
-    };
+    let per_sequence = baseline(&rewards, group);
     let advantages = per_sequence
         .iter()
         .zip(old_logp)

@@ -16,8 +16,8 @@ use trainer::recipe::TrainSection;
 use trainer::{Result, TrainError};
 
 use crate::algo::{
-    advantages, critic_free_advantages, mean_std, shape_rewards, Advantages, KlController,
-    ModelScores, RewardSource, Rewards,
+    advantages, critic_free_advantages, grpo_advantages, mean_std, rloo_advantages, shape_rewards,
+    Advantages, KlController, ModelScores, RewardSource, Rewards,
 };
 use crate::rollout::{gather_rows, pad_rollouts, token_logprobs, token_values, Rollout};
 use crate::section::{Estimator, KlPenalty, PpoSection};
@@ -191,8 +191,16 @@ impl Ppo {
                 s.gamma,
                 s.lam,
             ),
-            estimator => critic_free_advantages(
-                estimator,
+            Estimator::Grpo => critic_free_advantages(
+                grpo_advantages,
+                &rewards.shaped,
+                &scored.old_logp,
+                &scored.ref_logp,
+                beta_in_reward,
+                group,
+            ),
+            Estimator::Rloo => critic_free_advantages(
+                rloo_advantages,
                 &rewards.shaped,
                 &scored.old_logp,
                 &scored.ref_logp,

@@ -12,7 +12,6 @@ use ppo::algo::{
     rloo_advantages, token_kl, token_rewards, value_loss, whiten, KlController, RewardSource,
 };
 use ppo::rollout::{pad_rollouts, response_mask, scatter, Rollout};
-use ppo::section::Estimator;
 use ppo::{Models, Ppo, PpoSection, Prompt};
 use rand::{Rng, SeedableRng};
 use reward::RewardModel;
@@ -63,12 +62,12 @@ fn critic_free_advantages_take_the_kl_in_the_reward_and_fill_every_token() {
     // reference (0.5 at its first token), so with β = 1 in the reward it gets 0.5 and the other 1.
     let old = vec![vec![-1.0, -1.0], vec![-1.0]];
     let reference = vec![vec![-1.5, -1.0], vec![-1.0]];
-    let fit = critic_free_advantages(Estimator::Rloo, &[1.0, 1.0], &old, &reference, 1.0, 2);
+    let fit = critic_free_advantages(rloo_advantages, &[1.0, 1.0], &old, &reference, 1.0, 2);
     assert_eq!(fit.advantages, vec![vec![-0.5, -0.5], vec![0.5]]);
     assert!((fit.kl_mean - 0.25).abs() < 1e-12);
     assert_eq!(fit.returns, vec![vec![0.0, 0.0], vec![0.0]]);
     // Without the KL in the reward the two are equal: nothing to learn.
-    let fit = critic_free_advantages(Estimator::Grpo, &[1.0, 1.0], &old, &reference, 0.0, 2);
+    let fit = critic_free_advantages(grpo_advantages, &[1.0, 1.0], &old, &reference, 0.0, 2);
     assert_eq!(fit.advantages, vec![vec![0.0, 0.0], vec![0.0]]);
 }
 
