@@ -14,6 +14,11 @@ Models:
   tiny-gqa               vocab 512, hidden 64, 2 layers, 4 heads / 2 KV heads, MLP 176, tied, f32
   tiny-odd               vocab 512, hidden 60, 3 layers, 5 heads / 1 KV head (head_dim 12), MLP 97,
                          untied, eps 1e-6, rope_theta 50000, f32
+  tiny-rope-linear       vocab 512, hidden 32, 2 layers, 4 heads / 2 KV heads, MLP 64, tied, RoPE scaling
+                         linear with factor 4
+  tiny-rope-dynamic      the same shape with dynamic (NTK) RoPE scaling, factor 2, and
+                         max_position_embeddings 8, so most references run past it; the rotary
+                         state transformers keeps between calls is reset before each call
   tiny-gqa-bf16-sharded  tiny-gqa's weights saved as bfloat16 in >= 2 shards with an index; its
                          references are computed from the bf16 weights upcast to float32, as a
                          loader converting bf16 -> f32 sees them
@@ -30,8 +35,8 @@ give identical files. Greedy references are robust: at every generated step the 
 top-1 and top-2 logit must exceed MIN_GAP, both in generate() (KV cache) and in one full forward
 pass over prompt + generated tokens (no cache); otherwise the prompt is redrawn from the next seed.
 
-Run:  .venv/bin/python scripts/make_golden.py
-      PYTHONPATH=.venv/transformers5 .venv/bin/python scripts/make_golden.py
+Run:  .venv/bin/python scripts/make_golden.py [--only NAME ...]
+      PYTHONPATH=.venv/transformers5 .venv/bin/python scripts/make_golden.py [--only NAME ...]
 """
 
 import argparse
@@ -84,21 +89,41 @@ MODELS = {
         ),
         seed=2000,
     ),
+    "tiny-rope-linear": dict(
+        config=dict(
+            vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True,
+            max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+        ),
+        rope=dict(type="linear", factor=4.0),
+        seed=3000,
+    ),
+    "tiny-rope-dynamic": dict(
+        config=dict(
+            vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True,
+            max_position_embeddings=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+        ),
+        rope=dict(type="dynamic", factor=2.0),
+        seed=4000,
+    ),
 }
 BF16_NAME = "tiny-gqa-bf16-sharded"
 BF16_SOURCE = "tiny-gqa"
 
 
-def make_config(spec: dict) -> LlamaConfig:
+def make_config(spec: dict, rope: dict | None = None) -> LlamaConfig:
     spec = dict(spec)
     if MAJOR >= 5:
         # 5.x takes RoPE settings as `rope_parameters` and the dtype as `dtype`.
-        version_args = dict(
-            rope_parameters={"rope_type": "default", "rope_theta": spec.pop("rope_theta")},
-            dtype="float32",
-        )
+        params = {"rope_type": "default", "rope_theta": spec.pop("rope_theta")}
+        if rope:
+            params.update(rope_type=rope["type"], factor=rope["factor"])
+        version_args = dict(rope_parameters=params, dtype="float32")
     else:
-        version_args = dict(rope_scaling=None, torch_dtype="float32")
+        # 4.x: theta at the top level, the scaling as {"type", "factor"}.
+        scaling = {"type": rope["type"], "factor": rope["factor"]} if rope else None
+        version_args = dict(rope_scaling=scaling, torch_dtype="float32")
     cfg = LlamaConfig(
         **spec,
         **version_args,
@@ -144,8 +169,18 @@ def top2_gap(logits: torch.Tensor) -> torch.Tensor:
     return t[..., 0] - t[..., 1]
 
 
+def reset_rope(model: LlamaForCausalLM) -> None:
+    """Dynamic RoPE in transformers keeps the largest length seen until a call is shorter than
+    max_position_embeddings; every reference here is one call on its own, as in our model."""
+    rotary = model.model.rotary_emb
+    if hasattr(rotary, "original_inv_freq"):
+        rotary.register_buffer("inv_freq", rotary.original_inv_freq.clone(), persistent=False)
+        rotary.max_seq_len_cached = rotary.original_max_seq_len
+
+
 @torch.no_grad()
 def full_logits(model: LlamaForCausalLM, ids: list) -> torch.Tensor:
+    reset_rope(model)
     x = torch.tensor([ids], dtype=torch.long)
     out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
     return out.logits[0].float()
@@ -154,6 +189,7 @@ def full_logits(model: LlamaForCausalLM, ids: list) -> torch.Tensor:
 @torch.no_grad()
 def greedy(model: LlamaForCausalLM, prompt: list):
     """Returns (new_tokens, min_gap) or (None, min_gap) if some step is too close to call."""
+    reset_rope(model)
     x = torch.tensor([prompt], dtype=torch.long)
     out = model.generate(
         input_ids=x,
@@ -257,6 +293,7 @@ def main() -> None:
         sys.exit(f"transformers {version} is not a pinned version ({', '.join(PINNED)})")
     ap.add_argument("--out-dir", type=Path, default=PINNED[version])
     ap.add_argument("--tokenizer", type=Path, default=REPO / "tests/fixtures/tokenizer/tokenizer.json")
+    ap.add_argument("--only", nargs="*", help="make only these models (default: all)")
     args = ap.parse_args()
     if not args.tokenizer.is_file():
         sys.exit(f"{args.tokenizer} missing: run scripts/build_tokenizer.py first")
@@ -268,12 +305,14 @@ def main() -> None:
     summaries = []
 
     for name, spec in MODELS.items():
+        if args.only and name not in args.only:
+            continue
         out_dir = args.out_dir / name
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
         torch.manual_seed(spec["seed"])
-        model = LlamaForCausalLM(make_config(spec["config"])).float().eval()
+        model = LlamaForCausalLM(make_config(spec["config"], spec.get("rope"))).float().eval()
         init_weights(model, spec["seed"])
         model.save_pretrained(out_dir, safe_serialization=True)
         assert (out_dir / "model.safetensors").is_file()
@@ -311,6 +350,8 @@ def main() -> None:
     print(f"total {total / 1024:.0f} KiB under {args.out_dir}")
     h = hashlib.sha256()
     for p in sorted(args.out_dir.rglob("*")):
+        if args.only and p.relative_to(args.out_dir).parts[0] not in args.only:
+            continue
         if p.is_file():
             h.update(p.relative_to(args.out_dir).as_posix().encode() + b"\0" + p.read_bytes())
     print(f"fixture digest {h.hexdigest()[:16]}")

@@ -11,8 +11,15 @@ pub struct ExportArgs {
     #[arg(long)]
     checkpoint: PathBuf,
     /// Output directory; written atomically
+    #[arg(long, required_unless_present = "meta", conflicts_with = "meta")]
+    out: Option<PathBuf>,
+    /// Write Meta's original layout to this directory instead (params.json,
+    /// consolidated.NN.pth, tokenizer.model), for Meta's reference code
     #[arg(long)]
-    out: PathBuf,
+    meta: Option<PathBuf>,
+    /// With --meta: the model-parallel size, i.e. the number of consolidated shards
+    #[arg(long, default_value_t = 1, requires = "meta")]
+    model_parallel: usize,
     /// Storage dtype: f32, bf16 or f16 (default: the checkpoint's torch_dtype, else f32)
     #[arg(long)]
     dtype: Option<String>,
@@ -36,17 +43,28 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
-    if let (Ok(from), Ok(to)) = (args.checkpoint.canonicalize(), args.out.canonicalize()) {
+    let target = args
+        .out
+        .as_ref()
+        .or(args.meta.as_ref())
+        .context("--out or --meta")?;
+    if let (Ok(from), Ok(to)) = (args.checkpoint.canonicalize(), target.canonicalize()) {
         if from == to {
             bail!(
-                "--out {} is the checkpoint itself: export to another directory (replacing a \
+                "{} is the checkpoint itself: export to another directory (replacing a \
                  training checkpoint would drop its optimizer state)",
-                args.out.display()
+                target.display()
             );
         }
     }
     if args.adapter {
-        return export_adapter(&args);
+        if args.meta.is_some() {
+            bail!("--adapter writes a PEFT directory; Meta's layout holds merged models only");
+        }
+        return export_adapter(&args, target);
+    }
+    if let Some(meta) = &args.meta {
+        return export_meta(&args, meta);
     }
     let device = burn::prelude::Device::flex();
     let (config, model) = llama::load_pretrained(&args.checkpoint, &device)
@@ -82,25 +100,74 @@ pub fn run(args: ExportArgs) -> Result<()> {
             args.checkpoint.display()
         );
     }
+    let extra_json = chat_format_files(&extra_files, config.max_position_embeddings)?;
+    if !extra_json.is_empty() {
+        // Ours replace the source's: they carry the chat template checked against our encoding.
+        extra_files.retain(|file| {
+            !extra_json
+                .iter()
+                .any(|(name, _)| file.file_name().is_some_and(|f| f == name.as_str()))
+        });
+    }
     let options = SaveOptions {
         dtype,
         max_shard_bytes,
         extra_files,
+        extra_json,
         overwrite: args.overwrite,
     };
-    llama::save_pretrained(&model, &config, &args.out, &options)
-        .with_context(|| format!("exporting to {}", args.out.display()))?;
+    llama::save_pretrained(&model, &config, target, &options)
+        .with_context(|| format!("exporting to {}", target.display()))?;
     eprintln!(
         "wrote {} ({} parameters, {})",
-        args.out.display(),
+        target.display(),
         config.parameter_count(),
         dtype.torch_name()
     );
     Ok(())
 }
 
+/// `tokenizer_config.json` and `special_tokens_map.json` with the Llama 2 chat template, for the
+/// `tokenizer.json` among `files` (none without one, or with a warning when no template gives
+/// our encoding with that tokenizer).
+pub fn chat_format_files(
+    files: &[PathBuf],
+    model_max_length: usize,
+) -> Result<Vec<(String, serde_json::Value)>> {
+    let Some(path) = files
+        .iter()
+        .find(|f| f.file_name().is_some_and(|n| n == "tokenizer.json"))
+    else {
+        return Ok(Vec::new());
+    };
+    let tokenizer = data::Tokenizer::from_file(path)
+        .with_context(|| format!("reading {} for the chat template", path.display()))?;
+    chat_format_files_for(&tokenizer, model_max_length)
+}
+
+/// [`chat_format_files`] for a loaded tokenizer.
+pub fn chat_format_files_for(
+    tokenizer: &data::Tokenizer,
+    model_max_length: usize,
+) -> Result<Vec<(String, serde_json::Value)>> {
+    match data::chat::hf_tokenizer_configs(tokenizer, model_max_length)? {
+        Some((config, special)) => Ok(vec![
+            ("tokenizer_config.json".to_string(), config),
+            ("special_tokens_map.json".to_string(), special),
+        ]),
+        None => {
+            eprintln!(
+                "warning: no chat template reproduces the Llama 2 chat encoding with {}; the \
+                 export carries no chat template",
+                tokenizer.path.display()
+            );
+            Ok(Vec::new())
+        }
+    }
+}
+
 /// `--adapter`: the checkpoint's adapters as a PEFT directory, with its tokenizer files.
-fn export_adapter(args: &ExportArgs) -> Result<()> {
+fn export_adapter(args: &ExportArgs, out: &std::path::Path) -> Result<()> {
     if args.dtype.is_some() {
         bail!("--dtype applies to merged exports; adapters are written as f32 (drop --dtype)");
     }
@@ -115,13 +182,65 @@ fn export_adapter(args: &ExportArgs) -> Result<()> {
     };
     llama::checkpoint::export_adapter(
         &args.checkpoint,
-        &args.out,
+        out,
         args.base_name.as_deref(),
         &extra_files,
         args.overwrite,
     )
-    .with_context(|| format!("exporting adapters to {}", args.out.display()))?;
-    eprintln!("wrote {} (PEFT LoRA adapter)", args.out.display());
+    .with_context(|| format!("exporting adapters to {}", out.display()))?;
+    eprintln!("wrote {} (PEFT LoRA adapter)", out.display());
+    Ok(())
+}
+
+/// `--meta DIR`: Meta's layout, for Meta's reference code; tokenizer.model comes from
+/// --tokenizer or the checkpoint.
+fn export_meta(args: &ExportArgs, out: &std::path::Path) -> Result<()> {
+    let device = burn::prelude::Device::flex();
+    let (config, model) = llama::load_pretrained(&args.checkpoint, &device)
+        .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
+    let dtype = match &args.dtype {
+        Some(name) => SaveDtype::parse(name)
+            .with_context(|| format!("--dtype `{name}`: expected f32, bf16 or f16"))?,
+        None => source_dtype(&args.checkpoint).unwrap_or(SaveDtype::BF16),
+    };
+    // What Meta's layout cannot hold is refused before anything else is said.
+    llama::meta::MetaParams::from_config(&config)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.checkpoint.display()))?;
+    let tokenizer = match &args.tokenizer {
+        Some(file) if file.file_name().is_some_and(|n| n == "tokenizer.model") => {
+            if !file.is_file() {
+                bail!("{}: tokenizer file not found", file.display());
+            }
+            Some(file.clone())
+        }
+        Some(file) => bail!(
+            "{}: Meta's layout takes a SentencePiece tokenizer.model",
+            file.display()
+        ),
+        None => Some(args.checkpoint.join("tokenizer.model")).filter(|p| p.is_file()),
+    };
+    if tokenizer.is_none() {
+        eprintln!(
+            "warning: {} has no tokenizer.model; the export will have none (use --tokenizer)",
+            args.checkpoint.display()
+        );
+    }
+    llama::meta::export_meta(
+        &model,
+        &config,
+        out,
+        args.model_parallel,
+        dtype,
+        tokenizer.as_slice(),
+        args.overwrite,
+    )
+    .with_context(|| format!("exporting to {} in Meta's layout", out.display()))?;
+    eprintln!(
+        "wrote {} (Meta layout, {} shard(s), {})",
+        out.display(),
+        args.model_parallel,
+        dtype.torch_name()
+    );
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 
 mod allocator;
 mod bench;
+mod convert;
 mod data_cmd;
 mod eval_cmd;
 mod export;
@@ -48,8 +49,10 @@ enum Command {
     Info(info::InfoArgs),
     /// Generate text from a model directory (KV-cached, batched)
     Generate(generate::GenerateArgs),
-    /// Write a checkpoint as a Hugging Face model directory
+    /// Write a checkpoint as a Hugging Face model directory (or in Meta's layout)
     Export(export::ExportArgs),
+    /// Convert Meta's original Llama 2 download to a Hugging Face model directory
+    Convert(convert::ConvertArgs),
     /// Inspect training data: counts, token lengths, rendered examples
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
@@ -75,6 +78,7 @@ fn main() {
         Command::Info(args) => info::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Export(args) => export::run(args),
+        Command::Convert(args) => convert::run(args),
         Command::Data(command) => data_cmd::run(command),
         Command::Verify(args) => verify::run(args),
         Command::Bench(command) => bench::run(command),

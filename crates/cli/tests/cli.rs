@@ -250,6 +250,8 @@ fn exported_checkpoints_load_in_transformers_with_equal_logits() {
         ("tiny-gqa", vec![]),
         ("golden-tf5/tiny-odd", vec![]),
         ("golden-tf5/tiny-gqa-bf16-sharded", vec![]),
+        ("tiny-rope-linear", vec![]),
+        ("golden-tf5/tiny-rope-dynamic", vec![]),
     ] {
         let src = golden_dir(name);
         let out = tmp.path().join(name.replace('/', "-"));
@@ -288,6 +290,98 @@ fn exported_checkpoints_load_in_transformers_with_equal_logits() {
                 .next()
                 .unwrap();
             assert_eq!(major, &version[..1], "{name}: ran in {v}");
+        }
+    }
+}
+
+/// Exports carry `tokenizer_config.json` with the Llama 2 chat template: `apply_chat_template`
+/// in transformers 4.57.1 and 5.x gives exactly our chat encoding for one and several turns,
+/// with and without a system prompt, ending with an answer or open for generation, both with
+/// Llama 2's SentencePiece tokenizer (from ../shared) and with the byte-level fixture tokenizer.
+#[test]
+fn exported_chat_template_gives_our_chat_encoding() {
+    use data::{Message, Role::*};
+    let m = Message::new;
+    let dialogs = vec![
+        vec![m(User, "What is the capital of France?")],
+        vec![
+            m(System, "You are a careful assistant.\nAnswer briefly."),
+            m(User, "Hi!"),
+        ],
+        vec![
+            m(User, "Name a colour."),
+            m(Assistant, " Blue. "),
+            m(User, "Another one, please."),
+        ],
+        vec![
+            m(System, "Be kind."),
+            m(User, "  Tell me a joke about llamas. "),
+            m(
+                Assistant,
+                "Why did the llama cross the road?\n\nTo get to the other side.",
+            ),
+            m(User, "Caf\u{e9} \u{65e5}\u{672c} \u{1f999}: one more"),
+            m(Assistant, "Sure: 12.5% of llamas\u{2014}no."),
+        ],
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tokenizers = vec![("byte-level", golden_dir("tiny-gqa").join("tokenizer.json"))];
+    if let Some(shared) = shared_dir() {
+        tokenizers.push(("llama2", shared.join("tokenizers/llama2/tokenizer.json")));
+    }
+    let python = python_with_transformers();
+    let mut versions = vec![None];
+    if let Some(overlay) = transformers5_path() {
+        versions.push(Some(overlay));
+    }
+    let dialogs_file = tmp.path().join("dialogs.json");
+    std::fs::write(&dialogs_file, serde_json::to_string(&dialogs).unwrap()).unwrap();
+    for (name, tokenizer_file) in tokenizers {
+        let out = tmp.path().join(name);
+        let tok = tokenizer_file.to_str().unwrap();
+        assert_success(&export(
+            &golden_dir("tiny-gqa"),
+            &out,
+            &["--tokenizer", tok],
+        ));
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(config["chat_template"]
+            .as_str()
+            .unwrap()
+            .contains("[/INST]"));
+        assert!(out.join("special_tokens_map.json").exists());
+        let tokenizer = data::Tokenizer::from_file(&out.join("tokenizer.json")).unwrap();
+        let ours: Vec<Vec<u32>> = dialogs
+            .iter()
+            .map(|d| data::render_dialog(&tokenizer, d).unwrap().ids)
+            .collect();
+        let Some(python) = &python else { continue };
+        for overlay in &versions {
+            let mut command = Command::new(python);
+            if let Some(overlay) = overlay {
+                command.env("PYTHONPATH", overlay);
+            }
+            let o = command
+                .arg(root().join("scripts/check_chat_template.py"))
+                .args([&out, &dialogs_file])
+                .output()
+                .expect("run python");
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let report: serde_json::Value =
+                serde_json::from_str(stdout(&o).lines().last().unwrap()).unwrap();
+            let theirs: Vec<Vec<u32>> = report["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|ids| json_u64s(ids).into_iter().map(|i| i as u32).collect())
+                .collect();
+            for (i, (a, b)) in theirs.iter().zip(&ours).enumerate() {
+                assert_eq!(a, b, "{name}, dialog {i}, {report}");
+            }
+            assert_eq!(theirs.len(), ours.len());
         }
     }
 }
@@ -597,4 +691,258 @@ fn a_killed_run_resumes_from_its_last_checkpoint() {
     unique.dedup();
     assert_eq!(unique, steps);
     assert!(out.join("checkpoint-40/model.safetensors").exists());
+}
+
+fn meta_fixture(name: &str) -> std::path::PathBuf {
+    root().join("tests/fixtures/meta").join(name)
+}
+
+/// A converted model against the reference: its weights are transformers' state dict of the
+/// same model bit for bit, and every check of `train verify` passes, with logits within 1e-5
+/// of transformers' relative to their scale (max |difference| / max |logit|; logits reach 8.9
+/// here, and f32 summation order alone moves them by 1e-5 absolute).
+fn assert_matches_reference(model_dir: &Path, reference: &str) {
+    let reference_dir = meta_fixture(reference);
+    let theirs =
+        llama::shards::SafetensorsDir::open_file(&reference_dir.join("weights.safetensors"))
+            .unwrap();
+    let ours = llama::shards::SafetensorsDir::open(model_dir).unwrap();
+    let mut names: Vec<&str> = theirs.names().collect();
+    names.sort();
+    assert_eq!(names.len(), 3 + 9 * 2, "{names:?}");
+    for name in names {
+        let shape = theirs.shape(name).unwrap();
+        assert_eq!(
+            ours.read_f32(name, &shape).unwrap(),
+            theirs.read_f32(name, &shape).unwrap(),
+            "{name}"
+        );
+    }
+    let device = burn::prelude::Device::flex();
+    let (_, model) = llama::load_pretrained(model_dir, &device).expect("load");
+    let reference = llama::reference::Reference::load(&reference_dir).unwrap();
+    let checks = llama::reference::verify(&model, &reference).unwrap();
+    for check in &checks {
+        assert!(check.passed(), "{}: {check:?}", model_dir.display());
+    }
+    let scale = reference
+        .logits
+        .iter()
+        .flatten()
+        .fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+    assert!(
+        checks[0].name == "logits" && checks[0].measured <= 1e-5 * scale,
+        "{checks:?}"
+    );
+}
+
+/// `train convert --meta` on Meta-layout fixtures (1 rank in f32; 2 ranks in bf16 with
+/// `rope.freqs`, tokenizer.model beside the checkpoint as in Meta's download): the model gives
+/// transformers' logits, and the tokenizer.json built from tokenizer.model gives SentencePiece's
+/// ids on every reference text; the output carries the chat template.
+#[test]
+fn meta_checkpoints_convert_to_transformers_logits_and_sentencepiece_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(meta_fixture("tokenizer_reference.json")).unwrap(),
+    )
+    .unwrap();
+    for (name, dtype) in [("mp1", "float32"), ("mp2", "bfloat16")] {
+        let out = tmp.path().join(name);
+        let meta = meta_fixture(&format!("tiny-{name}"));
+        let o = train(&[
+            "convert",
+            "--meta",
+            meta.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_success(&o);
+        assert_matches_reference(&out, &format!("reference-{name}"));
+        let config = std::fs::read_to_string(out.join("config.json")).unwrap();
+        assert!(
+            config.contains(&format!("\"torch_dtype\": \"{dtype}\"")),
+            "{config}"
+        );
+        assert!(
+            config.contains("\"max_position_embeddings\": 4096"),
+            "{config}"
+        );
+        for file in [
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ] {
+            assert!(out.join(file).is_file(), "{name}: {file}");
+        }
+        let tokenizer = data::Tokenizer::from_file(&out.join("tokenizer.json")).unwrap();
+        for record in &expected {
+            let ids: Vec<u32> = json_u64s(&record["ids"])
+                .into_iter()
+                .map(|i| i as u32)
+                .collect();
+            let text = record["text"].as_str().unwrap();
+            assert_eq!(tokenizer.encode_with_bos(text).unwrap(), ids, "{text:?}");
+        }
+        assert!(expected.len() >= 40);
+    }
+}
+
+/// `train export --meta` writes Meta's layout for a chosen model-parallel size: converting it
+/// back gives the same weights bit for bit, Meta's forward pass (scripts/check_meta.py, on
+/// `torch.load(weights_only=True)`) gives transformers' logits, and sizes that do not divide
+/// the heads are refused.
+#[test]
+fn meta_export_round_trips_and_runs_as_meta_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    let mp1 = meta_fixture("tiny-mp1");
+    assert_success(&train(&[
+        "convert",
+        "--meta",
+        mp1.to_str().unwrap(),
+        "--out",
+        hf.to_str().unwrap(),
+    ]));
+    let python = python_with_transformers();
+    for ranks in ["1", "2"] {
+        let meta = tmp.path().join(format!("meta-{ranks}"));
+        let o = train(&[
+            "export",
+            "--checkpoint",
+            hf.to_str().unwrap(),
+            "--meta",
+            meta.to_str().unwrap(),
+            "--model-parallel",
+            ranks,
+        ]);
+        assert_success(&o);
+        let params: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(meta.join("params.json")).unwrap())
+                .unwrap();
+        assert_eq!(params["dim"], 32);
+        assert_eq!(params["n_kv_heads"], 2);
+        // 96 = 32 * ceil(85 / 32): the first multiple that reproduces the width.
+        assert_eq!(params["multiple_of"], 32);
+        assert!(meta.join("tokenizer.model").is_file());
+        let shards = std::fs::read_dir(&meta)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("consolidated.")
+            })
+            .count();
+        assert_eq!(shards.to_string(), ranks);
+        let back = tmp.path().join(format!("back-{ranks}"));
+        assert_success(&train(&[
+            "convert",
+            "--meta",
+            meta.to_str().unwrap(),
+            "--out",
+            back.to_str().unwrap(),
+        ]));
+        assert_eq!(
+            std::fs::read(back.join("model.safetensors")).unwrap(),
+            std::fs::read(hf.join("model.safetensors")).unwrap(),
+            "{ranks} rank(s): weights changed on the way through Meta's layout"
+        );
+        if let Some(python) = &python {
+            let o = Command::new(python)
+                .arg(root().join("scripts/check_meta.py"))
+                .args([&meta, &meta_fixture("reference-mp1")])
+                .output()
+                .expect("run python");
+            assert!(o.status.success(), "{} {}", stdout(&o), stderr(&o));
+            assert!(
+                stdout(&o).contains(&format!("\"ranks\": {ranks}")),
+                "{}",
+                stdout(&o)
+            );
+        }
+    }
+    let o = train(&[
+        "export",
+        "--checkpoint",
+        hf.to_str().unwrap(),
+        "--meta",
+        tmp.path().join("meta-3").to_str().unwrap(),
+        "--model-parallel",
+        "3",
+    ]);
+    assert_user_error(&o, "model-parallel size 3 does not divide");
+    // Meta's format has no RoPE scaling: refused, not silently dropped.
+    let o = train(&[
+        "export",
+        "--checkpoint",
+        golden_dir("tiny-rope-linear").to_str().unwrap(),
+        "--meta",
+        tmp.path().join("meta-rope").to_str().unwrap(),
+    ]);
+    assert_user_error(&o, "no RoPE scaling");
+}
+
+/// Broken Meta checkpoints fail on one line that names the file and the tensor or field.
+#[test]
+fn bad_meta_checkpoints_are_refused_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let convert = |dir: &Path| {
+        train(&[
+            "convert",
+            "--meta",
+            dir.to_str().unwrap(),
+            "--out",
+            tmp.path().join("out").to_str().unwrap(),
+        ])
+    };
+    let fresh = |name: &str| {
+        let dir = tmp.path().join(name);
+        copy_tree(&meta_fixture("tiny-mp2"), &dir);
+        dir
+    };
+    // A missing rank.
+    let dir = fresh("gap");
+    std::fs::rename(
+        dir.join("consolidated.01.pth"),
+        dir.join("consolidated.02.pth"),
+    )
+    .unwrap();
+    assert_user_error(&convert(&dir), "consolidated.01.pth: missing");
+    // Ranks of different model-parallel sizes: a 1-rank file among 2-rank ones.
+    let dir = fresh("mixed");
+    std::fs::copy(
+        meta_fixture("tiny-mp1/consolidated.00.pth"),
+        dir.join("consolidated.00.pth"),
+    )
+    .unwrap();
+    let o = convert(&dir);
+    assert_user_error(&o, "consolidated.00.pth");
+    assert_user_error(&o, "has shape");
+    // params.json that does not match the shards.
+    let dir = fresh("params");
+    edit_json(&dir.join("params.json"), |p| p["n_heads"] = 8.into());
+    let o = convert(&dir);
+    assert_user_error(&o, "layers.0.attention.wk.weight");
+    let dir = fresh("layers");
+    edit_json(&dir.join("params.json"), |p| p["n_layers"] = 1.into());
+    assert_user_error(&convert(&dir), "unexpected tensor `layers.1.");
+    let dir = fresh("field");
+    edit_json(&dir.join("params.json"), |p| {
+        p["use_scaled_rope"] = true.into()
+    });
+    let o = convert(&dir);
+    assert_user_error(&o, "params.json");
+    assert_user_error(&o, "use_scaled_rope");
+    // Not a state dict: a file that is no PyTorch archive, and a pickle of a list.
+    let dir = fresh("garbage");
+    std::fs::write(dir.join("consolidated.01.pth"), b"not a checkpoint").unwrap();
+    assert_user_error(&convert(&dir), "consolidated.01.pth");
+    let dir = fresh("list");
+    // Protocol 2: an empty list, then STOP.
+    std::fs::write(dir.join("consolidated.01.pth"), b"\x80\x02].").unwrap();
+    assert_user_error(&convert(&dir), "consolidated.01.pth");
+    let o = convert(&tmp.path().join("nowhere"));
+    assert_user_error(&o, "params.json");
 }

@@ -115,3 +115,133 @@ pub fn render_prompt(tokenizer: &Tokenizer, system: Option<&str>, user: &str) ->
     messages.push(Message::new(Role::User, user));
     Ok(render_dialog(tokenizer, &messages)?.ids)
 }
+
+/// The Llama 2 chat format as a Jinja chat template for `tokenizer_config.json`, so that
+/// `transformers`' `apply_chat_template` (and llama.cpp's chat mode) render dialogs as
+/// [`render_dialog`] does. `answer_separator` is what goes between `[/INST]` and an answer: a
+/// space for SentencePiece-style tokenizers (whose pieces carry the space; see
+/// [`template_answer_separator`]).
+pub fn chat_template(answer_separator: &str) -> String {
+    let mut t = String::new();
+    t.push_str("{%- if messages and messages[0]['role'] == 'system' -%}");
+    t.push_str("{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}");
+    t.push_str("{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}");
+    t.push_str("{%- for message in turns -%}");
+    t.push_str("{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}");
+    t.push_str(
+        "{{- raise_exception('Llama 2 chat: after an optional system message, turns alternate \
+         user, assistant, user, ...') -}}{%- endif -%}",
+    );
+    t.push_str("{%- if message['role'] == 'user' -%}{%- set text = message['content'] -%}");
+    t.push_str("{%- if loop.first and system is not none -%}");
+    t.push_str(r"{%- set text = '<<SYS>>\n' + system + '\n<</SYS>>\n\n' + text -%}");
+    t.push_str("{%- endif -%}");
+    t.push_str("{{- bos_token + '[INST] ' + text.strip() + ' [/INST]' -}}");
+    t.push_str("{%- else -%}");
+    t.push_str(&format!(
+        "{{{{- '{answer_separator}' + message['content'].strip() + ' ' + eos_token -}}}}"
+    ));
+    t.push_str("{%- endif -%}{%- endfor -%}");
+    t
+}
+
+/// The text [`chat_template`] renders for a dialog (our Rust rendition of it), with `<s>` and
+/// `</s>` written out as the template writes them.
+fn template_text(messages: &[Message], answer_separator: &str) -> String {
+    let (system, turns) = match messages.first() {
+        Some(m) if m.role == Role::System => (Some(m.content.as_str()), &messages[1..]),
+        _ => (None, messages),
+    };
+    let mut text = String::new();
+    for (i, message) in turns.iter().enumerate() {
+        if message.role == Role::User {
+            let sys = if i == 0 { system } else { None };
+            text.push_str("<s>");
+            text.push_str(&user_text(sys, &message.content));
+        } else {
+            text.push_str(answer_separator);
+            text.push_str(message.content.trim());
+            text.push_str(" </s>");
+        }
+    }
+    text
+}
+
+/// Dialogs the template is checked on: one turn, a system prompt, several turns, line breaks,
+/// non-ASCII text and answers with spaces around them.
+fn probe_dialogs() -> Vec<Vec<Message>> {
+    use Role::*;
+    let m = Message::new;
+    vec![
+        vec![m(User, "Hello there, how are you?")],
+        vec![
+            m(System, "You are helpful.\nBe brief."),
+            m(User, " What is 2+2? "),
+        ],
+        vec![
+            m(System, "Be safe."),
+            m(User, "Hi"),
+            m(Assistant, " Hello! How can I help? "),
+            m(User, "Caf\u{e9}, 12.5% \u{2014} ok?"),
+            m(Assistant, "Sure.\n\nDone."),
+        ],
+    ]
+}
+
+/// What the chat template must put between `[/INST]` and an answer for this tokenizer to give
+/// exactly [`render_dialog`]'s ids from the rendered text: " " when the tokenizer's pieces
+/// carry their leading space (Llama 2's SentencePiece), "" when they do not (byte-level BPE,
+/// where our separately encoded answer has no space before it). `None` when neither works.
+pub fn template_answer_separator(tokenizer: &Tokenizer) -> Result<Option<&'static str>> {
+    'separators: for separator in [" ", ""] {
+        for dialog in probe_dialogs() {
+            let ours = render_dialog(tokenizer, &dialog)?.ids;
+            let text = template_text(&dialog, separator);
+            if tokenizer.encode_parsing_special_tokens(&text)? != ours {
+                continue 'separators;
+            }
+        }
+        return Ok(Some(separator));
+    }
+    Ok(None)
+}
+
+/// `tokenizer_config.json` and `special_tokens_map.json` for a model directory whose
+/// `tokenizer.json` is `tokenizer`: the special tokens and the Llama 2 chat template, checked on
+/// probe dialogs to give [`render_dialog`]'s ids. `None` when no template can (a tokenizer
+/// whose encoding depends on context in ways the template cannot reproduce).
+///
+/// SentencePiece-style tokenizers are declared `LlamaTokenizer` with `legacy: true`: in
+/// `transformers` 5.x, `legacy: false` makes only the first segment of a rendered dialog get
+/// its leading space, which is not how Meta's code encodes each turn.
+pub fn hf_tokenizer_configs(
+    tokenizer: &Tokenizer,
+    model_max_length: usize,
+) -> Result<Option<(serde_json::Value, serde_json::Value)>> {
+    let Some(separator) = template_answer_separator(tokenizer)? else {
+        return Ok(None);
+    };
+    let unk = tokenizer.token_id("<unk>").map(|_| "<unk>");
+    let mut config = serde_json::json!({
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": unk,
+        "pad_token": null,
+        "add_bos_token": true,
+        "add_eos_token": false,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": model_max_length,
+        "chat_template": chat_template(separator),
+    });
+    if separator == " " {
+        config["tokenizer_class"] = "LlamaTokenizer".into();
+        config["legacy"] = true.into();
+    } else {
+        config["tokenizer_class"] = "PreTrainedTokenizerFast".into();
+    }
+    let mut special = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>"});
+    if let Some(unk) = unk {
+        special["unk_token"] = unk.into();
+    }
+    Ok(Some((config, special)))
+}

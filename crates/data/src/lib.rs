@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod prompts;
 pub mod read;
 pub mod render;
+pub mod sentencepiece;
 pub mod tokenizer;
 
 pub use chat::{render_dialog, render_prompt, Message, Rendered, Role};

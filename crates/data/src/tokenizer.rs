@@ -23,11 +23,23 @@ impl Tokenizer {
                 message: "file not found".into(),
             });
         }
-        let mut inner =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
-                path: path.to_path_buf(),
-                message: format!("not a valid tokenizer.json: {e}"),
-            })?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
+            path: path.to_path_buf(),
+            message: format!("not a valid tokenizer.json: {e}"),
+        })?;
+        Self::from_inner(inner, path)
+    }
+
+    /// A `tokenizer.json` held in memory; `path` names it in errors.
+    pub fn from_json(json: &str, path: &Path) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = json.parse().map_err(|e| DataError::Tokenizer {
+            path: path.to_path_buf(),
+            message: format!("not a valid tokenizer.json: {e}"),
+        })?;
+        Self::from_inner(inner, path)
+    }
+
+    fn from_inner(mut inner: tokenizers::Tokenizer, path: &Path) -> Result<Self> {
         inner.set_encode_special_tokens(true);
         let id = |token: &str| {
             inner
@@ -83,6 +95,25 @@ impl Tokenizer {
                 message: format!("encoding failed: {e}"),
             })?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Encodes text as `transformers` encodes a rendered chat template: `<s>`, `</s>` (and any
+    /// other special token) written in the text are the special tokens, not text.
+    pub fn encode_parsing_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        let mut inner = self.inner.clone();
+        inner.set_encode_special_tokens(false);
+        let encoding = inner
+            .encode(text, false)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.path.clone(),
+                message: format!("encoding failed: {e}"),
+            })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The id of `token` if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
     }
 
     /// BOS followed by the text's ids: what SentencePiece gives with `add_bos=True`.

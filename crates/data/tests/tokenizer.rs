@@ -172,3 +172,62 @@ fn fixture_tokenizer_round_trips() {
         assert_eq!(tok.decode(&ids).unwrap(), text);
     }
 }
+
+/// `tokenizer.json` built from Llama 2's `tokenizer.model` (what `train convert --meta` writes)
+/// gives SentencePiece's ids on every reference line, decodes them back, and has the same
+/// vocabulary and merges as the SentencePiece-exact `tokenizer.json` in ../shared.
+#[test]
+fn tokenizer_json_built_from_tokenizer_model_matches_sentencepiece() {
+    use data::sentencepiece::SentencePieceModel;
+    let Some(dir) = shared_dir() else {
+        return;
+    };
+    let model = SentencePieceModel::from_file(&dir.join("tokenizers/llama2/tokenizer.model"))
+        .expect("parse tokenizer.model");
+    assert_eq!(model.pieces.len(), 32000);
+    let json = model.to_tokenizer_json().expect("convert");
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tokenizer.json");
+    std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+    let built = Tokenizer::from_file(&path).expect("load the built tokenizer");
+    let text = std::fs::read_to_string(dir.join("tokenizers/llama2/reference_ids.jsonl")).unwrap();
+    let mut checked = 0;
+    for (n, line) in text.lines().enumerate() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        let expected: Vec<u32> = test_support::json_u64s(&record["ids"])
+            .into_iter()
+            .map(|v| v as u32)
+            .collect();
+        let text = record["text"].as_str().unwrap();
+        assert_eq!(
+            built.encode_with_bos(text).unwrap(),
+            expected,
+            "line {}",
+            n + 1
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 210);
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(LLAMA2_TOKENIZER)).unwrap())
+            .unwrap();
+    assert_eq!(json["model"]["vocab"], reference["model"]["vocab"]);
+    let ours = json["model"]["merges"].as_array().unwrap();
+    let theirs = reference["model"]["merges"].as_array().unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    let first_difference = ours.iter().zip(theirs).position(|(a, b)| a != b);
+    assert_eq!(first_difference, None, "merges differ");
+    for key in [
+        "normalizer",
+        "pre_tokenizer",
+        "decoder",
+        "added_tokens",
+        "post_processor",
+    ] {
+        assert_eq!(json[key], reference[key], "{key}");
+    }
+    // Not a SentencePiece model: one line, no panic.
+    let err = SentencePieceModel::parse(b"\x0a\xff\xff\xff\xff\x0f").unwrap_err();
+    assert!(err.contains("truncated"), "{err}");
+    assert!(SentencePieceModel::parse(b"").is_err());
+}

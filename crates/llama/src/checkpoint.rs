@@ -300,14 +300,14 @@ impl SaveDtype {
         }
     }
 
-    fn size(self) -> usize {
+    pub fn size(self) -> usize {
         match self {
             Self::F32 => 4,
             _ => 2,
         }
     }
 
-    fn safetensors(self) -> Dtype {
+    pub(crate) fn safetensors(self) -> Dtype {
         match self {
             Self::F32 => Dtype::F32,
             Self::F16 => Dtype::F16,
@@ -315,7 +315,7 @@ impl SaveDtype {
         }
     }
 
-    fn encode(self, values: &[f32]) -> Vec<u8> {
+    pub(crate) fn encode(self, values: &[f32]) -> Vec<u8> {
         match self {
             Self::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Self::F16 => values
@@ -338,6 +338,8 @@ pub struct SaveOptions {
     pub max_shard_bytes: u64,
     /// Files copied next to the weights when present (tokenizer and its configs).
     pub extra_files: Vec<PathBuf>,
+    /// Files written next to the weights after the copies (name, JSON content).
+    pub extra_json: Vec<(String, serde_json::Value)>,
     /// Replace an existing output directory.
     pub overwrite: bool,
 }
@@ -348,6 +350,7 @@ impl Default for SaveOptions {
             dtype: SaveDtype::F32,
             max_shard_bytes: 5 * 1000 * 1000 * 1000,
             extra_files: Vec::new(),
+            extra_json: Vec::new(),
             overwrite: false,
         }
     }
@@ -423,7 +426,7 @@ pub fn export_adapter(
 /// Fills a hidden directory beside `out` with `fill` and renames it into place, so an
 /// interrupted write never leaves a directory that looks complete. An existing `out` is
 /// replaced only with `overwrite`, and only when it is a model or adapter directory.
-fn write_atomically(
+pub(crate) fn write_atomically(
     out: &Path,
     overwrite: bool,
     fill: impl FnOnce(&Path) -> Result<()>,
@@ -505,6 +508,9 @@ fn write_model_files(
             std::fs::copy(file, &dest).map_err(io_err(file))?;
         }
     }
+    for (name, json) in &options.extra_json {
+        write_json(&partial.join(name), json)?;
+    }
     Ok(())
 }
 
@@ -555,28 +561,51 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("JSON values always serialize");
     std::fs::write(path, text + "\n").map_err(io_err(path))
 }
 
 fn write_weights(model: &Llama, dir: &Path, options: &SaveOptions) -> Result<()> {
     let params = hf_params(model);
+    let layout: Vec<(String, Vec<usize>)> = params
+        .iter()
+        .map(|(name, param)| (name.clone(), param.hf_shape()))
+        .collect();
+    write_safetensors_shards(
+        dir,
+        &layout,
+        options.dtype.safetensors(),
+        options.max_shard_bytes,
+        |i| Ok(options.dtype.encode(&params[i].1.to_host())),
+    )
+}
+
+/// Writes tensors (name and shape; all of `dtype`) as `model.safetensors`, or as
+/// `model-NNNNN-of-NNNNN.safetensors` shards of at most `max_shard_bytes` with an index.
+/// `bytes(i)` gives tensor `i`'s little-endian data; only one shard is held at a time.
+pub(crate) fn write_safetensors_shards(
+    dir: &Path,
+    layout: &[(String, Vec<usize>)],
+    dtype: Dtype,
+    max_shard_bytes: u64,
+    mut bytes: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
     // Plan the shards from the shapes alone, then convert one shard at a time.
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
     let mut shard_bytes = 0u64;
     let mut total = 0u64;
-    for (i, (_, param)) in params.iter().enumerate() {
-        let bytes = (param.hf_shape().iter().product::<usize>() * options.dtype.size()) as u64;
+    for (i, (_, shape)) in layout.iter().enumerate() {
+        let size = (shape.iter().product::<usize>() * dtype.bitsize() / 8) as u64;
         let current = shards.last_mut().expect("one shard at least");
-        if !current.is_empty() && shard_bytes + bytes > options.max_shard_bytes {
+        if !current.is_empty() && shard_bytes + size > max_shard_bytes {
             shards.push(vec![i]);
-            shard_bytes = bytes;
+            shard_bytes = size;
         } else {
             current.push(i);
-            shard_bytes += bytes;
+            shard_bytes += size;
         }
-        total += bytes;
+        total += size;
     }
     let count = shards.len();
     let mut weight_map = BTreeMap::new();
@@ -589,20 +618,12 @@ fn write_weights(model: &Llama, dir: &Path, options: &SaveOptions) -> Result<()>
         };
         let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = members
             .iter()
-            .map(|&i| {
-                let (name, param) = &params[i];
-                (
-                    name.clone(),
-                    param.hf_shape(),
-                    options.dtype.encode(&param.to_host()),
-                )
-            })
-            .collect();
+            .map(|&i| Ok((layout[i].0.clone(), layout[i].1.clone(), bytes(i)?)))
+            .collect::<Result<_>>()?;
         let views = encoded
             .iter()
-            .map(|(name, shape, bytes)| {
-                TensorView::new(options.dtype.safetensors(), shape.clone(), bytes)
-                    .map(|view| (name.clone(), view))
+            .map(|(name, shape, data)| {
+                TensorView::new(dtype, shape.clone(), data).map(|view| (name.clone(), view))
             })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| LlamaError::Invalid(format!("building safetensors view: {e}")))?;

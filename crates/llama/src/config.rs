@@ -24,6 +24,9 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     #[serde(default = "default_theta")]
     pub rope_theta: f64,
+    /// RoPE scaling of long-context Llama 2 derivatives; `None` is plain RoPE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default = "default_bos")]
@@ -33,6 +36,34 @@ pub struct LlamaConfig {
     /// Llama 2's tokenizer has no pad token; batching picks one and masks it everywhere.
     #[serde(default)]
     pub pad_token_id: Option<u32>,
+}
+
+/// How a long-context derivative stretches RoPE, as `transformers` implements it for Llama.
+/// In TOML: `rope_scaling = { type = "linear", factor = 4.0 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RopeScaling {
+    /// Position interpolation: every position divided by `factor`.
+    Linear { factor: f64 },
+    /// Dynamic NTK: past `max_position_embeddings` the base grows with the length of the pass,
+    /// `theta * (factor * len / max_positions - (factor - 1))^(dim / (dim - 2))`.
+    Dynamic { factor: f64 },
+}
+
+impl RopeScaling {
+    pub fn factor(&self) -> f64 {
+        match *self {
+            RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor } => factor,
+        }
+    }
+
+    /// The name `transformers` gives it (`rope_type`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RopeScaling::Linear { .. } => "linear",
+            RopeScaling::Dynamic { .. } => "dynamic",
+        }
+    }
 }
 
 fn default_eps() -> f64 {
@@ -137,6 +168,19 @@ impl LlamaConfig {
                 "`rms_norm_eps` and `rope_theta` must be positive".into()
             ));
         }
+        if let Some(scaling) = self.rope_scaling {
+            let factor = scaling.factor();
+            if !(factor.is_finite() && factor >= 1.0) {
+                return Err(bad(format!(
+                    "`rope_scaling.factor` {factor} must be a finite number >= 1"
+                )));
+            }
+            if matches!(scaling, RopeScaling::Dynamic { .. }) && self.head_dim() <= 2 {
+                return Err(bad(
+                    "dynamic RoPE scaling needs a head dimension above 2".into()
+                ));
+            }
+        }
         // An id past the vocabulary would index outside the embedding.
         let ids = [
             ("bos_token_id", Some(self.bos_token_id)),
@@ -228,6 +272,7 @@ impl LlamaConfig {
             max_position_embeddings: 0,
             rms_norm_eps: HF_DEFAULT_EPS,
             rope_theta: default_theta(),
+            rope_scaling: None,
             tie_word_embeddings: false,
             bos_token_id: default_bos(),
             eos_token_id: default_eos(),
@@ -235,6 +280,7 @@ impl LlamaConfig {
         };
         let mut kv_heads_given = false;
         let mut rope_parameters = None;
+        let mut legacy_scaling = None;
         for (key, value) in object {
             let as_usize = || {
                 value
@@ -294,21 +340,22 @@ impl LlamaConfig {
                     }
                 }
                 "rope_scaling" => {
-                    // 4.x: null, or a dict whose type is "default" (plain RoPE).
+                    // 4.x: null, or {"type" | "rope_type": ..., "factor": ...}.
                     if !value.is_null() {
-                        let kind = value
-                            .get("rope_type")
-                            .or_else(|| value.get("type"))
-                            .and_then(|v| v.as_str());
-                        if kind != Some("default") {
-                            return Err(unsupported(key, "RoPE scaling is not supported".into()));
+                        let (theta, scaling) = read_rope_dict(value, key, path)?;
+                        if theta.is_some() {
+                            return Err(unsupported(
+                                "rope_scaling.rope_theta",
+                                "belongs at the top level of a 4.x config".into(),
+                            ));
                         }
+                        legacy_scaling = Some(scaling);
                     }
                 }
                 "rope_parameters" => {
-                    // transformers 5.x: {"rope_theta": ..., "rope_type": "default"}.
+                    // transformers 5.x: {"rope_type": ..., "rope_theta": ..., "factor": ...}.
                     if !value.is_null() {
-                        rope_parameters = Some(read_rope_parameters(value, path)?);
+                        rope_parameters = Some(read_rope_dict(value, key, path)?);
                     }
                 }
                 "is_encoder_decoder" => {
@@ -342,15 +389,24 @@ impl LlamaConfig {
         if !object.contains_key("max_position_embeddings") {
             config.max_position_embeddings = HF_DEFAULT_POSITIONS;
         }
-        if let Some(theta) = rope_parameters {
+        config.rope_scaling = legacy_scaling.flatten();
+        if let Some((theta, scaling)) = rope_parameters {
             let legacy = object.get("rope_theta").and_then(|v| v.as_f64());
-            if legacy.is_some_and(|legacy| legacy != theta) {
-                return Err(bad(format!(
-                    "`rope_theta` {} and `rope_parameters.rope_theta` {theta} disagree",
-                    legacy.unwrap_or_default()
-                )));
+            if let Some(theta) = theta {
+                if legacy.is_some_and(|legacy| legacy != theta) {
+                    return Err(bad(format!(
+                        "`rope_theta` {} and `rope_parameters.rope_theta` {theta} disagree",
+                        legacy.unwrap_or_default()
+                    )));
+                }
+                config.rope_theta = theta;
             }
-            config.rope_theta = theta;
+            if legacy_scaling.is_some() && config.rope_scaling != scaling {
+                return Err(bad(
+                    "`rope_scaling` and `rope_parameters` describe different RoPE scalings".into(),
+                ));
+            }
+            config.rope_scaling = scaling;
         }
         if !kv_heads_given {
             config.num_key_value_heads = config.num_attention_heads;
@@ -386,7 +442,10 @@ impl LlamaConfig {
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": null,
+            "rope_scaling": self.rope_scaling.map(|scaling| serde_json::json!({
+                "rope_type": scaling.kind(),
+                "factor": scaling.factor(),
+            })),
             "hidden_act": "silu",
             "attention_bias": false,
             "mlp_bias": false,
@@ -455,45 +514,75 @@ impl LlamaConfig {
     }
 }
 
-/// The RoPE settings of a `transformers` 5.x config: plain RoPE only. Returns its theta.
-fn read_rope_parameters(value: &serde_json::Value, path: &Path) -> Result<f64> {
-    let unsupported = |field: &str, message: &str| LlamaError::Unsupported {
+/// A RoPE dict of either layout (4.x `rope_scaling`, 5.x `rope_parameters`, named `field`):
+/// its theta if it holds one, and the scaling (`None` for plain RoPE). Types other than
+/// default, linear and dynamic are refused by name.
+fn read_rope_dict(
+    value: &serde_json::Value,
+    field: &str,
+    path: &Path,
+) -> Result<(Option<f64>, Option<RopeScaling>)> {
+    let unsupported = |key: &str, message: String| LlamaError::Unsupported {
         path: path.to_path_buf(),
-        field: format!("rope_parameters.{field}"),
-        message: message.to_string(),
+        field: format!("{field}.{key}"),
+        message,
     };
-    let object = value.as_object().ok_or_else(|| LlamaError::Config {
+    let bad = |message: String| LlamaError::Config {
         path: path.to_path_buf(),
-        message: "field `rope_parameters` must be an object".into(),
-    })?;
-    // The type first: a scaled RoPE is refused as such, not by its first parameter.
+        message,
+    };
+    let object = value
+        .as_object()
+        .ok_or_else(|| bad(format!("field `{field}` must be an object")))?;
+    // 4.57 writes both spellings of the type; they must agree.
+    let mut kind = None;
     for key in ["rope_type", "type"] {
-        if let Some(value) = object.get(key).filter(|v| v.as_str() != Some("default")) {
-            return Err(unsupported(
-                key,
-                &format!("{value}: RoPE scaling is not supported (only \"default\")"),
-            ));
+        if let Some(value) = object.get(key) {
+            let name = value
+                .as_str()
+                .ok_or_else(|| bad(format!("field `{field}.{key}` must be a string")))?;
+            if kind.is_some_and(|kind| kind != name) {
+                return Err(bad(format!(
+                    "`{field}.rope_type` and `{field}.type` disagree"
+                )));
+            }
+            kind = Some(name);
         }
     }
-    let mut theta = default_theta();
+    let kind = kind.unwrap_or("default");
+    if !matches!(kind, "default" | "linear" | "dynamic") {
+        return Err(unsupported(
+            "rope_type",
+            format!("\"{kind}\" is not supported (default, linear and dynamic are)"),
+        ));
+    }
+    let number = |key: &str, value: &serde_json::Value| {
+        value
+            .as_f64()
+            .ok_or_else(|| bad(format!("field `{field}.{key}` must be a number")))
+    };
+    let (mut theta, mut factor) = (None, None);
     for (key, value) in object {
         match key.as_str() {
             "rope_type" | "type" => {}
-            "rope_theta" => {
-                theta = value.as_f64().ok_or_else(|| LlamaError::Config {
-                    path: path.to_path_buf(),
-                    message: "field `rope_parameters.rope_theta` must be a number".into(),
-                })?
-            }
+            "rope_theta" => theta = Some(number(key, value)?),
+            "factor" if kind != "default" => factor = Some(number(key, value)?),
             other => {
                 return Err(unsupported(
                     other,
-                    "not understood by this Llama implementation",
+                    format!("not understood for RoPE type \"{kind}\""),
                 ))
             }
         }
     }
-    Ok(theta)
+    let factor =
+        || factor.ok_or_else(|| bad(format!("`{field}` of type \"{kind}\" needs a `factor`")));
+    let scaling = match kind {
+        "linear" => Some(RopeScaling::Linear { factor: factor()? }),
+        "dynamic" => Some(RopeScaling::Dynamic { factor: factor()? }),
+        _ => None,
+    };
+    Ok((theta, scaling))
 }
 
 /// Reads an architecture: a TOML file of ours or a Hugging Face `config.json` (or a directory

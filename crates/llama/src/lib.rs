@@ -7,6 +7,7 @@ pub mod device;
 pub mod error;
 pub mod generate;
 pub mod lora;
+pub mod meta;
 pub mod model;
 pub mod reference;
 pub mod shards;
@@ -16,8 +17,8 @@ pub use checkpoint::{
     init_random, init_random_with_head, load_pretrained, load_pretrained_as,
     load_pretrained_with_ids, save_pretrained, SaveDtype, SaveOptions,
 };
-pub use config::{load_config, LlamaConfig};
+pub use config::{load_config, LlamaConfig, RopeScaling};
 pub use device::{host_memory_available, memory_available, parse_device};
 pub use error::{LlamaError, Result};
 pub use generate::{generate, Generated, SamplingParams};
-pub use model::{AdapterDropout, Head, KvCache, Llama, Side, StepInput};
+pub use model::{AdapterDropout, Head, KvCache, Llama, Rope, Side, StepInput};

@@ -12,6 +12,8 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, FloatDType, TensorData};
 
+use crate::config::{LlamaConfig, RopeScaling};
+
 #[derive(Module, Debug)]
 pub struct Attention {
     pub q_proj: Linear,
@@ -48,7 +50,9 @@ pub struct Llama {
     /// The scalar head of a reward or value model (`score.weight` in Hugging Face's
     /// `LlamaForSequenceClassification`); such a model has no language-model head.
     pub score: Option<Linear>,
-    pub rope_theta: f64,
+    /// Rotary settings: base, scaling and the length dynamic scaling starts from.
+    #[module(skip)]
+    pub rope: Rope,
     /// The dtype activations are computed in when it differs from the weights' (bf16 compute
     /// over f32 master weights, as mixed precision does); `None`: the weights' own dtype.
     #[module(skip)]
@@ -67,6 +71,25 @@ pub struct Llama {
 pub struct AdapterDropout {
     pub prob: f64,
     pub seed: u64,
+}
+
+/// What the rotary tables are computed from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    pub scaling: Option<RopeScaling>,
+    /// `max_position_embeddings`: dynamic scaling changes nothing up to this length.
+    pub max_positions: usize,
+}
+
+impl Rope {
+    pub fn of(config: &LlamaConfig) -> Self {
+        Self {
+            theta: config.rope_theta,
+            scaling: config.rope_scaling,
+            max_positions: config.max_position_embeddings,
+        }
+    }
 }
 
 /// Which head sits on the decoder's final hidden states.
@@ -442,7 +465,7 @@ impl Llama {
         let (_, time) = input.dims();
         let head_dim = self.layers[0].self_attn.head_dim;
         LayerInputs {
-            rope: rope_tables(&input.positions, head_dim, self.rope_theta, &device),
+            rope: rope_tables(&input.positions, head_dim, &self.rope, &device),
             mask: attention_mask(&input.valid, input.segments.as_deref(), time, &device),
             dropout: self.adapter_dropout,
         }
@@ -472,7 +495,7 @@ impl Llama {
                     row.extend_from_slice(valid);
                 }
                 let head_dim = self.layers[0].self_attn.head_dim;
-                let rope = rope_tables(&input.positions, head_dim, self.rope_theta, &device);
+                let rope = rope_tables(&input.positions, head_dim, &self.rope, &device);
                 let mask = attention_mask(&cache.key_valid, None, time, &device);
                 for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
                     x = layer.forward(x, &rope, mask.clone(), Some(slot), None);
@@ -562,16 +585,34 @@ impl Llama {
 }
 
 /// cos and sin tables `[batch, 1, time, head_dim]` for the given positions, computed in f32 as
-/// `transformers` does so the two agree to rounding.
+/// `transformers` does so the two agree to rounding. Dynamic scaling reads the length of the
+/// pass from its largest position, as `transformers` does per forward call (which then keeps
+/// the largest length it has seen until a call is shorter than `max_positions`; here every
+/// pass stands alone).
 fn rope_tables(
     positions: &[Vec<usize>],
     head_dim: usize,
-    theta: f64,
+    rope: &Rope,
     device: &Device,
 ) -> (Tensor<4>, Tensor<4>) {
     let half = head_dim / 2;
+    let mut theta = rope.theta as f32;
+    let mut stretch = 1.0f32;
+    match rope.scaling {
+        None => {}
+        Some(RopeScaling::Linear { factor }) => stretch = factor as f32,
+        Some(RopeScaling::Dynamic { factor }) => {
+            let len = positions.iter().flatten().max().map_or(0, |&p| p + 1);
+            if len > rope.max_positions {
+                let factor = factor as f32;
+                let ratio = factor * len as f32 / rope.max_positions as f32 - (factor - 1.0);
+                let exponent = head_dim as f64 / (head_dim as f64 - 2.0);
+                theta *= ratio.powf(exponent as f32);
+            }
+        }
+    }
     let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .map(|i| 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32) / stretch)
         .collect();
     let batch = positions.len();
     let time = positions.first().map_or(0, |r| r.len());

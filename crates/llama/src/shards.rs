@@ -97,6 +97,13 @@ impl SafetensorsDir {
         self.index.keys().map(String::as_str)
     }
 
+    /// A tensor's shape, if the directory holds it.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let (_, mmap) = &self.files[*self.index.get(name)?];
+        let tensors = SafeTensors::deserialize(mmap).ok()?;
+        tensors.tensor(name).ok().map(|view| view.shape().to_vec())
+    }
+
     /// The file a tensor would be read from (or the directory's first file), for messages.
     pub(crate) fn file_for(&self, name: &str) -> &Path {
         let i = self.index.get(name).copied().unwrap_or(0);

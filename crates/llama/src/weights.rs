@@ -106,7 +106,7 @@ pub fn build_llama(
         norm: final_norm,
         lm_head,
         score,
-        rope_theta: config.rope_theta,
+        rope: crate::model::Rope::of(config),
         compute_dtype: None,
         adapter_dropout: None,
     })

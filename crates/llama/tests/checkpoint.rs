@@ -58,6 +58,7 @@ fn export_round_trips_exactly_and_shards() {
             max_shard_bytes: 100_000,
             extra_files: vec![golden_dir(name).join("tokenizer.json")],
             overwrite: false,
+            ..SaveOptions::default()
         };
         llama::save_pretrained(&model, &config, &out, &options).unwrap();
         let index: serde_json::Value = serde_json::from_str(
@@ -225,8 +226,12 @@ fn unsupported_config_fields_are_refused_by_name() {
     assert_eq!(ok.num_key_value_heads, 2);
     for (extra, field) in [
         (
-            r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
-            "rope_scaling",
+            r#""rope_scaling": {"type": "yarn", "factor": 2.0}"#,
+            "rope_scaling.rope_type",
+        ),
+        (
+            r#""rope_scaling": {"type": "linear", "factor": 2.0, "low_freq_factor": 1.0}"#,
+            "rope_scaling.low_freq_factor",
         ),
         (r#""hidden_act": "gelu""#, "hidden_act"),
         (r#""sliding_window": 4096"#, "sliding_window"),
@@ -295,6 +300,64 @@ fn both_transformers_config_layouts_read_alike() {
     }
     let err = read(r#""rope_theta": 10.0, "rope_parameters": {"rope_theta": 20.0}"#).unwrap_err();
     assert!(err.to_string().contains("disagree"), "{err}");
+}
+
+#[test]
+fn rope_scaling_reads_in_both_layouts_and_is_checked() {
+    use llama::RopeScaling;
+    for kind in ["linear", "dynamic"] {
+        let old = llama::load_config(&golden_dir(&format!("tiny-rope-{kind}"))).unwrap();
+        let new = llama::load_config(&golden_dir(&format!("golden-tf5/tiny-rope-{kind}"))).unwrap();
+        assert_eq!(old, new, "{kind}");
+        let expected = match kind {
+            "linear" => RopeScaling::Linear { factor: 4.0 },
+            _ => RopeScaling::Dynamic { factor: 2.0 },
+        };
+        assert_eq!(old.rope_scaling, Some(expected));
+        // What we write is read back as the same scaling.
+        let json = old.to_hf_json("LlamaForCausalLM", "float32").to_string();
+        let again = LlamaConfig::from_hf_json(&json, Path::new("config.json")).unwrap();
+        assert_eq!(again, old);
+        // Our TOML files take it as an inline table.
+        let toml = format!(
+            "vocab_size = 32\nhidden_size = 8\nintermediate_size = 16\nnum_hidden_layers = 1\n\
+             num_attention_heads = 2\nnum_key_value_heads = 2\nmax_position_embeddings = 64\n\
+             rope_scaling = {{ type = \"{kind}\", factor = 3.0 }}\n"
+        );
+        let parsed: LlamaConfig = toml::from_str(&toml).unwrap();
+        assert_eq!(parsed.rope_scaling.map(|s| s.kind()), Some(kind));
+    }
+    let p = Path::new("config.json");
+    let base = r#""vocab_size": 32, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2"#;
+    let read = |extra: &str| LlamaConfig::from_hf_json(&format!("{{{base}, {extra}}}"), p);
+    for (extra, needle) in [
+        (r#""rope_scaling": {"type": "linear"}"#, "needs a `factor`"),
+        (
+            r#""rope_scaling": {"type": "linear", "factor": 0.5}"#,
+            "factor",
+        ),
+        (
+            r#""rope_scaling": {"type": "dynamic", "factor": "2"}"#,
+            "must be a number",
+        ),
+        (
+            r#""rope_scaling": {"type": "linear", "rope_type": "dynamic", "factor": 2.0}"#,
+            "disagree",
+        ),
+        (
+            r#""rope_scaling": {"type": "linear", "factor": 2.0},
+            "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}"#,
+            "different RoPE scalings",
+        ),
+        (
+            r#""rope_parameters": {"rope_type": "longrope", "factor": 2.0}"#,
+            "longrope",
+        ),
+    ] {
+        let err = read(extra).unwrap_err().to_string();
+        assert!(err.contains(needle), "{extra}: {err}");
+    }
 }
 
 #[test]

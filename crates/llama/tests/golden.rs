@@ -39,6 +39,36 @@ fn golden_models_match_transformers() {
     }
 }
 
+/// Linear and dynamic RoPE scaling against `transformers` 4.57.1 and 5.x (each fixture made by
+/// its version, with its config layout): for linear every check of `train verify`; for dynamic
+/// the logits of each sequence alone and greedy generation through the KV cache, the two things
+/// it computes the same way as `transformers`. Without the scaling the logits are far off, so
+/// the fixtures do exercise it.
+#[test]
+fn rope_scaled_models_match_transformers() {
+    let device = test_device();
+    for name in [
+        "tiny-rope-linear",
+        "golden-tf5/tiny-rope-linear",
+        "tiny-rope-dynamic",
+        "golden-tf5/tiny-rope-dynamic",
+    ] {
+        let (_, model) = llama::load_pretrained(&golden_dir(name), &device).expect("load");
+        assert!(model.rope.scaling.is_some(), "{name}");
+        let golden = load_golden(name);
+        let checks = llama::reference::verify(&model, &golden).expect("verify");
+        let expected = if name.ends_with("linear") { 4 } else { 2 };
+        assert_eq!(checks.len(), expected, "{name}: {checks:?}");
+        for check in &checks {
+            assert!(check.passed(), "{name}: {check:?}");
+        }
+        let mut plain = model;
+        plain.rope.scaling = None;
+        let off = llama::reference::verify(&plain, &golden).expect("verify");
+        assert!(off[0].measured > 1e-2, "{name}: {off:?}");
+    }
+}
+
 /// Models handed to inference keep computing in bf16.
 #[test]
 fn bf16_compute_survives_valid() {
