@@ -5,8 +5,10 @@
 
 DIALOGS_JSON holds a list of dialogs, each a list of {"role", "content"} messages. Loads the
 tokenizer with AutoTokenizer (tokenizer.json + tokenizer_config.json) and prints one JSON line:
-{"ids": [[...] per dialog], "tokenizer_class": ..., "transformers": version}. The Rust test
-compares the ids with our own chat encoding.
+{"ids": [[...] per dialog], "invalid_refused": [...], "tokenizer_class": ..., "transformers":
+version}. The Rust test compares the ids with our own chat encoding. `invalid_refused` says, for
+each of a few dialogs the Llama 2 format cannot hold (two user turns in a row, a second system
+message, only a system message), whether the template raised.
 """
 
 import json
@@ -34,8 +36,22 @@ def main() -> int:
         if not isinstance(out, list):
             out = out["input_ids"]
         ids.append([int(i) for i in out])
+    invalid = [
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        [{"role": "system", "content": "a"}, {"role": "user", "content": "b"},
+         {"role": "system", "content": "c"}],
+        [{"role": "system", "content": "a"}],
+    ]
+    refused = []
+    for dialog in invalid:
+        try:
+            tokenizer.apply_chat_template(dialog, tokenize=False)
+            refused.append(False)
+        except Exception:  # jinja's TemplateError, raised by raise_exception
+            refused.append(True)
     print(json.dumps({
         "ids": ids,
+        "invalid_refused": refused,
         "tokenizer_class": type(tokenizer).__name__,
         "transformers": transformers.__version__,
     }))

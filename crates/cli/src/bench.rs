@@ -222,7 +222,7 @@ fn bench_generate(args: GenerateBench) -> Result<()> {
             max_new_tokens: args.new_tokens,
             eos_token_id: None, // always generate every token
             use_cache,
-            max_positions: config.max_position_embeddings,
+            max_positions: config.context_length(),
             ..SamplingParams::default()
         };
         // Warm-up: the first calls allocate and tune.

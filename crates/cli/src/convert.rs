@@ -63,7 +63,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
             }
             // The chat template is checked against the tokenizer just built.
             let built = data::Tokenizer::from_json(&serde_json::to_string(&json)?, path)?;
-            let chat = chat_format_files_for(&built, checkpoint.config.max_position_embeddings)?;
+            let chat = chat_format_files_for(&built, &checkpoint.config, None)?;
             options.extra_files.push(path.clone());
             options.extra_json.push(("tokenizer.json".into(), json));
             options.extra_json.extend(chat);

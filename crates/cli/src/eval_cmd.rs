@@ -123,12 +123,12 @@ fn kl(args: KlArgs) -> Result<()> {
     trainer::session::check_generation_vocab(&tokenizer, &config, &tokenizer_path)?;
     trainer::session::check_vocab(&tokenizer, &reference_config, &args.reference)?;
     anyhow::ensure!(
-        reference_config.max_position_embeddings >= config.max_position_embeddings,
+        reference_config.context_length() >= config.context_length(),
         "{}: the reference's context ({} tokens) is shorter than the model's ({}), which the \
          prompts and answers may fill",
         args.reference.join("config.json").display(),
-        reference_config.max_position_embeddings,
-        config.max_position_embeddings
+        reference_config.context_length(),
+        config.context_length()
     );
     let theirs = args.reference.join("tokenizer.json");
     if theirs.is_file() && !data::Tokenizer::from_file(&theirs)?.same_vocabulary(&tokenizer) {

@@ -100,7 +100,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
             args.checkpoint.display()
         );
     }
-    let extra_json = chat_format_files(&extra_files, config.max_position_embeddings)?;
+    let extra_json = chat_format_files(&extra_files, &config)?;
     if !extra_json.is_empty() {
         // Ours replace the source's: they carry the chat template checked against our encoding.
         extra_files.retain(|file| {
@@ -128,31 +128,49 @@ pub fn run(args: ExportArgs) -> Result<()> {
 }
 
 /// `tokenizer_config.json` and `special_tokens_map.json` with the Llama 2 chat template, for the
-/// `tokenizer.json` among `files` (none without one, or with a warning when no template gives
-/// our encoding with that tokenizer).
+/// `tokenizer.json` among `files`, keeping the other settings of a `tokenizer_config.json` among
+/// them. None without a `tokenizer.json`; none, with a warning, when it does not load or no
+/// template gives our encoding with it (the source's files are then copied as they are).
 pub fn chat_format_files(
     files: &[PathBuf],
-    model_max_length: usize,
+    config: &llama::LlamaConfig,
 ) -> Result<Vec<(String, serde_json::Value)>> {
-    let Some(path) = files
-        .iter()
-        .find(|f| f.file_name().is_some_and(|n| n == "tokenizer.json"))
-    else {
+    let named = |name: &str| {
+        files
+            .iter()
+            .find(|f| f.file_name().is_some_and(|n| n == name))
+    };
+    let Some(path) = named("tokenizer.json") else {
         return Ok(Vec::new());
     };
-    let tokenizer = data::Tokenizer::from_file(path)
-        .with_context(|| format!("reading {} for the chat template", path.display()))?;
-    chat_format_files_for(&tokenizer, model_max_length)
+    let tokenizer = match data::Tokenizer::from_file(path) {
+        Ok(tokenizer) => tokenizer,
+        Err(e) => {
+            eprintln!("warning: no chat template written: {e}");
+            return Ok(Vec::new());
+        }
+    };
+    let base = named("tokenizer_config.json")
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| serde_json::from_str(&text).ok());
+    chat_format_files_for(&tokenizer, config, base)
 }
 
 /// [`chat_format_files`] for a loaded tokenizer.
 pub fn chat_format_files_for(
     tokenizer: &data::Tokenizer,
-    model_max_length: usize,
+    config: &llama::LlamaConfig,
+    base: Option<serde_json::Value>,
 ) -> Result<Vec<(String, serde_json::Value)>> {
-    match data::chat::hf_tokenizer_configs(tokenizer, model_max_length)? {
-        Some((config, special)) => Ok(vec![
-            ("tokenizer_config.json".to_string(), config),
+    let files = data::chat::hf_tokenizer_configs(
+        tokenizer,
+        config.context_length(),
+        config.pad_token_id,
+        base,
+    )?;
+    match files {
+        Some((tokenizer_config, special)) => Ok(vec![
+            ("tokenizer_config.json".to_string(), tokenizer_config),
             ("special_tokens_map.json".to_string(), special),
         ]),
         None => {
@@ -223,6 +241,13 @@ fn export_meta(args: &ExportArgs, out: &std::path::Path) -> Result<()> {
         eprintln!(
             "warning: {} has no tokenizer.model; the export will have none (use --tokenizer)",
             args.checkpoint.display()
+        );
+    }
+    if config.max_position_embeddings != llama::meta::LLAMA2_POSITIONS {
+        eprintln!(
+            "note: params.json does not record the context length ({}); give \
+             `train convert --max-positions {}` when converting back",
+            config.max_position_embeddings, config.max_position_embeddings
         );
     }
     llama::meta::export_meta(

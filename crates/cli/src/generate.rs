@@ -79,12 +79,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         } else {
             tokenizer.encode_with_bos(text)?
         };
-        if ids.len() >= config.max_position_embeddings {
+        if ids.len() >= config.context_length() {
             bail!(
                 "prompt {} has {} tokens; the model's context is {} tokens",
                 i + 1,
                 ids.len(),
-                config.max_position_embeddings
+                config.context_length()
             );
         }
         prompts.push(ids);
@@ -98,7 +98,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         eos_token_id: Some(tokenizer.eos_id),
         pad_token_id: config.pad_token_id.unwrap_or(0),
         use_cache: !args.no_cache,
-        max_positions: config.max_position_embeddings,
+        max_positions: config.context_length(),
         vocab_limit: Some(tokenizer.vocab_size()),
     };
     let start = Instant::now();

@@ -79,7 +79,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
             "attention_heads": config.num_attention_heads,
             "kv_heads": config.num_key_value_heads,
             "vocab_size": config.vocab_size,
-            "context": config.max_position_embeddings,
+            "context": config.context_length(),
             "full_finetune_memory_bytes": memory,
         });
         println!("{out}");
@@ -94,7 +94,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
         config.num_key_value_heads,
         config.intermediate_size,
         config.vocab_size,
-        config.max_position_embeddings,
+        config.context_length(),
         if config.tie_word_embeddings {
             "tied"
         } else {

@@ -39,9 +39,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.model.join("tokenizer.json"));
     let tokenizer = data::Tokenizer::from_file(&tokenizer_path)?;
-    let max_seq_len = args
-        .max_seq_len
-        .unwrap_or(rm.config.max_position_embeddings);
+    let max_seq_len = args.max_seq_len.unwrap_or(rm.config.context_length());
     let report = score_file(&rm, &tokenizer, &args.data, args.batch_size, max_seq_len)
         .with_context(|| format!("scoring {}", args.data.display()))?;
     match report {

@@ -381,6 +381,10 @@ fn exported_chat_template_gives_our_chat_encoding() {
             for (i, (a, b)) in theirs.iter().zip(&ours).enumerate() {
                 assert_eq!(a, b, "{name}, dialog {i}, {report}");
             }
+            assert_eq!(
+                report["invalid_refused"],
+                serde_json::json!([true, true, true])
+            );
             assert_eq!(theirs.len(), ours.len());
         }
     }
@@ -927,7 +931,16 @@ fn bad_meta_checkpoints_are_refused_in_one_line() {
     assert_user_error(&o, "layers.0.attention.wk.weight");
     let dir = fresh("layers");
     edit_json(&dir.join("params.json"), |p| p["n_layers"] = 1.into());
-    assert_user_error(&convert(&dir), "unexpected tensor `layers.1.");
+    assert_user_error(&convert(&dir), "`n_layers` 1 does not match");
+    let dir = fresh("huge");
+    edit_json(&dir.join("params.json"), |p| {
+        p["n_layers"] = 2u64.pow(60).into();
+        p["dim"] = 2u64.pow(62).into();
+    });
+    assert_user_error(&convert(&dir), "n_layers");
+    let dir = fresh("wide");
+    edit_json(&dir.join("params.json"), |p| p["dim"] = 2u64.pow(62).into());
+    assert_user_error(&convert(&dir), "params.json");
     let dir = fresh("field");
     edit_json(&dir.join("params.json"), |p| {
         p["use_scaled_rope"] = true.into()

@@ -126,11 +126,15 @@ pub fn chat_template(answer_separator: &str) -> String {
     t.push_str("{%- if messages and messages[0]['role'] == 'system' -%}");
     t.push_str("{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}");
     t.push_str("{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}");
-    t.push_str("{%- for message in turns -%}");
-    t.push_str("{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}");
     t.push_str(
-        "{{- raise_exception('Llama 2 chat: after an optional system message, turns alternate \
-         user, assistant, user, ...') -}}{%- endif -%}",
+        "{%- if not turns -%}{{- raise_exception('Llama 2 chat: a dialog needs a user turn') -}}\
+         {%- endif -%}",
+    );
+    t.push_str("{%- for message in turns -%}");
+    t.push_str("{%- set expected = 'user' if loop.index0 % 2 == 0 else 'assistant' -%}");
+    t.push_str(
+        "{%- if message['role'] != expected -%}{{- raise_exception('Llama 2 chat: after an \
+         optional system message, turns alternate user, assistant, user, ...') -}}{%- endif -%}",
     );
     t.push_str("{%- if message['role'] == 'user' -%}{%- set text = message['content'] -%}");
     t.push_str("{%- if loop.first and system is not none -%}");
@@ -207,9 +211,11 @@ pub fn template_answer_separator(tokenizer: &Tokenizer) -> Result<Option<&'stati
 }
 
 /// `tokenizer_config.json` and `special_tokens_map.json` for a model directory whose
-/// `tokenizer.json` is `tokenizer`: the special tokens and the Llama 2 chat template, checked on
-/// probe dialogs to give [`render_dialog`]'s ids. `None` when no template can (a tokenizer
-/// whose encoding depends on context in ways the template cannot reproduce).
+/// `tokenizer.json` is `tokenizer`: the special tokens (the pad token by `pad_token_id`) and the
+/// Llama 2 chat template, checked on probe dialogs to give [`render_dialog`]'s ids, over the
+/// fields of `base` (the source's `tokenizer_config.json`, whose other settings are kept).
+/// `None` when no template can (a tokenizer whose encoding depends on context in ways the
+/// template cannot reproduce).
 ///
 /// SentencePiece-style tokenizers are declared `LlamaTokenizer` with `legacy: true`: in
 /// `transformers` 5.x, `legacy: false` makes only the first segment of a rendered dialog get
@@ -217,31 +223,47 @@ pub fn template_answer_separator(tokenizer: &Tokenizer) -> Result<Option<&'stati
 pub fn hf_tokenizer_configs(
     tokenizer: &Tokenizer,
     model_max_length: usize,
+    pad_token_id: Option<u32>,
+    base: Option<serde_json::Value>,
 ) -> Result<Option<(serde_json::Value, serde_json::Value)>> {
     let Some(separator) = template_answer_separator(tokenizer)? else {
         return Ok(None);
     };
     let unk = tokenizer.token_id("<unk>").map(|_| "<unk>");
-    let mut config = serde_json::json!({
+    let pad = pad_token_id.and_then(|id| tokenizer.id_to_token(id));
+    let mut config = match base {
+        Some(serde_json::Value::Object(map)) => serde_json::Value::Object(map),
+        _ => serde_json::json!({}),
+    };
+    let ours = serde_json::json!({
         "bos_token": "<s>",
         "eos_token": "</s>",
         "unk_token": unk,
-        "pad_token": null,
+        "pad_token": pad,
         "add_bos_token": true,
         "add_eos_token": false,
         "clean_up_tokenization_spaces": false,
         "model_max_length": model_max_length,
         "chat_template": chat_template(separator),
     });
+    for (key, value) in ours.as_object().into_iter().flatten() {
+        config[key] = value.clone();
+    }
     if separator == " " {
         config["tokenizer_class"] = "LlamaTokenizer".into();
         config["legacy"] = true.into();
     } else {
         config["tokenizer_class"] = "PreTrainedTokenizerFast".into();
+        if let Some(map) = config.as_object_mut() {
+            map.remove("legacy");
+        }
     }
     let mut special = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>"});
     if let Some(unk) = unk {
         special["unk_token"] = unk.into();
+    }
+    if let Some(pad) = pad {
+        special["pad_token"] = pad.into();
     }
     Ok(Some((config, special)))
 }

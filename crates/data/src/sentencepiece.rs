@@ -35,6 +35,10 @@ pub struct SentencePieceModel {
     pub model_type: u64,
     pub byte_fallback: bool,
     pub add_dummy_prefix: bool,
+    /// `NormalizerSpec.name` and `remove_extra_whitespaces`: the conversion reproduces only
+    /// the identity normalizer that keeps whitespace (Llama's).
+    pub normalizer: String,
+    pub remove_extra_whitespaces: bool,
 }
 
 impl SentencePieceModel {
@@ -56,6 +60,8 @@ impl SentencePieceModel {
             model_type: 1,
             byte_fallback: false,
             add_dummy_prefix: true,
+            normalizer: "nmt_nfkc".into(),
+            remove_extra_whitespaces: true,
         };
         for field in Fields::new(bytes) {
             match field? {
@@ -71,8 +77,13 @@ impl SentencePieceModel {
                 }
                 (3, Value::Bytes(normalizer)) => {
                     for field in Fields::new(normalizer) {
-                        if let (3, Value::Varint(v)) = field? {
-                            model.add_dummy_prefix = v != 0;
+                        match field? {
+                            (1, Value::Bytes(name)) => {
+                                model.normalizer = String::from_utf8_lossy(name).into_owned()
+                            }
+                            (3, Value::Varint(v)) => model.add_dummy_prefix = v != 0,
+                            (4, Value::Varint(v)) => model.remove_extra_whitespaces = v != 0,
+                            _ => {}
                         }
                     }
                 }
@@ -93,6 +104,28 @@ impl SentencePieceModel {
                 self.model_type
             ));
         }
+        if self.normalizer != "identity" || self.remove_extra_whitespaces {
+            return Err(format!(
+                "normalizer `{}`{}: only the identity normalizer that keeps whitespace (Llama's) \
+                 converts exactly",
+                self.normalizer,
+                if self.remove_extra_whitespaces {
+                    " removing extra whitespace"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if let Some(piece) = self
+            .pieces
+            .iter()
+            .find(|p| p.kind == PieceKind::UserDefined)
+        {
+            return Err(format!(
+                "user-defined piece `{}`: models with user-defined pieces are not supported",
+                piece.text
+            ));
+        }
         let vocab: HashMap<&str, usize> = self
             .pieces
             .iter()
@@ -107,7 +140,7 @@ impl SentencePieceModel {
         // then the shorter left part first).
         let mut merges: Vec<(f32, usize, usize, usize, usize)> = Vec::new();
         for (id, piece) in self.pieces.iter().enumerate() {
-            if !matches!(piece.kind, PieceKind::Normal | PieceKind::UserDefined) {
+            if piece.kind != PieceKind::Normal {
                 continue;
             }
             for (split, _) in piece.text.char_indices().skip(1) {

@@ -231,3 +231,41 @@ fn tokenizer_json_built_from_tokenizer_model_matches_sentencepiece() {
     assert!(err.contains("truncated"), "{err}");
     assert!(SentencePieceModel::parse(b"").is_err());
 }
+
+/// The exported tokenizer config keeps the source's other settings, names the pad token by the
+/// model's pad id, and declares the byte-level fixture tokenizer as a plain fast tokenizer
+/// whose answers follow `[/INST]` without a space (its encoding has no leading-space pieces).
+#[test]
+fn exported_tokenizer_config_keeps_source_settings_and_pad_token() {
+    let tokenizer = fixture_tokenizer();
+    assert_eq!(
+        data::chat::template_answer_separator(&tokenizer).unwrap(),
+        Some("")
+    );
+    let base = serde_json::json!({"padding_side": "left", "chat_template": "old", "legacy": false});
+    let (config, special) = data::chat::hf_tokenizer_configs(&tokenizer, 64, Some(0), Some(base))
+        .unwrap()
+        .expect("a template for the fixture tokenizer");
+    assert_eq!(config["padding_side"], "left");
+    assert_eq!(config["pad_token"], "<unk>");
+    assert_eq!(special["pad_token"], "<unk>");
+    assert_eq!(config["model_max_length"], 64);
+    assert_eq!(config["tokenizer_class"], "PreTrainedTokenizerFast");
+    assert!(config.get("legacy").is_none());
+    let template = config["chat_template"].as_str().unwrap();
+    assert!(
+        template.contains("{{- '' + message['content'].strip()"),
+        "{template}"
+    );
+    if let Some(llama) = llama_tokenizer() {
+        assert_eq!(
+            data::chat::template_answer_separator(&llama).unwrap(),
+            Some(" ")
+        );
+        let (config, _) = data::chat::hf_tokenizer_configs(&llama, 4096, None, None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(config["legacy"], true);
+        assert_eq!(config["pad_token"], serde_json::Value::Null);
+    }
+}

@@ -167,12 +167,12 @@ fn reference_model(
                 )));
             }
             let max_seq_len = recipe.data.max_seq_len;
-            if theirs.max_position_embeddings < max_seq_len {
+            if theirs.context_length() < max_seq_len {
                 return Err(TrainError::Invalid(format!(
                     "{}: the reference model's context is {} tokens, shorter than \
                      data.max_seq_len {max_seq_len}",
                     dir.join("config.json").display(),
-                    theirs.max_position_embeddings
+                    theirs.context_length()
                 )));
             }
             Ok(with_precision(recipe, model))

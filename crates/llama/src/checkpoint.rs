@@ -526,10 +526,12 @@ fn check_replaceable_model_dir(out: &Path) -> Result<()> {
         .map_err(io_err(out))?
         .next()
         .is_none();
-    let model = out.join("config.json").is_file() || out.join(lora::ADAPTER_CONFIG).is_file();
+    let model = out.join("config.json").is_file()
+        || out.join(lora::ADAPTER_CONFIG).is_file()
+        || (out.join("params.json").is_file() && out.join("consolidated.00.pth").is_file());
     if !empty && !model {
         return Err(LlamaError::Invalid(format!(
-            "{}: holds files but no model (no config.json or adapter_config.json); not \
+            "{}: holds files but no model (no config.json, adapter_config.json or Meta's params.json); not \
              replacing it",
             out.display()
         )));

@@ -118,6 +118,18 @@ impl LlamaConfig {
         self.hidden_size / self.num_attention_heads
     }
 
+    /// The longest sequence the model takes: `max_position_embeddings`, times the factor for
+    /// dynamic RoPE scaling (whose point is to run past it; linear-scaled derivatives record
+    /// their stretched length in `max_position_embeddings` already).
+    pub fn context_length(&self) -> usize {
+        match self.rope_scaling {
+            Some(RopeScaling::Dynamic { factor }) => {
+                (self.max_position_embeddings as f64 * factor).min(usize::MAX as f64 / 2.0) as usize
+            }
+            _ => self.max_position_embeddings,
+        }
+    }
+
     pub fn kv_dim(&self) -> usize {
         self.num_key_value_heads * self.head_dim()
     }

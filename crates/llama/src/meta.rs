@@ -75,8 +75,8 @@ impl MetaParams {
         Ok(params)
     }
 
-    /// The feed-forward width as Meta's `FeedForward` computes it.
-    pub fn intermediate_size(&self) -> usize {
+    /// The feed-forward width as Meta's `FeedForward` computes it (`None` if it overflows).
+    pub fn intermediate_size(&self) -> Option<usize> {
         feed_forward_width(self.dim, self.multiple_of, self.ffn_dim_multiplier)
     }
 
@@ -85,7 +85,8 @@ impl MetaParams {
         LlamaConfig {
             vocab_size,
             hidden_size: self.dim,
-            intermediate_size: self.intermediate_size(),
+            // An overflowing width becomes 0, which validation refuses.
+            intermediate_size: self.intermediate_size().unwrap_or(0),
             num_hidden_layers: self.n_layers,
             num_attention_heads: self.n_heads,
             num_key_value_heads: self.n_kv_heads.unwrap_or(self.n_heads),
@@ -134,25 +135,29 @@ impl MetaParams {
     }
 }
 
-fn feed_forward_width(dim: usize, multiple_of: usize, multiplier: Option<f64>) -> usize {
-    let mut hidden = (2.0 * (4 * dim) as f64 / 3.0) as usize;
+fn feed_forward_width(dim: usize, multiple_of: usize, multiplier: Option<f64>) -> Option<usize> {
+    let mut hidden = 2.0 * dim.checked_mul(4)? as f64 / 3.0;
     if let Some(m) = multiplier {
-        hidden = (m * hidden as f64) as usize;
+        hidden = (m * hidden.trunc()).trunc();
+    }
+    if !(hidden.is_finite() && hidden >= 0.0 && hidden < (1u64 << 52) as f64) {
+        return None;
     }
     let multiple_of = multiple_of.max(1);
-    multiple_of * hidden.div_ceil(multiple_of)
+    multiple_of.checked_mul((hidden as usize).div_ceil(multiple_of))
 }
 
 /// `multiple_of` and `ffn_dim_multiplier` that give `intermediate` for `dim`.
 fn ffn_parameters(dim: usize, intermediate: usize) -> Option<(usize, Option<f64>)> {
     for multiple_of in [256, 128, 64, 32, 16, 8, 4, 2, 1] {
-        if feed_forward_width(dim, multiple_of, None) == intermediate {
+        if feed_forward_width(dim, multiple_of, None) == Some(intermediate) {
             return Some((multiple_of, None));
         }
     }
-    let base = (2.0 * (4 * dim) as f64 / 3.0) as usize;
+    let base = (2.0 * dim.checked_mul(4)? as f64 / 3.0) as usize;
     let multiplier = (intermediate as f64 + 0.5) / base.max(1) as f64;
-    (feed_forward_width(dim, 1, Some(multiplier)) == intermediate).then_some((1, Some(multiplier)))
+    (feed_forward_width(dim, 1, Some(multiplier)) == Some(intermediate))
+        .then_some((1, Some(multiplier)))
 }
 
 /// How the ranks hold a tensor.
@@ -360,6 +365,25 @@ impl MetaCheckpoint {
             ranks.push((path, tensors));
         }
         let (first_path, first) = &ranks[0];
+        // Before anything is sized by params.json: its layer count must be the files'.
+        let weights = first.keys().filter(|n| n.as_str() != "rope.freqs").count();
+        if params
+            .n_layers
+            .checked_mul(9)
+            .and_then(|n| n.checked_add(3))
+            != Some(weights)
+        {
+            return Err(LlamaError::Config {
+                path: params_path.clone(),
+                message: format!(
+                    "`n_layers` {} does not match {}, which holds {weights} weights ({} layers \
+                     and 3 others)",
+                    params.n_layers,
+                    first_path.display(),
+                    weights.saturating_sub(3) as f64 / 9.0
+                ),
+            });
+        }
         let embedding =
             first
                 .get("tok_embeddings.weight")
@@ -644,45 +668,52 @@ pub fn export_meta(
         }
     }
     let params_by_name: HashMap<String, _> = hf_params(model).into_iter().collect();
-    let element = dtype.size();
-    write_atomically(out, overwrite, |partial| {
-        // Every tensor whole, once; each rank takes its slice.
-        let mut whole = Vec::with_capacity(list.len());
-        for entry in &list {
-            let param = params_by_name
-                .get(&entry.hf)
-                .ok_or_else(|| LlamaError::Invalid(format!("the model has no `{}`", entry.hf)))?;
-            let mut data = dtype.encode(&param.to_host());
-            if let Some(heads) = entry.rotary_heads {
-                data = permute_rotary(&data, heads, entry.shape[1] * element, false);
-            }
-            whole.push(data);
+    for entry in &list {
+        if !params_by_name.contains_key(&entry.hf) {
+            return Err(LlamaError::Invalid(format!(
+                "the model has no `{}`",
+                entry.hf
+            )));
         }
-        for rank in 0..model_parallel {
-            let mut tensors = Vec::with_capacity(list.len());
-            for (entry, data) in list.iter().zip(&whole) {
-                let shape = rank_shape(&entry.shape, entry.split, model_parallel);
-                let bytes = match entry.split {
-                    Split::Whole => data.clone(),
-                    Split::Rows => {
-                        let len = data.len() / model_parallel;
-                        data[rank * len..(rank + 1) * len].to_vec()
-                    }
-                    Split::Columns => {
-                        let row = entry.shape[1] * element;
-                        let part = row / model_parallel;
-                        let mut out = Vec::with_capacity(data.len() / model_parallel);
-                        for r in 0..entry.shape[0] {
-                            let start = r * row + rank * part;
-                            out.extend_from_slice(&data[start..start + part]);
-                        }
-                        out
-                    }
-                };
-                tensors.push((entry.meta.clone(), shape, bytes));
+    }
+    let element = dtype.size();
+    // Rank `rank`'s slice of `entry`, in Meta's row order; one tensor in memory at a time.
+    let slice = |entry: &Entry, rank: usize| -> Vec<u8> {
+        let mut data = dtype.encode(&params_by_name[&entry.hf].to_host());
+        if let Some(heads) = entry.rotary_heads {
+            data = permute_rotary(&data, heads, entry.shape[1] * element, false);
+        }
+        match entry.split {
+            Split::Whole => data,
+            Split::Rows => {
+                let len = data.len() / model_parallel;
+                data[rank * len..(rank + 1) * len].to_vec()
             }
+            Split::Columns => {
+                let row = entry.shape[1] * element;
+                let part = row / model_parallel;
+                let mut out = Vec::with_capacity(data.len() / model_parallel);
+                for r in 0..entry.shape[0] {
+                    let start = r * row + rank * part;
+                    out.extend_from_slice(&data[start..start + part]);
+                }
+                out
+            }
+        }
+    };
+    write_atomically(out, overwrite, |partial| {
+        for rank in 0..model_parallel {
+            let layout: Vec<(String, Vec<usize>)> = list
+                .iter()
+                .map(|e| {
+                    (
+                        e.meta.clone(),
+                        rank_shape(&e.shape, e.split, model_parallel),
+                    )
+                })
+                .collect();
             let path = partial.join(format!("consolidated.{rank:02}.pth"));
-            write_state_dict(&path, &tensors, dtype)?;
+            write_state_dict(&path, &layout, dtype, |i| Ok(slice(&list[i], rank)))?;
         }
         write_json(&partial.join("params.json"), &params)?;
         for file in extra_files {
@@ -695,11 +726,13 @@ pub fn export_meta(
 }
 
 /// Writes a state dict as `torch.save` does (a ZIP archive of `data.pkl`, one storage per
-/// tensor and `version`), readable by `torch.load(weights_only=True)`.
+/// tensor and `version`), readable by `torch.load(weights_only=True)`. `layout` names each
+/// tensor and its shape; `bytes(i)` gives its little-endian data, one tensor at a time.
 pub fn write_state_dict(
     path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<u8>)],
+    layout: &[(String, Vec<usize>)],
     dtype: SaveDtype,
+    mut bytes: impl FnMut(usize) -> Result<Vec<u8>>,
 ) -> Result<()> {
     let file = std::fs::File::create(path).map_err(io_err(path))?;
     let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
@@ -718,15 +751,23 @@ pub fn write_state_dict(
         .unwrap_or_else(|| "archive".into());
     zip.start_file(format!("{prefix}/data.pkl"), options)
         .map_err(zip_err)?;
-    zip.write_all(&state_dict_pickle(tensors, dtype))
+    zip.write_all(&state_dict_pickle(layout, dtype))
         .map_err(io_err(path))?;
     zip.start_file(format!("{prefix}/byteorder"), options)
         .map_err(zip_err)?;
     zip.write_all(b"little").map_err(io_err(path))?;
-    for (key, (_, _, bytes)) in tensors.iter().enumerate() {
+    for (key, (name, shape)) in layout.iter().enumerate() {
+        let data = bytes(key)?;
+        if data.len() != shape.iter().product::<usize>() * dtype.size() {
+            return Err(LlamaError::Invalid(format!(
+                "{}: tensor `{name}` has {} bytes for shape {shape:?}",
+                path.display(),
+                data.len()
+            )));
+        }
         zip.start_file(format!("{prefix}/data/{key}"), options)
             .map_err(zip_err)?;
-        zip.write_all(bytes).map_err(io_err(path))?;
+        zip.write_all(&data).map_err(io_err(path))?;
     }
     zip.start_file(format!("{prefix}/version"), options)
         .map_err(zip_err)?;
@@ -742,7 +783,7 @@ pub fn write_state_dict(
 
 /// Pickle (protocol 2) of a dict of tensors, each `torch._utils._rebuild_tensor_v2` of its
 /// own storage (key = its index), contiguous, on the CPU.
-fn state_dict_pickle(tensors: &[(String, Vec<usize>, Vec<u8>)], dtype: SaveDtype) -> Vec<u8> {
+fn state_dict_pickle(layout: &[(String, Vec<usize>)], dtype: SaveDtype) -> Vec<u8> {
     let storage = match dtype {
         SaveDtype::F32 => "FloatStorage",
         SaveDtype::F16 => "HalfStorage",
@@ -751,7 +792,7 @@ fn state_dict_pickle(tensors: &[(String, Vec<usize>, Vec<u8>)], dtype: SaveDtype
     let mut p = Pickle(vec![0x80, 2]);
     p.op(b'}'); // EMPTY_DICT
     p.op(b'('); // MARK
-    for (key, (name, shape, _)) in tensors.iter().enumerate() {
+    for (key, (name, shape)) in layout.iter().enumerate() {
         p.string(name);
         p.global("torch._utils", "_rebuild_tensor_v2");
         p.op(b'(');

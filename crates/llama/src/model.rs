@@ -604,10 +604,12 @@ fn rope_tables(
         Some(RopeScaling::Dynamic { factor }) => {
             let len = positions.iter().flatten().max().map_or(0, |&p| p + 1);
             if len > rope.max_positions {
-                let factor = factor as f32;
-                let ratio = factor * len as f32 / rope.max_positions as f32 - (factor - 1.0);
+                // As torch computes it: the ratio in f32 (with `factor - 1` taken in double),
+                // the power in double, rounded once.
+                let ratio =
+                    factor as f32 * len as f32 / rope.max_positions as f32 - (factor - 1.0) as f32;
                 let exponent = head_dim as f64 / (head_dim as f64 - 2.0);
-                theta *= ratio.powf(exponent as f32);
+                theta *= (ratio as f64).powf(exponent) as f32;
             }
         }
     }

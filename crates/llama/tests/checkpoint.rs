@@ -314,6 +314,9 @@ fn rope_scaling_reads_in_both_layouts_and_is_checked() {
             _ => RopeScaling::Dynamic { factor: 2.0 },
         };
         assert_eq!(old.rope_scaling, Some(expected));
+        // Dynamic scaling exists to run past max_position_embeddings (8 here).
+        let context = if kind == "linear" { 128 } else { 16 };
+        assert_eq!(old.context_length(), context, "{kind}");
         // What we write is read back as the same scaling.
         let json = old.to_hf_json("LlamaForCausalLM", "float32").to_string();
         let again = LlamaConfig::from_hf_json(&json, Path::new("config.json")).unwrap();

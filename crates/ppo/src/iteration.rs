@@ -134,7 +134,7 @@ impl Ppo {
             seed: train.seed,
             eos: config.eos_token_id,
             pad: config.pad_token_id.unwrap_or(0),
-            max_positions: config.max_position_embeddings,
+            max_positions: config.context_length(),
             vocab_limit: config.vocab_size,
             loss_chunk: train.loss_chunk,
             grad_plan: GradPlan::new(train),

@@ -193,10 +193,12 @@ pub fn run(recipe: &Recipe, settings: &PpoSection, options: &RunOptions) -> Resu
 
     let (config, policy) = session.model(Head::Lm)?;
     check_generation_vocab(&session.tokenizer, &config, &recipe.model.tokenizer)?;
-    if recipe.data.max_seq_len + settings.max_new_tokens > config.max_position_embeddings {
+    if recipe.data.max_seq_len + settings.max_new_tokens > config.context_length() {
         return Err(TrainError::Invalid(format!(
             "data.max_seq_len {} + ppo.max_new_tokens {} exceeds the model's context of {}",
-            recipe.data.max_seq_len, settings.max_new_tokens, config.max_position_embeddings
+            recipe.data.max_seq_len,
+            settings.max_new_tokens,
+            config.context_length()
         )));
     }
     // The reference is the initial policy: with LoRA, the policy's own frozen base with the

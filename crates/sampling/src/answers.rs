@@ -92,12 +92,13 @@ pub fn generate_answers(
     copies: usize,
 ) -> Result<Vec<Answer>> {
     let room = config
-        .max_position_embeddings
+        .context_length()
         .saturating_sub(settings.max_new_tokens);
     if room < 8 {
         return Err(TrainError::Invalid(format!(
             "max_new_tokens {} leaves no room for prompts in a context of {}",
-            settings.max_new_tokens, config.max_position_embeddings
+            settings.max_new_tokens,
+            config.context_length()
         )));
     }
     let mut rows: Vec<(usize, Vec<u32>)> = Vec::with_capacity(prompts.len() * copies);
@@ -117,7 +118,7 @@ pub fn generate_answers(
             eos_token_id: Some(tokenizer.eos_id),
             pad_token_id: config.pad_token_id.unwrap_or(0),
             use_cache: true,
-            max_positions: config.max_position_embeddings,
+            max_positions: config.context_length(),
             vocab_limit: Some(tokenizer.vocab_size()),
         };
         let batch: Vec<Vec<u32>> = chunk.iter().map(|(_, ids)| ids.clone()).collect();
@@ -147,7 +148,7 @@ pub fn score_answers(
     answers: &[Answer],
     batch_size: usize,
 ) -> Result<Vec<f64>> {
-    let room = rm.config.max_position_embeddings;
+    let room = rm.config.context_length();
     let sequences: Vec<Vec<u32>> = answers
         .iter()
         .map(|a| {

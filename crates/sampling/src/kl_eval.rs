@@ -80,7 +80,7 @@ pub fn kl_to_reference(
     }
     let answers = generate_answers(model, config, tokenizer, prompts, None, settings, copies)?;
     let room = config
-        .max_position_embeddings
+        .context_length()
         .saturating_sub(settings.max_new_tokens);
     let vocab_limit = tokenizer.vocab_size().min(config.vocab_size);
     let pad = config.pad_token_id.unwrap_or(0);

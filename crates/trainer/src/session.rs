@@ -168,11 +168,11 @@ impl<'r> Session<'r> {
         let model = with_precision(self.recipe, model);
         check_vocab(&self.tokenizer, &config, &self.recipe.model.tokenizer)?;
         let max_seq_len = self.recipe.data.max_seq_len;
-        if max_seq_len > config.max_position_embeddings {
+        if max_seq_len > config.context_length() {
             return Err(TrainError::Invalid(format!(
                 "data.max_seq_len {max_seq_len} exceeds the model's context of {} tokens \
-                 (max_position_embeddings)",
-                config.max_position_embeddings
+                 (max_position_embeddings, stretched by dynamic RoPE scaling)",
+                config.context_length()
             )));
         }
         Ok((config, model))
