@@ -66,14 +66,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     if let Some(meta) = &args.meta {
         return export_meta(&args, meta);
     }
-    let device = burn::prelude::Device::flex();
-    let (config, model) = llama::load_pretrained(&args.checkpoint, &device)
-        .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
-    let dtype = match &args.dtype {
-        Some(name) => SaveDtype::parse(name)
-            .with_context(|| format!("--dtype `{name}`: expected f32, bf16 or f16"))?,
-        None => source_dtype(&args.checkpoint).unwrap_or(SaveDtype::F32),
-    };
+    let (config, model, dtype) = load_with_dtype(&args, SaveDtype::F32)?;
     let max_shard_bytes = parse_size(&args.max_shard_size)?;
     let mut extra_files = match &args.tokenizer {
         Some(file) => {
@@ -213,14 +206,8 @@ fn export_adapter(args: &ExportArgs, out: &std::path::Path) -> Result<()> {
 /// `--meta DIR`: Meta's layout, for Meta's reference code; tokenizer.model comes from
 /// --tokenizer or the checkpoint.
 fn export_meta(args: &ExportArgs, out: &std::path::Path) -> Result<()> {
-    let device = burn::prelude::Device::flex();
-    let (config, model) = llama::load_pretrained(&args.checkpoint, &device)
-        .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
-    let dtype = match &args.dtype {
-        Some(name) => SaveDtype::parse(name)
-            .with_context(|| format!("--dtype `{name}`: expected f32, bf16 or f16"))?,
-        None => source_dtype(&args.checkpoint).unwrap_or(SaveDtype::BF16),
-    };
+    // Meta's own files are bf16.
+    let (config, model, dtype) = load_with_dtype(args, SaveDtype::BF16)?;
     // What Meta's layout cannot hold is refused before anything else is said.
     llama::meta::MetaParams::from_config(&config)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.checkpoint.display()))?;
@@ -267,6 +254,23 @@ fn export_meta(args: &ExportArgs, out: &std::path::Path) -> Result<()> {
         dtype.torch_name()
     );
     Ok(())
+}
+
+/// The checkpoint on the CPU and the dtype to write: `--dtype`, else the source's, else
+/// `fallback`.
+fn load_with_dtype(
+    args: &ExportArgs,
+    fallback: SaveDtype,
+) -> Result<(llama::LlamaConfig, llama::Llama, SaveDtype)> {
+    let device = burn::prelude::Device::flex();
+    let (config, model) = llama::load_pretrained(&args.checkpoint, &device)
+        .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
+    let dtype = match &args.dtype {
+        Some(name) => SaveDtype::parse(name)
+            .with_context(|| format!("--dtype `{name}`: expected f32, bf16 or f16"))?,
+        None => source_dtype(&args.checkpoint).unwrap_or(fallback),
+    };
+    Ok((config, model, dtype))
 }
 
 fn source_dtype(dir: &std::path::Path) -> Option<SaveDtype> {

@@ -218,8 +218,8 @@ pub fn template_answer_separator(tokenizer: &Tokenizer) -> Result<Option<&'stati
 /// template cannot reproduce).
 ///
 /// SentencePiece-style tokenizers are declared `LlamaTokenizer` with `legacy: true`: in
-/// `transformers` 5.x, `legacy: false` makes only the first segment of a rendered dialog get
-/// its leading space, which is not how Meta's code encodes each turn.
+/// `transformers` 5.x, `legacy: false` gives the text after a `<s>` no leading space, which is
+/// not how Meta's code encodes each turn.
 pub fn hf_tokenizer_configs(
     tokenizer: &Tokenizer,
     model_max_length: usize,

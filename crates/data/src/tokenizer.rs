@@ -87,14 +87,7 @@ impl Tokenizer {
 
     /// Encodes text without adding any special token.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| DataError::Tokenizer {
-                path: self.path.clone(),
-                message: format!("encoding failed: {e}"),
-            })?;
-        Ok(encoding.get_ids().to_vec())
+        self.encode_with(&self.inner, text)
     }
 
     /// Encodes text as `transformers` encodes a rendered chat template: `<s>`, `</s>` (and any
@@ -102,6 +95,10 @@ impl Tokenizer {
     pub fn encode_parsing_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
         let mut inner = self.inner.clone();
         inner.set_encode_special_tokens(false);
+        self.encode_with(&inner, text)
+    }
+
+    fn encode_with(&self, inner: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
         let encoding = inner
             .encode(text, false)
             .map_err(|e| DataError::Tokenizer {
