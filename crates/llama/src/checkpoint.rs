@@ -414,12 +414,7 @@ pub fn export_adapter(
         write_json(&partial.join(lora::ADAPTER_CONFIG), &json)?;
         let dest = partial.join(lora::ADAPTER_WEIGHTS);
         std::fs::copy(&weights, &dest).map_err(io_err(&weights))?;
-        for file in extra_files {
-            if let Some(name) = file.file_name() {
-                std::fs::copy(file, partial.join(name)).map_err(io_err(file))?;
-            }
-        }
-        Ok(())
+        write_extras(partial, extra_files, &[])
     })
 }
 
@@ -502,14 +497,23 @@ fn write_model_files(
     if model.head() == Head::Lm {
         write_json(&partial.join("generation_config.json"), &generation)?;
     }
-    for file in &options.extra_files {
+    write_extras(partial, &options.extra_files, &options.extra_json)
+}
+
+/// Copies `files` into `dir`, then writes the generated `json` files (which win over a copy
+/// of the same name).
+pub(crate) fn write_extras(
+    dir: &Path,
+    files: &[PathBuf],
+    json: &[(String, serde_json::Value)],
+) -> Result<()> {
+    for file in files {
         if let Some(name) = file.file_name() {
-            let dest = partial.join(name);
-            std::fs::copy(file, &dest).map_err(io_err(file))?;
+            std::fs::copy(file, dir.join(name)).map_err(io_err(file))?;
         }
     }
-    for (name, json) in &options.extra_json {
-        write_json(&partial.join(name), json)?;
+    for (name, value) in json {
+        write_json(&dir.join(name), value)?;
     }
     Ok(())
 }

@@ -16,7 +16,9 @@ use burn_store::pytorch::PytorchReader;
 use pytorch_reader::DType as TorchDType;
 use serde::Deserialize;
 
-use crate::checkpoint::{write_atomically, write_json, write_safetensors_shards, SaveDtype};
+use crate::checkpoint::{
+    write_atomically, write_extras, write_json, write_safetensors_shards, SaveDtype,
+};
 use crate::config::LlamaConfig;
 use crate::error::{io_err, LlamaError, Result};
 use crate::weights::hf_params;
@@ -605,15 +607,7 @@ pub fn convert_meta(
                 "eos_token_id": config.eos_token_id,
             }),
         )?;
-        for file in &options.extra_files {
-            if let Some(name) = file.file_name() {
-                std::fs::copy(file, partial.join(name)).map_err(io_err(file))?;
-            }
-        }
-        for (name, json) in &options.extra_json {
-            write_json(&partial.join(name), json)?;
-        }
-        Ok(())
+        write_extras(partial, &options.extra_files, &options.extra_json)
     })
 }
 
@@ -716,12 +710,7 @@ pub fn export_meta(
             write_state_dict(&path, &layout, dtype, |i| Ok(slice(&list[i], rank)))?;
         }
         write_json(&partial.join("params.json"), &params)?;
-        for file in extra_files {
-            if let Some(name) = file.file_name() {
-                std::fs::copy(file, partial.join(name)).map_err(io_err(file))?;
-            }
-        }
-        Ok(())
+        write_extras(partial, extra_files, &[])
     })
 }
 
