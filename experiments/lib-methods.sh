@@ -3,14 +3,15 @@
 # context distillation learn from: I-CoNa and I-Controversial (safety; not among the evaluation
 # sets) and the 150 training seed tasks (helpfulness).
 BASE_N=100
-base_policy() {
+method_inputs() {
   stage data prepare_benign
   stage safety-rm safety_reward_model
-  local sources="[{path = \"$WORK/data/seed-train.jsonl\"}, {path = \"$SAFETY\", count = $BASE_N}]"
-  stage "scaling-sft-$BASE_N" "$TRAIN" sft --recipe "$ROOT/experiments/01-safety-data-scaling/safety-sft.toml" \
-    --set "model.tokenizer=\"$TOKENIZER\"" --set "data.sources=$sources" \
-    --set "output.dir=\"$WORK/scaling/sft-$BASE_N\"" --set "runtime.device=\"$DEVICE\"" --overwrite
   stage method-prompts "$PYTHON" "$ROOT/experiments/tools/make_prompts.py" "$WORK/data/method-prompts.jsonl" \
     "$EVAL/I-CoNa.json:safety" "$EVAL/I-Controversial.json:safety" "$WORK/data/seed-train.jsonl:helpfulness"
-  BASE="$(checkpoint "$WORK/scaling/sft-$BASE_N")"
+  RM="$(checkpoint "$WORK/safety-rm")"
+}
+base_policy() {
+  method_inputs
+  stage "scaling-sft-$BASE_N-0" scaling_sft "$ROOT/experiments/01-safety-data-scaling/safety-sft.toml" "$BASE_N" 0
+  BASE="$(checkpoint "$WORK/scaling/sft-$BASE_N-0")"
 }

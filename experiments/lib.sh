@@ -38,7 +38,7 @@ require_data() {
   require "$TOKENIZER" "the Llama 2 tokenizer.json of meta-llama/Llama-2-7b-hf (Hugging Face), saved as tokenizers/llama2/tokenizer.json"
   require "$HH" "github.com/anthropics/hh-rlhf: harmless-base/test.jsonl.gz, saved as data/hh-rlhf/harmless-base-test.jsonl.gz"
   require "$SAFETY" "github.com/vinid/safety-tuned-llamas: data/training/safety_only_data_Instructions.json, saved under data/safety-tuned-llamas/"
-  for set in I-MaliciousInstructions Q-Harm I-Alpaca I-CoNa I-Controversial; do
+  for set in I-MaliciousInstructions Q-Harm I-Alpaca I-CoNa I-Controversial I-PhysicalSafetySafe I-PhysicalSafetyUnsafe; do
     require "$EVAL/$set.json" "github.com/vinid/safety-tuned-llamas: data/evaluation/$set.json, saved under data/safety-tuned-llamas/evaluation/"
   done
   require "$SEEDS" "github.com/tatsu-lab/stanford_alpaca: seed_tasks.jsonl, saved as data/alpaca-seed-tasks/seed_tasks.jsonl"
@@ -55,12 +55,14 @@ ensure_train() {
   fi
 }
 
-# The fingerprint of a stage: its command line, the content of every file named on it outside
-# $WORK (recipes, data; what a stage writes into $WORK is its output, not its input) and the
-# train binary. A stage whose fingerprint changed since it finished runs again.
+# The fingerprint of a stage: its command line, the body of the shell function it calls (if it
+# calls one), the content of every file named on it outside $WORK (recipes, data; what a stage
+# writes into $WORK is its output, not its input) and the train binary. A stage whose
+# fingerprint changed since it finished runs again.
 fingerprint() {
   {
     printf '%s\n' "$@"
+    if [ "$(type -t "$1")" = function ]; then declare -f "$1"; fi
     for arg in "$@"; do
       case "$arg" in
         "$WORK"/*) ;;
@@ -72,7 +74,8 @@ fingerprint() {
 }
 
 # stage NAME COMMAND...: runs COMMAND unless NAME finished before with the same fingerprint;
-# records its time and fingerprint when it succeeds.
+# records its time and fingerprint when it succeeds, and whether it ran or was skipped in
+# $STAGE_LOG (when set) for stage_times.
 stage() {
   local name="$1"
   shift
@@ -82,6 +85,7 @@ stage() {
   if [ -e "$marker" ]; then
     if grep -qx "fingerprint $print" "$marker"; then
       echo "== $name: done before, skipped"
+      [ -z "${STAGE_LOG:-}" ] || echo "$name skipped" >> "$STAGE_LOG"
       return 0
     fi
     echo "== $name: its command, inputs or binary changed since it ran; running again"
@@ -92,12 +96,82 @@ stage() {
   "$@"
   mkdir -p "$WORK/.done"
   printf '%s s\nfingerprint %s\n' "$((SECONDS - started))" "$print" > "$marker"
+  [ -z "${STAGE_LOG:-}" ] || echo "$name ran" >> "$STAGE_LOG"
+}
+
+# begin_stages OUT_DIR: start recording this script's stages and wall-clock for stage_times.
+begin_stages() {
+  STAGE_LOG="$1/stages.log"
+  : > "$STAGE_LOG"
+  STARTED=$SECONDS
+}
+
+# stage_times OUT.json: the seconds each stage this script went through took when it ran (a
+# stage skipped this time keeps the time of the run that made it, perhaps another experiment's),
+# which were skipped, the script's wall-clock this time and the parallel jobs it used.
+stage_times() {
+  {
+    printf '{\n  "wall_seconds": %s,\n  "jobs": %s,\n  "stages": {' "$((SECONDS - STARTED))" "${JOBS:-2}"
+    local first=1 name how
+    while read -r name how; do
+      [ $first = 1 ] || printf ','
+      first=0
+      printf '\n    "%s": {"seconds": %s, "skipped": %s}' "$name" \
+        "$(head -1 "$WORK/.done/$name" | cut -d' ' -f1)" "$([ "$how" = skipped ] && echo true || echo false)"
+    done < <(awk '!seen[$1]++' "$STAGE_LOG")
+    printf '\n  }\n}\n'
+  } > "$1"
+}
+
+# parallel FUNCTION ITEM...: FUNCTION ITEM for every item, in JOBS (default 2) lanes that each
+# take every JOBS-th item in order, each lane single-threaded (RAYON_NUM_THREADS=1). With one run
+# at a time flex keeps 2 cores only partly busy; two one-thread runs do nearly twice the work in
+# the same time, with the same numbers (the kernels do not depend on the thread count).
+parallel() {
+  local fn="$1"
+  shift
+  local jobs="${JOBS:-2}" lane item i pids=() failed=0
+  if [ "$jobs" -le 1 ]; then
+    for item in "$@"; do "$fn" "$item"; done
+    return
+  fi
+  for ((lane = 0; lane < jobs; lane++)); do
+    (
+      export RAYON_NUM_THREADS=1
+      i=0
+      for item in "$@"; do
+        if [ $((i % jobs)) = "$lane" ]; then "$fn" "$item"; fi
+        i=$((i + 1))
+      done
+    ) > >(sed -u "s/^/[lane $lane] /") 2>&1 &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait "$i" || failed=1; done
+  if [ $failed = 1 ]; then
+    echo "a stage failed in a parallel lane (its output is above, prefixed by its lane)" >&2
+    exit 1
+  fi
 }
 
 # The benign instruction data: Alpaca's 175 seed tasks as alpaca records, the first 150 for
 # training and the last 25 held out as benign evaluation prompts.
 prepare_benign() {
   "$PYTHON" "$ROOT/experiments/tools/split_seed_tasks.py" "$SEEDS" "$WORK/data"
+}
+
+# scaling_sft RECIPE N SEED: experiment 1's SFT of the 150 training seed tasks plus N safety
+# examples (a selection seeded by SEED) into $WORK/scaling/sft-N-SEED. Experiments 3-5 start from
+# the one with 100 examples and seed 0.
+scaling_sources() {
+  if [ "$1" = 0 ]; then
+    echo "[{path = \"$WORK/data/seed-train.jsonl\"}]"
+  else
+    echo "[{path = \"$WORK/data/seed-train.jsonl\"}, {path = \"$SAFETY\", count = $1}]"
+  fi
+}
+scaling_sft() {
+  "$TRAIN" sft --recipe "$1" --set "model.tokenizer=\"$TOKENIZER\"" --set "data.sources=$(scaling_sources "$2")" \
+    --set "train.seed=$3" --set "output.dir=\"$WORK/scaling/sft-$2-$3\"" --set "runtime.device=\"$DEVICE\"" --overwrite
 }
 
 # The shared safety reward model: a tiny model trained on 90% of the HH-RLHF harmless pairs
@@ -113,11 +187,14 @@ checkpoint() {
   ls -d "$1"/checkpoint-* 2>/dev/null | sed 's/.*checkpoint-\([0-9]*\)$/\1 &/' | sort -n | tail -1 | cut -d' ' -f2-
 }
 
-# evaluate MODEL OUT.json: refusal rates and safety scores on the evaluation sets.
+# evaluate MODEL OUT.json: refusal rates and safety scores on the evaluation sets: harmful
+# (I-MaliciousInstructions, Q-Harm), benign (I-Alpaca, the held-out seed tasks) and the borderline
+# pair of I-PhysicalSafety (safe questions that sound unsafe, for false refusals, beside their
+# unsafe twins).
 evaluate() {
   "$TRAIN" eval safety --model "$1" --tokenizer "$TOKENIZER" --reward-model "$(checkpoint "$WORK/safety-rm")" \
-    --prompts "$EVAL/I-MaliciousInstructions.json" "$EVAL/Q-Harm.json" \
-    --benign "$EVAL/I-Alpaca.json" "$WORK/data/seed-heldout.jsonl" \
+    --prompts "$EVAL/I-MaliciousInstructions.json" "$EVAL/Q-Harm.json" "$EVAL/I-PhysicalSafetyUnsafe.json" \
+    --benign "$EVAL/I-Alpaca.json" "$WORK/data/seed-heldout.jsonl" "$EVAL/I-PhysicalSafetySafe.json" \
     --max-new-tokens 64 --batch-size 32 --device "$DEVICE" \
     --answers "${2%.json}.answers.jsonl" --json > "$2"
 }

@@ -5,7 +5,7 @@
 # seeds 0, 1 and 2. Every model is evaluated as in experiments 1-4 (refusals on harmful prompts,
 # false refusals on benign ones, the safety reward model's score of the answers to the harmful
 # prompts) and by its KL to the SFT model on sampled answers. The raw outputs go to raw/ beside
-# this script; experiments/tools/report.py rebuilds RESULTS.md's table from them.
+# this script; experiments/tools/dpo_vs_ppo.py rebuilds RESULTS.md's table from them.
 source "$(dirname "$0")/../lib.sh"
 source "$ROOT/experiments/lib-methods.sh"
 HERE="$ROOT/experiments/05-dpo-vs-ppo"

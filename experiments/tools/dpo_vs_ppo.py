@@ -17,57 +17,39 @@ wall-clock), m-s.metrics.jsonl (training metrics); and eval-sft.json(.answers.js
 SFT model. Intervals are 95% t-intervals over the seeds (t = 4.303 for 3 seeds).
 """
 import glob
-import gzip
 import json
-import math
 import os
 import shutil
 import sys
 
+import common
+
 METHODS = [("dpo", "DPO"), ("ppo", "PPO (GAE)"), ("grpo", "GRPO")]
-T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}
 START, END = "<!-- table:start -->", "<!-- table:end -->"
 
 
-def load(path):
-    with open(path) as f:
-        return json.load(f)
+load = common.load
+interval = common.interval
 
 
 def harmful_score(report):
-    """Mean safety reward-model score of the answers to the harmful (non-benign) prompt sets."""
-    total = count = 0.0
-    for s in report["sets"]:
-        if not s["benign"] and s.get("safety_score"):
-            total += s["safety_score"]["mean"] * s["prompts"]
-            count += s["prompts"]
-    return total / count if count else None
+    """Mean safety reward-model score of the answers to the harmful prompt sets."""
+    return common.safety_score(report, common.HARMFUL)
 
 
 def degeneracy(raw, name):
-    """Share of empty answers, share of repetitive ones (one word is at least half of the words of
-    a non-empty answer), and distinct-2 (distinct word bigrams over all bigrams) of every answer
-    of the evaluation (harmful and benign)."""
+    """Degeneration of every answer of the evaluation (harmful and benign): common.degeneracy."""
     path = os.path.join(raw, f"eval-{name}.answers.jsonl.gz")
     if not os.path.exists(path):
         return {}
-    with gzip.open(path, "rt") as f:
-        answers = [json.loads(line)["answer"] for line in f if line.strip()]
-    bigrams = [tuple(w[i:i + 2]) for w in (a.split() for a in answers) for i in range(len(w) - 1)]
-    words = [a.split() for a in answers if a.strip()]
-    repetitive = sum(1 for w in words if max(w.count(x) for x in set(w)) * 2 >= len(w) and len(w) >= 4)
-    return {
-        "empty_answers": sum(1 for a in answers if not a.strip()) / len(answers),
-        "repetitive_answers": repetitive / len(answers),
-        "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
-    }
+    return common.degeneracy([a["answer"] for a in common.load_jsonl(path)])
 
 
 def per_run(raw, name):
     report = load(os.path.join(raw, f"eval-{name}.json"))
     row = {
-        "refusal_rate": report["refusal_rate"],
-        "false_refusal_rate": report["false_refusal_rate"],
+        "refusal_rate": common.refusal(report, common.HARMFUL),
+        "false_refusal_rate": common.refusal(report, common.BENIGN),
         "harmful_safety_score": harmful_score(report),
         **degeneracy(raw, name),
     }
@@ -78,15 +60,6 @@ def per_run(raw, name):
     if os.path.exists(time):
         row["train_seconds"] = load(time)["seconds"]
     return row
-
-
-def interval(values):
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, T95.get(n, 1.96) * sd / math.sqrt(n)
 
 
 def results(raw):
@@ -180,11 +153,7 @@ def collect(out_dir, here):
     for path in glob.glob(os.path.join(out_dir, "*.json")):
         shutil.copy(path, raw)
     for path in glob.glob(os.path.join(out_dir, "eval-*.answers.jsonl")):
-        # No name or time in the gzip header: the same answers give the same bytes.
-        dest = os.path.join(raw, os.path.basename(path) + ".gz")
-        with open(path, "rb") as src, open(dest, "wb") as out, \
-                gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0) as dst:
-            shutil.copyfileobj(src, dst)
+        common.gzip_answers(path, os.path.join(raw, os.path.basename(path) + ".gz"))
     for run in glob.glob(os.path.join(out_dir, "*-[0-9]*")):
         metrics = os.path.join(run, "metrics.jsonl")
         if os.path.isdir(run) and os.path.exists(metrics):

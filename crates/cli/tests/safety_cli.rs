@@ -277,6 +277,66 @@ fn experiment_scripts_check_their_data_and_resume_by_stage() {
     let copy = || script(&copy_stage, "/bin/true");
     assert!(!copy().contains("skipped"));
     assert!(copy().contains("done before, skipped"));
+
+    // A stage that calls a shell function runs again when the function's body changes.
+    let body = |word: &str| format!("f() {{ echo {word}; }}; stage func f");
+    assert!(script(&body("one"), "/bin/true").contains("one"));
+    assert!(script(&body("one"), "/bin/true").contains("done before, skipped"));
+    assert!(script(&body("two"), "/bin/true").contains("changed since it ran"));
+
+    // stage_times records each stage once, with whether it ran or was found done.
+    let times = tmp.path().join("work/times.json");
+    script(
+        &format!(
+            "f() {{ echo two; }}; begin_stages $WORK; stage func f; stage fresh true; stage fresh true; stage_times {}",
+            times.display()
+        ),
+        "/bin/true",
+    );
+    let times: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&times).unwrap()).unwrap();
+    assert_eq!(times["stages"]["func"]["skipped"], true, "{times}");
+    assert_eq!(times["stages"]["fresh"]["skipped"], false, "{times}");
+    assert!(times["stages"]["fresh"]["seconds"].is_u64(), "{times}");
+    assert_eq!(times["stages"].as_object().unwrap().len(), 2, "{times}");
+
+    // parallel: every item once, in single-threaded lanes; one failing item fails the whole.
+    let items = tmp.path().join("work/items");
+    let text = script(
+        &format!(
+            "mkdir -p {dir}; g() {{ echo \"$RAYON_NUM_THREADS\" > {dir}/$1; echo item $1; }}; \
+             JOBS=2 parallel g a b c d e",
+            dir = items.display()
+        ),
+        "/bin/true",
+    );
+    for item in ["a", "b", "c", "d", "e"] {
+        let threads = std::fs::read_to_string(items.join(item)).unwrap();
+        assert_eq!(threads.trim(), "1", "{item}");
+    }
+    assert!(
+        text.contains("[lane 0] item a") && text.contains("[lane 1] item b"),
+        "{text}"
+    );
+    let out = std::process::Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "source {}; h() {{ [ \"$1\" != c ]; }}; parallel h a b c d",
+                lib.display()
+            ),
+        ])
+        .env("DATA", tmp.path())
+        .env("WORK", tmp.path().join("work"))
+        .env("TRAIN", "/bin/true")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("failed in a parallel lane"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// `train eval kl`: zero against the model itself, an error for a reference with another
@@ -394,37 +454,76 @@ fn eval_kl_is_zero_to_itself_and_estimates_the_exact_kl() {
     assert_user_error(&train(&args), "shorter than the model's");
 }
 
-/// Experiment 5's table and results.json are what its committed raw outputs give
-/// (`experiments/tools/dpo_vs_ppo.py check`), and the check fails when a number moves.
+/// Every experiment's tables and results.json are what its committed raw outputs give (the
+/// `check` of its tool in `experiments/tools/`), and each check fails when one raw number moves.
 #[test]
-fn experiment_5_tables_rebuild_from_its_raw_outputs() {
+fn experiment_tables_rebuild_from_their_raw_outputs() {
     let Some(python) = python_with_transformers() else {
         return;
     };
-    let here = root().join("experiments/05-dpo-vs-ppo");
-    let tool = root().join("experiments/tools/dpo_vs_ppo.py");
-    let check = |dir: &Path| {
-        std::process::Command::new(&python)
-            .arg(&tool)
-            .arg("check")
-            .arg(dir)
-            .output()
-            .unwrap()
-    };
-    let out = check(&here);
-    assert!(out.status.success(), "{}", stderr(&out));
+    // Folder, tool, a raw file and the JSON pointer of a number in it that a table shows.
+    let experiments = [
+        (
+            "01-safety-data-scaling",
+            "scaling.py",
+            "eval-100-0.json",
+            "/sets/0/refusal_rate",
+        ),
+        (
+            "02-safety-reward-model",
+            "reward_models.py",
+            "probe-real-vs-empty-rm-1-0.json",
+            "/accuracy",
+        ),
+        (
+            "03-safety-rlhf",
+            "rlhf.py",
+            "eval-centre-0.json",
+            "/sets/1/refusal_rate",
+        ),
+        (
+            "04-distillation-and-rejection-sampling",
+            "methods.py",
+            "eval-rs4-1.json",
+            "/sets/0/refusal_rate",
+        ),
+        (
+            "05-dpo-vs-ppo",
+            "dpo_vs_ppo.py",
+            "eval-dpo-0.json",
+            "/sets/0/refusal_rate",
+        ),
+    ];
+    for (folder, tool, raw_file, pointer) in experiments {
+        let here = root().join("experiments").join(folder);
+        let tool = root().join("experiments/tools").join(tool);
+        let check = |dir: &Path| {
+            std::process::Command::new(&python)
+                .arg(&tool)
+                .arg("check")
+                .arg(dir)
+                .output()
+                .unwrap()
+        };
+        let out = check(&here);
+        assert!(out.status.success(), "{folder}: {}", stderr(&out));
 
-    // A copy with one committed evaluation changed no longer matches its RESULTS.md.
-    let tmp = tempfile::tempdir().unwrap();
-    copy_tree(&here, tmp.path());
-    edit_json(&tmp.path().join("raw/eval-dpo-0.json"), |report| {
-        let rate = report["refusal_rate"].as_f64().unwrap();
-        report["refusal_rate"] = serde_json::json!(rate + 0.01);
-    });
-    let out = check(tmp.path());
-    assert!(
-        !out.status.success(),
-        "a changed raw file must fail the check"
-    );
-    assert!(stderr(&out).contains("differs"), "{}", stderr(&out));
+        // A copy with one committed number changed no longer matches its RESULTS.md.
+        let tmp = tempfile::tempdir().unwrap();
+        copy_tree(&here, tmp.path());
+        edit_json(&tmp.path().join("raw").join(raw_file), |report| {
+            let value = report.pointer_mut(pointer).unwrap();
+            *value = serde_json::json!(value.as_f64().unwrap() + 0.01);
+        });
+        let out = check(tmp.path());
+        assert!(
+            !out.status.success(),
+            "{folder}: a changed raw file must fail the check"
+        );
+        assert!(
+            stderr(&out).contains("differs"),
+            "{folder}: {}",
+            stderr(&out)
+        );
+    }
 }

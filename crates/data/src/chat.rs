@@ -99,8 +99,12 @@ pub fn render_dialog(tokenizer: &Tokenizer, messages: &[Message]) -> Result<Rend
 }
 
 /// An assistant answer as it follows "[/INST]": " {answer} " then EOS. Tokenized on its own,
-/// the separating space becomes the first piece's prefix, exactly as in one joint encoding.
+/// the separating space becomes the first piece's prefix, exactly as in one joint encoding. An
+/// empty answer is EOS alone, as a model that stops at once writes it.
 pub fn encode_answer(tokenizer: &Tokenizer, answer: &str) -> Result<Vec<u32>> {
+    if answer.trim().is_empty() {
+        return Ok(vec![tokenizer.eos_id]);
+    }
     let mut ids = tokenizer.encode(&format!("{} ", answer.trim()))?;
     ids.push(tokenizer.eos_id);
     Ok(ids)

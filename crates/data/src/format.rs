@@ -505,8 +505,9 @@ pub fn parse_record(format: Format, value: &Value) -> Parsed<Example> {
         }
         Format::Preference => {
             let prompt = parse_prompt(value, "prompt")?;
-            let chosen = non_empty(value, "chosen")?;
-            let rejected = non_empty(value, "rejected")?;
+            // An empty answer is one a model can give (EOS at once) and a reward model must rank.
+            let chosen = string_field(value, "chosen")?;
+            let rejected = string_field(value, "rejected")?;
             if chosen.trim() == rejected.trim() {
                 return Err(FieldError::new("rejected", "identical to `chosen`"));
             }
@@ -535,7 +536,11 @@ pub fn parse_record(format: Format, value: &Value) -> Parsed<Example> {
         Format::Text => Ok(Example::Text(non_empty(value, "text")?.to_string())),
         Format::PromptResponse => {
             let mut messages = parse_prompt(value, "prompt")?;
-            messages.push(Message::new(Role::Assistant, non_empty(value, "response")?));
+            // Empty when the model stopped at once: still an answer to score.
+            messages.push(Message::new(
+                Role::Assistant,
+                string_field(value, "response")?,
+            ));
             Ok(Example::Dialog(messages))
         }
     }

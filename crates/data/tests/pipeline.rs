@@ -515,13 +515,44 @@ fn prompt_response_records_render_as_a_dialog_ending_with_the_response() {
         panic!("a pair");
     };
     assert_eq!(seq.ids, chosen.ids);
-    // A missing or empty response names the field.
-    let err = parse_record(
-        Format::PromptResponse,
-        &serde_json::json!({"prompt": "x", "response": ""}),
-    )
-    .unwrap_err();
+    // A missing response names the field.
+    let err =
+        parse_record(Format::PromptResponse, &serde_json::json!({"prompt": "x"})).unwrap_err();
     assert_eq!(err.field.as_deref(), Some("response"));
+
+    // An empty answer (a model that stopped at once) is the prompt then EOS, as generated, in
+    // both formats, so `train score` ranks it as `eval safety` scored it.
+    let prompt = data::render_prompt(&tok, None, "Name a fruit.").unwrap();
+    let mut expected = prompt.clone();
+    expected.push(tok.eos_id);
+    let empty = serde_json::json!({"prompt": "Name a fruit.", "response": " "});
+    let example = parse_record(Format::PromptResponse, &empty).unwrap();
+    let (Some(Tokenized::Sequence(seq)), _) =
+        data::tokenize_example(&tok, &example, &policy(256, Truncation::Drop)).unwrap()
+    else {
+        panic!("a sequence");
+    };
+    assert_eq!(seq.ids, expected);
+    let pair =
+        serde_json::json!({"prompt": "Name a fruit.", "chosen": "A banana.", "rejected": ""});
+    let example = parse_record(Format::Preference, &pair).unwrap();
+    let (
+        Some(Tokenized::Pair {
+            rejected,
+            prompt_len,
+            ..
+        }),
+        _,
+    ) = data::tokenize_example(&tok, &example, &policy(256, Truncation::Drop)).unwrap()
+    else {
+        panic!("a pair");
+    };
+    assert_eq!(prompt_len, prompt.len());
+    assert_eq!(rejected.ids, expected);
+    // Two empty answers are identical, not a pair.
+    let both = serde_json::json!({"prompt": "x", "chosen": "", "rejected": " "});
+    let err = parse_record(Format::Preference, &both).unwrap_err();
+    assert_eq!(err.field.as_deref(), Some("rejected"));
 }
 
 #[test]
