@@ -5,7 +5,7 @@
 BASE_N=100
 method_inputs() {
   stage data prepare_benign
-  stage safety-rm safety_reward_model
+  stage safety-rm safety_reward_model "$SAFETY_RM_RECIPE"
   stage method-prompts "$PYTHON" "$ROOT/experiments/tools/make_prompts.py" "$WORK/data/method-prompts.jsonl" \
     "$EVAL/I-CoNa.json:safety" "$EVAL/I-Controversial.json:safety" "$WORK/data/seed-train.jsonl:helpfulness"
   RM="$(checkpoint "$WORK/safety-rm")"

@@ -58,7 +58,9 @@ ensure_train() {
 # The fingerprint of a stage: its command line, the body of the shell function it calls (if it
 # calls one), the content of every file named on it outside $WORK (recipes, data; what a stage
 # writes into $WORK is its output, not its input) and the train binary. A stage whose
-# fingerprint changed since it finished runs again.
+# fingerprint changed since it finished runs again. Files a function reads without their being
+# named on the stage are not in it: stages name their recipes. Nor is a stage rerun because a
+# stage before it reran: after changing an earlier stage's inputs, delete the later markers.
 fingerprint() {
   {
     printf '%s\n' "$@"
@@ -174,10 +176,12 @@ scaling_sft() {
     --set "train.seed=$3" --set "output.dir=\"$WORK/scaling/sft-$2-$3\"" --set "runtime.device=\"$DEVICE\"" --overwrite
 }
 
-# The shared safety reward model: a tiny model trained on 90% of the HH-RLHF harmless pairs
-# (experiment 2); the other experiments score answers with it.
+# safety_reward_model RECIPE: the shared safety reward model, a tiny model trained on 90% of the
+# HH-RLHF harmless pairs (experiment 2's safety-rm.toml, named on the stage so that its content is
+# in the fingerprint); the other experiments score answers with it.
+SAFETY_RM_RECIPE="$ROOT/experiments/02-safety-reward-model/safety-rm.toml"
 safety_reward_model() {
-  "$TRAIN" reward --recipe "$ROOT/experiments/02-safety-reward-model/safety-rm.toml" \
+  "$TRAIN" reward --recipe "$1" \
     --set "model.tokenizer=\"$TOKENIZER\"" --set "data.train=\"$HH\"" \
     --set "output.dir=\"$WORK/safety-rm\"" --set "runtime.device=\"$DEVICE\"" --overwrite
 }

@@ -29,7 +29,7 @@ scaling_run() {
 }
 
 stage data prepare_benign
-stage safety-rm safety_reward_model
+stage safety-rm safety_reward_model "$SAFETY_RM_RECIPE"
 runs=()
 for seed in $SEEDS_RUN; do
   for n in $SIZES; do runs+=("$n-$seed"); done

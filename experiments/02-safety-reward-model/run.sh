@@ -11,10 +11,10 @@ require_data
 mkdir -p "$OUT"
 begin_stages "$OUT"
 
-# reward_data OUT.json: the reward data's counts (pairs in training and held out) as the recipe reads them.
+# reward_data RECIPE OUT.json: the reward data's counts (pairs in training and held out) as the recipe reads them.
 reward_data() {
-  "$TRAIN" data inspect --recipe "$HERE/safety-rm.toml" --set "model.tokenizer=\"$TOKENIZER\"" \
-    --set "data.train=\"$HH\"" --n 0 --json > "$1"
+  "$TRAIN" data inspect --recipe "$1" --set "model.tokenizer=\"$TOKENIZER\"" \
+    --set "data.train=\"$HH\"" --n 0 --json > "$2"
 }
 
 # probe MODEL NAME: every probe kind scored by MODEL, one `train score` report per kind.
@@ -32,7 +32,7 @@ reward_run() {
   local epochs="${1%-*}" seed="${1#*-}" dir
   if [ "$1" = 1-0 ]; then
     dir="$WORK/safety-rm"
-    stage safety-rm safety_reward_model
+    stage safety-rm safety_reward_model "$SAFETY_RM_RECIPE"
   else
     dir="$OUT/rm-$1"
     stage "rm-$1" "$TRAIN" reward --recipe "$HERE/safety-rm.toml" \
@@ -45,7 +45,7 @@ reward_run() {
 }
 
 stage data prepare_benign
-stage reward-data reward_data "$OUT/data.json"
+stage reward-data reward_data "$HERE/safety-rm.toml" "$OUT/data.json"
 stage make-probes "$PYTHON" "$ROOT/experiments/tools/make_probes.py" "$EVAL/I-MaliciousInstructions.json" "$SEEDS" "$WORK/data/probes"
 # Two-epoch runs first, so that the two lanes get about the same work.
 parallel reward_run ${RUNS-2-0 2-1 1-0 2-2 1-1 1-2}

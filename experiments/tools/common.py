@@ -179,6 +179,8 @@ def fill(path, blocks):
             print(f"{path}: no {start} marker; block not written:\n{content}", file=sys.stderr)
             continue
         before, _, rest = text.partition(start)
+        if end not in rest:
+            raise SystemExit(f"{path}: {start} has no {end}; nothing written")
         _, _, after = rest.partition(end)
         text = f"{before}{start}\n{content}\n{end}{after}"
     with open(path, "w") as f:

@@ -112,11 +112,15 @@ def plot(p, res, here):
         for i, (seed, curve) in enumerate(sorted(r["curves"].items())):
             a.plot([s for s, _ in curve], [100 * v for _, v in curve], marker="o", color=color, alpha=0.7,
                    label=f"{epochs} epoch{'s' if epochs > 1 else ''}" if i == 0 else None)
+        final = r["held_out_accuracy"]
+        last_step = max(curve[-1][0] for curve in r["curves"].values())
+        a.errorbar([last_step + 4 * epochs], [100 * final["mean"]], yerr=[100 * (final["ci95"] or 0)], fmt="s",
+                   capsize=4, color=color)
     a.axhline(100 * PAPER, color="C3", linestyle="--", label="Llama 2 Safety RM 70B (Table 7)")
     a.axhline(50, color="gray", linestyle=":", label="chance")
     a.set_xlabel("step")
     a.set_ylabel("held-out HH-RLHF harmless accuracy (%)")
-    a.set_title("one line per seed")
+    a.set_title("lines: seeds; squares: final mean and 95% interval")
     a.legend(fontsize=8)
     width = 0.38
     for j, (epochs, color) in enumerate(zip(EPOCHS, ["C0", "C1"])):

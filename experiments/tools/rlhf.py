@@ -27,6 +27,7 @@ MEASURES = [
     ("beta_end", "β at the end", 1, 3),
     ("reward_start", "reward, first 5 iterations", 1, 2),
     ("reward_end", "reward, last 5 iterations", 1, 2),
+    ("reward_gain", "reward change, last minus first 5 iterations (paired by seed)", 1, 2),
 ] + common.measures(["refusal_harmful", "false_refusal_benign", "false_refusal_borderline", "safety_score_harmful"]) + [
     ("helpfulness_score_benign", "helpfulness score, benign", 1, 2),
 ] + common.measures(["empty_answers", "repetitive_answers", "repeated_words", "distinct_2"])
@@ -63,6 +64,8 @@ def per_run(raw, name):
     first, last = metrics[:LAST], metrics[-LAST:]
     return {
         "reward_start": sum(m["reward_mean"] for m in first) / len(first),
+        "reward_gain": (sum(m["reward_mean"] for m in last) / len(last)
+                        - sum(m["reward_mean"] for m in first) / len(first)),
         "kl_end": sum(m["kl"] for m in last) / len(last),
         "reward_end": sum(m["reward_mean"] for m in last) / len(last),
         "beta_end": last[-1]["kl_coef"],
