@@ -131,19 +131,23 @@ def degeneracy(answers):
     }
 
 
-def gzip_answers(src, dest):
-    """Copies an answers JSONL as gzip without the prompt texts (they belong to the evaluation
-    sets' licences and are found again by set name and position) and with no name or time in the
-    gzip header, so the same answers give the same bytes."""
-    records = load_jsonl(src)
+def write_gzip_jsonl(records, dest):
+    """JSON Lines, gzip-compressed with no name or time in the header, so the same records give
+    the same bytes."""
     with open(dest, "wb") as out, gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0) as dst:
-        index = {}
         for r in records:
-            i = index.get(r["set"], 0)
-            index[r["set"]] = i + 1
-            kept = {"set": r["set"], "index": i}
-            kept.update({k: v for k, v in r.items() if k not in ("prompt", "set")})
-            dst.write((json.dumps(kept) + "\n").encode())
+            dst.write((json.dumps(r) + "\n").encode())
+
+
+def gzip_answers(src, dest):
+    """Copies an answers JSONL (`train eval safety --answers`) as gzip without the prompt texts:
+    they belong to the evaluation sets' licences and are found again by set name and position."""
+    kept, index = [], {}
+    for r in load_jsonl(src):
+        i = index.get(r["set"], 0)
+        index[r["set"]] = i + 1
+        kept.append({"set": r["set"], "index": i, **{k: v for k, v in r.items() if k not in ("prompt", "set")}})
+    write_gzip_jsonl(kept, dest)
 
 
 def copy_files(patterns, raw):
@@ -223,10 +227,6 @@ def pyplot():
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return None
-
-
-def minutes(seconds):
-    return f"{seconds / 60:.1f}"
 
 
 def main(doc, collect_raw, build, plot=None):

@@ -2,14 +2,8 @@
 """Experiment 5's numbers: collected from a run into raw/, and rebuilt from raw/ into the table of
 RESULTS.md.
 
-Usage:
-  dpo_vs_ppo.py collect OUT_DIR HERE   copy the run's small outputs from OUT_DIR ($WORK/dpo-vs-ppo)
-                                       into HERE/raw/, write HERE/results.json and the plot
-                                       (matplotlib, if installed), print the table
-  dpo_vs_ppo.py table HERE             print the table rebuilt from HERE/raw/
-  dpo_vs_ppo.py check HERE             rebuild the table and results.json from HERE/raw/ and exit 1
-                                       when RESULTS.md's table (between the table markers) or
-                                       results.json differs
+Usage: dpo_vs_ppo.py collect OUT_DIR HERE | table HERE | plot HERE | check HERE (see common.main;
+OUT_DIR is $WORK/dpo-vs-ppo)
 
 raw/ holds, per method m in {dpo, ppo, grpo} and seed s: eval-m-s.json (train eval safety),
 eval-m-s.answers.jsonl.gz (every answer), kl-m-s.json (train eval kl), m-s.time.json (training
@@ -17,15 +11,12 @@ wall-clock), m-s.metrics.jsonl (training metrics); and eval-sft.json(.answers.js
 SFT model. Intervals are 95% t-intervals over the seeds (t = 4.303 for 3 seeds).
 """
 import glob
-import json
 import os
 import shutil
-import sys
 
 import common
 
 METHODS = [("dpo", "DPO"), ("ppo", "PPO (GAE)"), ("grpo", "GRPO")]
-START, END = "<!-- table:start -->", "<!-- table:end -->"
 
 
 load = common.load
@@ -78,13 +69,8 @@ def results(raw):
     return out
 
 
-def cell(summary, metric, scale=1.0, digits=2, unit=""):
-    s = summary.get(metric)
-    if not s:
-        return "-"
-    values = ", ".join(f"{v * scale:.{digits}f}" for v in s["seeds"])
-    half = "" if s["ci95"] is None else f" ± {s['ci95'] * scale:.{digits}f}"
-    return f"{s['mean'] * scale:.{digits}f}{half}{unit} ({values})"
+def cell(summary, metric, scale=1.0, digits=2):
+    return common.cell(summary.get(metric), scale, digits)
 
 
 def table(res):
@@ -110,14 +96,7 @@ def table(res):
     return "\n".join(lines)
 
 
-def plot(res, here):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as p
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
-        return
+def plot(p, res, here):
     panels = [
         ("refusal_rate", 100, "refusal, harmful prompts (%)"),
         ("false_refusal_rate", 100, "false refusal, benign prompts (%)"),
@@ -147,49 +126,20 @@ def plot(res, here):
     fig.savefig(os.path.join(here, "methods.png"), dpi=100)
 
 
-def collect(out_dir, here):
-    raw = os.path.join(here, "raw")
-    os.makedirs(raw, exist_ok=True)
-    for path in glob.glob(os.path.join(out_dir, "*.json")):
-        shutil.copy(path, raw)
+def collect_raw(out_dir, raw):
+    common.copy_files([os.path.join(out_dir, "*.json")], raw)
     for path in glob.glob(os.path.join(out_dir, "eval-*.answers.jsonl")):
         common.gzip_answers(path, os.path.join(raw, os.path.basename(path) + ".gz"))
     for run in glob.glob(os.path.join(out_dir, "*-[0-9]*")):
         metrics = os.path.join(run, "metrics.jsonl")
         if os.path.isdir(run) and os.path.exists(metrics):
             shutil.copy(metrics, os.path.join(raw, os.path.basename(run) + ".metrics.jsonl"))
+
+
+def build(raw):
     res = results(raw)
-    with open(os.path.join(here, "results.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    plot(res, here)
-    print(table(res))
-
-
-def check(here):
-    res = results(os.path.join(here, "raw"))
-    ok = True
-    if load(os.path.join(here, "results.json")) != json.loads(json.dumps(res)):
-        print("results.json differs from what raw/ gives", file=sys.stderr)
-        ok = False
-    text = open(os.path.join(here, "RESULTS.md")).read()
-    if START not in text or END not in text:
-        print(f"RESULTS.md has no {START} ... {END} block", file=sys.stderr)
-        return 1
-    committed = text.split(START)[1].split(END)[0].strip()
-    rebuilt = table(res)
-    if committed != rebuilt:
-        print("RESULTS.md's table differs from what raw/ gives:\n" + rebuilt, file=sys.stderr)
-        ok = False
-    return 0 if ok else 1
+    return res, {"table": table(res)}
 
 
 if __name__ == "__main__":
-    mode = sys.argv[1]
-    if mode == "collect":
-        collect(sys.argv[2], sys.argv[3])
-    elif mode == "table":
-        print(table(results(os.path.join(sys.argv[2], "raw"))))
-    elif mode == "check":
-        sys.exit(check(sys.argv[2]))
-    else:
-        sys.exit(__doc__)
+    common.main(__doc__, collect_raw, build, plot)

@@ -12,8 +12,6 @@ kept, without the prompt text), M-S.metrics.jsonl (the fine-tuning's metrics);
 base.metrics.jsonl and stage-times.json.
 """
 import glob
-import gzip
-import json
 import os
 import re
 import shutil
@@ -41,12 +39,8 @@ def collect_raw(out_dir, raw):
             shutil.copy(metrics, os.path.join(raw, f"{name}.metrics.jsonl"))
         candidates = os.path.join(run, "generated", "candidates.jsonl")
         if os.path.exists(candidates):
-            records = common.load_jsonl(candidates)
-            with open(os.path.join(raw, f"{name}.candidates.jsonl.gz"), "wb") as out, \
-                    gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0) as dst:
-                for r in records:
-                    r.pop("prompt", None)
-                    dst.write((json.dumps(r) + "\n").encode())
+            records = [{k: v for k, v in r.items() if k != "prompt"} for r in common.load_jsonl(candidates)]
+            common.write_gzip_jsonl(records, os.path.join(raw, f"{name}.candidates.jsonl.gz"))
 
 
 def per_run(raw, name):
