@@ -130,6 +130,15 @@ pub fn run(command: BenchCommand) -> Result<()> {
             let scoring = mean(&|r| r.scoring_s);
             let update = mean(&|r| r.update_s);
             let rollout_rate = mean(&|r| r.get("rollout_tokens_per_sec").unwrap_or(0.0));
+            // Cores kept busy: CPU seconds of all threads over wall-clock seconds.
+            let busy = |cpu: f64, wall: f64| cpu / wall.max(1e-9);
+            let generation_cores = busy(mean(&|r| r.generation_cpu_s), generation);
+            let scoring_cores = busy(mean(&|r| r.scoring_cpu_s), scoring);
+            let update_cores = busy(mean(&|r| r.update_cpu_s), update);
+            let cores = busy(
+                mean(&|r| r.generation_cpu_s + r.scoring_cpu_s + r.update_cpu_s),
+                generation + scoring + update,
+            );
             let prompts = recipe.train.batch_size;
             let new_tokens = settings.max_new_tokens;
             if args.json {
@@ -142,12 +151,15 @@ pub fn run(command: BenchCommand) -> Result<()> {
                         "scoring_s": scoring, "update_s": update,
                         "iteration_s": generation + scoring + update,
                         "rollout_tokens_per_sec": rollout_rate,
+                        "cores_busy": cores, "generation_cores_busy": generation_cores,
+                        "scoring_cores_busy": scoring_cores, "update_cores_busy": update_cores,
                     })
                 );
             } else {
                 println!(
                     "{}: {:.1} s per iteration = generation {:.1} s ({:.0} tokens/s) + scoring \
-                     {:.1} s + update {:.1} s ({} prompts of {} tokens, {} new tokens)",
+                     {:.1} s + update {:.1} s ({} prompts of {} tokens, {} new tokens); cores \
+                     busy {:.2} (generation {:.2}, scoring {:.2}, update {:.2})",
                     recipe.runtime.device,
                     generation + scoring + update,
                     generation,
@@ -156,7 +168,11 @@ pub fn run(command: BenchCommand) -> Result<()> {
                     update,
                     prompts,
                     recipe.data.max_seq_len,
-                    new_tokens
+                    new_tokens,
+                    cores,
+                    generation_cores,
+                    scoring_cores,
+                    update_cores
                 );
             }
             Ok(())

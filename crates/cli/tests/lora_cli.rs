@@ -284,7 +284,8 @@ fn lora_reward_and_ppo_train_adapters() {
     assert!(merged_rm.join("reward_stats.json").is_file());
 
     // PPO: the policy and the value model train adapters; the reference is the policy's own
-    // base with the adapters left out, so the first iteration's KL is exactly zero.
+    // base with the adapters left out, so the first iteration's KL is zero to rounding (the old
+    // log-probabilities come from generation's logits, the reference's from a full pass).
     let rm_set = format!("ppo.reward_model=\"{}\"", rm.display());
     let ppo_recipe = on_base::<ppo::PpoSection>(
         "tests/fixtures/recipes/ppo-test.toml",
@@ -297,7 +298,7 @@ fn lora_reward_and_ppo_train_adapters() {
     assert_success(&run);
     let kl: Vec<f64> = metrics.iter().filter_map(|v| v["kl"].as_f64()).collect();
     assert_eq!(kl.len(), 2);
-    assert_eq!(kl[0], 0.0);
+    assert!(kl[0].abs() < 1e-6, "{kl:?}");
     assert!(kl[1] != 0.0, "the adapters did not move the policy: {kl:?}");
     let checkpoint = ppo_dir.join("checkpoint-2");
     assert!(checkpoint.join("adapter_model.safetensors").is_file());
@@ -318,10 +319,8 @@ fn lora_reward_and_ppo_train_adapters() {
             &with_sets(&q8),
         );
         assert_success(&run);
-        assert_eq!(
-            metrics.iter().filter_map(|v| v["kl"].as_f64()).next(),
-            Some(0.0)
-        );
+        let kl = metrics.iter().filter_map(|v| v["kl"].as_f64()).next();
+        assert!(kl.is_some_and(|kl| kl.abs() < 1e-6), "{kl:?}");
     }
 }
 

@@ -19,7 +19,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use data::batch::{InMemDataset, Length, SequenceBatch, SequenceItem, IGNORE};
 use data::Tokenized;
-use llama::model::{to_host, token_log_probs};
+use llama::model::to_host;
 use llama::{Llama, StepInput};
 use trainer::chunked::{chunks, model_grads, GradPlan};
 
@@ -141,7 +141,7 @@ fn weighted_logps(
     weight: &[f64],
 ) -> Tensor<2> {
     let (targets, weights) = batch.targets(range, weight, &hidden.device());
-    let (picked, _) = token_log_probs(model.lm_logits(hidden), targets, 1.0, usize::MAX);
+    let picked = model.target_log_probs(hidden, targets, 1.0, usize::MAX);
     (picked * weights).sum_dim(1)
 }
 

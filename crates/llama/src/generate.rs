@@ -4,6 +4,7 @@
 use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::model::{finite_to_host, KvCache, Llama, Side, StepInput};
@@ -51,6 +52,12 @@ pub struct Generated {
     /// The new tokens only; ends with EOS when `stopped_at_eos`.
     pub tokens: Vec<u32>,
     pub stopped_at_eos: bool,
+    /// Each token's log-probability under the distribution it was drawn from before the top-p
+    /// cut: `softmax(logits / temperature)` over the first `vocab_limit` ids (temperature 1 when
+    /// greedy). PPO's old log-probabilities, taken here instead of in another forward pass.
+    pub logprobs: Vec<f64>,
+    /// The entropy of that distribution at each token.
+    pub entropies: Vec<f64>,
 }
 
 /// Generates continuations of every prompt in one batch. Prompts are left-padded so all rows
@@ -78,6 +85,8 @@ pub fn generate(
         .map(|_| Generated {
             tokens: Vec::new(),
             stopped_at_eos: false,
+            logprobs: Vec::new(),
+            entropies: Vec::new(),
         })
         .collect();
     if budget == 0 || longest == 0 {
@@ -98,14 +107,30 @@ pub fn generate(
     for step in 0..budget {
         let mut step_tokens = Vec::with_capacity(batch);
         let mut step_valid = Vec::with_capacity(batch);
-        for (row, row_logits) in logits.iter().enumerate() {
-            if finished[row] {
+        // The draws in row order, as one stream; then the rows' distributions (a softmax over
+        // the vocabulary each) in parallel.
+        let draws: Vec<Option<f32>> = finished
+            .iter()
+            .map(|&done| (!done && params.temperature > 0.0).then(|| rng.random::<f32>()))
+            .collect();
+        let picks: Vec<Option<Picked>> = logits
+            .par_iter()
+            .zip(&finished)
+            .zip(&draws)
+            .map(|((row_logits, &done), &draw)| {
+                (!done).then(|| pick_token(&row_logits[..limit], params, draw))
+            })
+            .collect();
+        for (row, picked) in picks.into_iter().enumerate() {
+            let Some(picked) = picked else {
                 step_tokens.push(params.pad_token_id);
                 step_valid.push(false);
                 continue;
-            }
-            let token = pick_token(&row_logits[..limit], params, &mut rng);
+            };
+            let token = picked.token;
             out[row].tokens.push(token);
+            out[row].logprobs.push(picked.logprob);
+            out[row].entropies.push(picked.entropy);
             if Some(token) == params.eos_token_id {
                 finished[row] = true;
                 out[row].stopped_at_eos = true;
@@ -152,16 +177,96 @@ fn last_logits(model: &Llama, hidden: Tensor<3>) -> Result<Vec<Vec<f32>>> {
     Ok(values.chunks(vocab).map(<[f32]>::to_vec).collect())
 }
 
-fn pick_token(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -> u32 {
-    if params.temperature <= 0.0 {
-        return argmax(logits);
+/// A sampled token with its log-probability and the entropy of the distribution it came from.
+struct Picked {
+    token: u32,
+    logprob: f64,
+    entropy: f64,
+}
+
+/// The next token of one row: the argmax when greedy (`draw` is `None`), else a sample with
+/// `draw` in [0, 1) as the random number.
+fn pick_token(logits: &[f32], params: &SamplingParams, draw: Option<f32>) -> Picked {
+    let greedy = params.temperature <= 0.0;
+    let temperature = if greedy { 1.0 } else { params.temperature };
+    let weights = Weights::of(logits, temperature);
+    let token = match draw {
+        Some(uniform) if !greedy => weights.sample(params.top_p, uniform),
+        _ => argmax(logits),
+    };
+    // log p = z - ln Σ e^z and H = ln Σ e^z - Σ e^z z / Σ e^z, with z the shifted, scaled logits.
+    let log_total = weights.total.ln();
+    Picked {
+        token,
+        logprob: weights.scaled[token as usize] - log_total,
+        entropy: log_total - weights.weighted_sum / weights.total,
     }
-    sample_top_p(
-        logits,
-        params.temperature,
-        params.top_p,
-        rng.random::<f32>(),
-    )
+}
+
+/// `softmax(logits / temperature)` unnormalised: `scaled[i] = (logits[i] - max) / temperature`,
+/// `weights[i] = exp(scaled[i])`, their sum and `Σ weights[i] * scaled[i]`.
+struct Weights {
+    scaled: Vec<f64>,
+    weights: Vec<f64>,
+    total: f64,
+    weighted_sum: f64,
+}
+
+impl Weights {
+    fn of(logits: &[f32], temperature: f32) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let scaled: Vec<f64> = logits
+            .iter()
+            .map(|&l| ((l - max) / temperature) as f64)
+            .collect();
+        let weights: Vec<f64> = scaled.iter().map(|z| z.exp()).collect();
+        let total = weights.iter().sum();
+        let weighted_sum = weights.iter().zip(&scaled).map(|(w, z)| w * z).sum();
+        Self {
+            scaled,
+            weights,
+            total,
+            weighted_sum,
+        }
+    }
+
+    /// Draws from the nucleus of mass `top_p` with `uniform` in [0, 1).
+    fn sample(&self, top_p: f32, uniform: f32) -> u32 {
+        let total = self.total;
+        if top_p >= 1.0 {
+            // The nucleus is the whole vocabulary: no need to sort.
+            let mut target = uniform as f64 * total;
+            for (index, &p) in self.weights.iter().enumerate() {
+                if target < p {
+                    return index as u32;
+                }
+                target -= p;
+            }
+            return self.weights.len().saturating_sub(1) as u32;
+        }
+        let mut probs: Vec<(usize, f64)> = self.weights.iter().copied().enumerate().collect();
+        // Stable sort: equal probabilities keep index order, so sampling is reproducible.
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut kept = 0;
+        let mut mass = 0.0;
+        for (_, p) in &probs {
+            kept += 1;
+            mass += p / total;
+            if mass >= top_p as f64 {
+                break;
+            }
+        }
+        let nucleus = &probs[..kept];
+        let nucleus_mass: f64 = nucleus.iter().map(|p| p.1).sum();
+        let mut target = uniform as f64 * nucleus_mass;
+        for &(index, p) in nucleus {
+            if target < p {
+                return index as u32;
+            }
+            target -= p;
+        }
+        nucleus[kept - 1].0 as u32
+    }
 }
 
 /// Index of the largest value; the first one on ties, as `torch.argmax`.
@@ -178,50 +283,46 @@ pub fn argmax(values: &[f32]) -> u32 {
 /// Samples from softmax(logits / temperature) restricted to the nucleus of mass `top_p`,
 /// using `uniform` in [0, 1) as the random draw.
 pub fn sample_top_p(logits: &[f32], temperature: f32, top_p: f32, uniform: f32) -> u32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(usize, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i, (((l - max) / temperature) as f64).exp()))
-        .collect();
-    let total: f64 = probs.iter().map(|p| p.1).sum();
-    if top_p >= 1.0 {
-        // The nucleus is the whole vocabulary: no need to sort.
-        let mut target = uniform as f64 * total;
-        for &(index, p) in &probs {
-            if target < p {
-                return index as u32;
-            }
-            target -= p;
-        }
-        return probs.last().map_or(0, |p| p.0 as u32);
-    }
-    // Stable sort: equal probabilities keep index order, so sampling is reproducible.
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let mut kept = 0;
-    let mut mass = 0.0;
-    for (_, p) in &probs {
-        kept += 1;
-        mass += p / total;
-        if mass >= top_p as f64 {
-            break;
-        }
-    }
-    let nucleus = &probs[..kept];
-    let nucleus_mass: f64 = nucleus.iter().map(|p| p.1).sum();
-    let mut target = uniform as f64 * nucleus_mass;
-    for &(index, p) in nucleus {
-        if target < p {
-            return index as u32;
-        }
-        target -= p;
-    }
-    nucleus[kept - 1].0 as u32
+    Weights::of(logits, temperature).sample(top_p, uniform)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::sample_top_p;
+    use super::{pick_token, sample_top_p, SamplingParams};
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn a_picked_token_carries_its_log_probability_and_the_entropy() {
+        let logits = [0.0, 3.0f32.ln(), -1.0];
+        let entropy = |p: &[f64]| -p.iter().map(|p| p * p.ln()).sum::<f64>();
+        let softmax = |t: f64| {
+            let w: Vec<f64> = logits.iter().map(|&l| (l as f64 / t).exp()).collect();
+            let total: f64 = w.iter().sum();
+            w.iter().map(|w| w / total).collect::<Vec<f64>>()
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        // Greedy: the likeliest token, under the distribution at temperature 1.
+        let greedy = SamplingParams::default();
+        let picked = pick_token(&logits, &greedy, None);
+        let p = softmax(1.0);
+        assert_eq!(picked.token, 1);
+        assert!((picked.logprob - p[1].ln()).abs() < 1e-6);
+        assert!((picked.entropy - entropy(&p)).abs() < 1e-6);
+        // Sampled at temperature 0.5 with a nucleus: log-probability and entropy of the whole
+        // distribution at that temperature, whichever token comes.
+        let sampled = SamplingParams {
+            temperature: 0.5,
+            top_p: 0.9,
+            ..SamplingParams::default()
+        };
+        let p = softmax(0.5);
+        for _ in 0..20 {
+            let picked = pick_token(&logits, &sampled, Some(rng.random::<f32>()));
+            assert!(picked.token < 2, "outside the nucleus: {}", picked.token);
+            assert!((picked.logprob - p[picked.token as usize].ln()).abs() < 1e-6);
+            assert!((picked.entropy - entropy(&p)).abs() < 1e-6);
+        }
+    }
 
     #[test]
     fn sampling_follows_the_probabilities_and_the_nucleus() {

@@ -7,7 +7,7 @@
 use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::prelude::*;
-use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, FloatDType, TensorData};
@@ -545,8 +545,12 @@ impl Llama {
             .iter()
             .map(|row| row.iter().rposition(|&v| v).unwrap_or(0) as i64)
             .collect();
-        let index = Tensor::<2, Int>::from_data(TensorData::new(last, [rows, 1]), &self.device());
-        self.scalar_outputs(hidden).gather(1, index).reshape([rows])
+        let dim = hidden.dims()[2];
+        // The head reads only the states it scores.
+        let index =
+            Tensor::<3, Int>::from_data(TensorData::new(last, [rows, 1, 1]), &self.device())
+                .expand([rows, 1, dim]);
+        self.scalar_outputs(hidden.gather(1, index)).reshape([rows])
     }
 
     /// Next-token logits `[batch, time, vocab]` for the given hidden states.
@@ -566,6 +570,97 @@ impl Llama {
                     .reshape([b, t, self.vocab_size()])
             }
         }
+    }
+
+    /// The log-probability of each target id under `softmax(logits / temperature)` over the
+    /// first `vocab_limit` ids, from the final hidden states `[rows, time, hidden]`: the value
+    /// and gradients of [`token_log_probs`] on [`Llama::lm_logits`], `[rows, time]`. `targets`
+    /// holds `rows * time` ids in row order, each below the limit.
+    ///
+    /// The `[rows * time, vocab]` logits exist only outside the autodiff graph: the softmax and
+    /// the log-sum-exp run there (one fused kernel, parallel on flex, where the element-wise
+    /// chain of a log-softmax runs on one core), and the gradient enters through
+    /// `h · (W[target] - pᵀW) / temperature`, whose derivative is the log-softmax's (`W` the
+    /// head, `p` the softmax, a constant) and whose value is subtracted again. Its products are
+    /// two matrix multiplies of the size the logits' backward pass would take.
+    pub fn target_log_probs(
+        &self,
+        hidden: Tensor<3>,
+        targets: Vec<i64>,
+        temperature: f64,
+        vocab_limit: usize,
+    ) -> Tensor<2> {
+        let [rows, time, dim] = hidden.dims();
+        let Some(weight) = self.head_rows(hidden.dtype()) else {
+            return token_log_probs(self.lm_logits(hidden), targets, temperature, vocab_limit).0;
+        };
+        let [vocab, _] = weight.dims();
+        let limit = vocab.min(vocab_limit.max(1));
+        let weight = if limit < vocab {
+            weight.slice([0..limit, 0..dim])
+        } else {
+            weight
+        };
+        let n = rows * time;
+        let device = hidden.device();
+        let hidden = hidden.reshape([n, dim]);
+        let targets = TensorData::new(targets, [n]);
+
+        // Outside the graph: the logits, their softmax and log-sum-exp, the targets' values.
+        let mut logits = hidden
+            .clone()
+            .inner()
+            .matmul(weight.clone().inner().transpose());
+        if logits.dtype() != DType::F32 {
+            logits = logits.cast(DType::F32);
+        }
+        if temperature != 1.0 {
+            logits = logits / temperature;
+        }
+        let probs = softmax(logits.clone(), 1);
+        // The largest probability is exp(max - lse), at least 1 / vocab: no underflow.
+        let log_sum_exp = logits.clone().max_dim(1) - probs.clone().max_dim(1).log();
+        let at = Tensor::<1, Int>::from_data(targets.clone(), &device.clone().inner());
+        let picked = logits.gather(1, at.reshape([n, 1])) - log_sum_exp;
+        if !hidden.is_autodiff() {
+            return picked.reshape([rows, time]);
+        }
+
+        // In the graph: zero in value, the log-softmax's gradient in derivative.
+        let picked = Tensor::from_inner(picked);
+        let index = Tensor::<1, Int>::from_data(targets, &device);
+        let probs = Tensor::from_inner(probs).cast(weight.dtype());
+        let direction = weight.clone().select(0, index) - probs.matmul(weight);
+        let mut tangent = (hidden * direction).cast(DType::F32).sum_dim(1);
+        if temperature != 1.0 {
+            tangent = tangent / temperature;
+        }
+        (picked + (tangent.clone() - tangent.detach())).reshape([rows, time])
+    }
+
+    /// The language-model head's weight as `[vocab, hidden]` rows at `dtype`, when the head is
+    /// a plain float matrix: `None` for a packed (quantised) head and for a LoRA-adapted head
+    /// under adapter dropout (whose product is not one matrix), which take the logits' path.
+    fn head_rows(&self, dtype: DType) -> Option<Tensor<2>> {
+        let weight = match &self.lm_head {
+            Some(head) => {
+                let dropped = self.adapter_dropout.is_some_and(|d| d.prob > 0.0)
+                    && head.weight.adapter().is_some();
+                if dropped {
+                    return None;
+                }
+                head.weight.val().transpose()
+            }
+            None => self.embed_tokens.weight.val(),
+        };
+        if !weight.dtype().is_float() {
+            return None;
+        }
+        Some(if weight.dtype() == dtype {
+            weight
+        } else {
+            weight.cast(dtype)
+        })
     }
 
     pub fn forward(&self, input: &StepInput, cache: Option<&mut KvCache>) -> Tensor<3> {

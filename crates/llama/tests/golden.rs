@@ -270,3 +270,133 @@ fn verify_passes_on_references_and_catches_changes() {
     let greedy = checks.iter().find(|c| c.name == "greedy_tokens").unwrap();
     assert_eq!(greedy.measured, 4.0);
 }
+
+/// `Llama::target_log_probs` (the softmax outside the autodiff graph, the gradient through a
+/// surrogate term) gives what the plain log-softmax of the logits gives: the values, and the
+/// gradients of a weighted sum of them for the hidden states and for every weight of the head,
+/// tied and untied, at a temperature and with the vocabulary cut, with and without autodiff.
+#[test]
+fn target_log_probs_match_the_log_softmax_of_the_logits() {
+    use burn::module::Module;
+    use burn::optim::GradientsParams;
+    use burn::prelude::*;
+    use burn::tensor::{Distribution, TensorData};
+    use llama::model::{to_host, token_log_probs};
+
+    let device = test_device();
+    let ad = device.clone().autodiff();
+    let (rows, time) = (3, 5);
+    for (tied, temperature, limit) in [(true, 1.0, usize::MAX), (false, 0.7, 300)] {
+        let mut config = llama::load_config(&tiny_test_config()).unwrap();
+        config.tie_word_embeddings = tied;
+        let model = llama::init_random(&config, &ad, 11).unwrap();
+        let dim = config.hidden_size;
+        let targets: Vec<i64> = (0..rows * time)
+            .map(|i| (i as i64 * 37 + 5) % 300)
+            .collect();
+        let weights = Tensor::<2>::random([rows, time], Distribution::Uniform(-1.0, 1.0), &ad);
+        let hidden = Tensor::<3>::random([rows, time, dim], Distribution::Normal(0.0, 3.0), &ad)
+            .require_grad();
+        let plain = token_log_probs(
+            model.lm_logits(hidden.clone()),
+            targets.clone(),
+            temperature,
+            limit,
+        )
+        .0;
+        let fast = model.target_log_probs(hidden.clone(), targets.clone(), temperature, limit);
+        let (plain_values, fast_values) = (to_host(plain.clone()), to_host(fast.clone()));
+        for (a, b) in plain_values.iter().zip(&fast_values) {
+            assert!((a - b).abs() < 1e-4, "tied {tied}: {a} vs {b}");
+        }
+        let grads_of = |x: Tensor<2>| {
+            let mut grads = (x * weights.clone()).sum().backward();
+            let d_hidden = to_host(hidden.grad(&grads).expect("hidden has a gradient"));
+            let params = GradientsParams::from_module(&mut grads, &model);
+            let head = match &model.lm_head {
+                Some(head) => params.get::<2>(head.weight.id),
+                None => params.get::<2>(model.embed_tokens.weight.id),
+            };
+            (d_hidden, to_host(head.expect("the head has a gradient")))
+        };
+        let (plain_hidden, plain_head) = grads_of(plain);
+        let (fast_hidden, fast_head) = grads_of(fast);
+        for (what, a, b) in [
+            ("hidden", &plain_hidden, &fast_hidden),
+            ("head", &plain_head, &fast_head),
+        ] {
+            let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let diff = a
+                .iter()
+                .zip(b)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                scale > 0.0 && diff <= 1e-4 * scale,
+                "tied {tied}, {what}: {diff} of {scale}"
+            );
+        }
+        // Without autodiff: the values alone.
+        let frozen = model.valid();
+        let inner = Tensor::<3>::from_data(
+            TensorData::new(to_host(hidden.clone()), [rows, time, dim]),
+            &device.clone().inner(),
+        );
+        let values = to_host(frozen.target_log_probs(inner, targets, temperature, limit));
+        for (a, b) in plain_values.iter().zip(&values) {
+            assert!((a - b).abs() < 1e-4, "tied {tied}, no autodiff: {a} vs {b}");
+        }
+    }
+}
+
+/// Each generated token's log-probability and entropy, taken from the logits it was sampled
+/// from (KV cache, left-padded batch), equal the log-softmax and entropy of a full forward pass
+/// over prompt and answer: what PPO's old log-probabilities were before they came from here.
+#[test]
+fn generation_reports_the_log_probability_of_each_sampled_token() {
+    use burn::tensor::activation::log_softmax;
+    use llama::model::to_host;
+
+    let device = test_device();
+    let config = llama::load_config(&tiny_test_config()).unwrap();
+    let model = llama::init_random(&config, &device, 5).unwrap();
+    let prompts = vec![vec![1, 40, 41, 42, 43], vec![1, 7]];
+    let (temperature, limit) = (0.8f32, 400usize);
+    let params = SamplingParams {
+        max_new_tokens: 6,
+        temperature,
+        top_p: 0.9,
+        seed: 3,
+        eos_token_id: None,
+        vocab_limit: Some(limit),
+        ..SamplingParams::default()
+    };
+    let generated = generate(&model, &prompts, &params).unwrap();
+    for (prompt, g) in prompts.iter().zip(&generated) {
+        assert_eq!(g.tokens.len(), 6);
+        assert_eq!((g.logprobs.len(), g.entropies.len()), (6, 6));
+        let mut sequence = prompt.clone();
+        sequence.extend(&g.tokens);
+        let logits = model.logits(&[sequence.clone()]);
+        let [_, time, _] = logits.dims();
+        let scaled = logits.slice([0..1, 0..time, 0..limit]) / temperature as f64;
+        let log_probs = to_host(log_softmax(scaled, 2));
+        for (i, &token) in g.tokens.iter().enumerate() {
+            let row = &log_probs[(prompt.len() - 1 + i) * limit..][..limit];
+            let entropy: f64 = -row
+                .iter()
+                .map(|&l| (l as f64).exp() * l as f64)
+                .sum::<f64>();
+            let logprob = row[token as usize] as f64;
+            assert!(
+                (g.logprobs[i] - logprob).abs() < 1e-4,
+                "{} vs {logprob}",
+                g.logprobs[i]
+            );
+            assert!(
+                (g.entropies[i] - entropy).abs() < 1e-4,
+                "{} vs {entropy}",
+                g.entropies[i]
+            );
+        }
+    }
+}

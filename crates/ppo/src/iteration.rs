@@ -33,6 +33,10 @@ pub struct IterationReport {
     pub generation_s: f64,
     pub scoring_s: f64,
     pub update_s: f64,
+    /// CPU seconds of each phase, all threads (cores busy = CPU / wall seconds).
+    pub generation_cpu_s: f64,
+    pub scoring_cpu_s: f64,
+    pub update_cpu_s: f64,
 }
 
 impl IterationReport {
@@ -92,8 +96,8 @@ pub struct Prompt {
     pub category: Option<String>,
 }
 
-/// Old and reference log-probabilities and old values at every response token, and the
-/// entropy of the sampling policy summed over them.
+/// Old (from generation) and reference log-probabilities and old values at every response
+/// token, and the entropy of the sampling policy summed over them.
 struct Scored {
     old_logp: Vec<Vec<f64>>,
     ref_logp: Vec<Vec<f64>>,
@@ -156,13 +160,15 @@ impl Ppo {
             .flat_map(|p| std::iter::repeat_n(p.clone(), group))
             .collect();
 
-        let started = Instant::now();
+        let cpu = trainer::metrics::cpu_seconds;
+        let (started, cpu_started) = (Instant::now(), cpu());
         let sampler = self.policy.valid();
         let rollouts = self.rollout(&sampler, &asked, iteration)?;
         let generation_s = started.elapsed().as_secs_f64();
+        let generation_cpu_s = cpu() - cpu_started;
 
-        let started = Instant::now();
-        let scored = self.score(&sampler, &rollouts);
+        let (started, cpu_started) = (Instant::now(), cpu());
+        let scored = self.score(&rollouts);
         let helpful = self.reward_scores(self.helpfulness.as_ref(), &rollouts, tokenizer)?;
         let safety = self.reward_scores(self.safety.as_ref(), &rollouts, tokenizer)?;
         let safety_prompt: Vec<bool> = rollouts
@@ -209,8 +215,9 @@ impl Ppo {
             ),
         };
         let scoring_s = started.elapsed().as_secs_f64();
+        let scoring_cpu_s = cpu() - cpu_started;
 
-        let started = Instant::now();
+        let (started, cpu_started) = (Instant::now(), cpu());
         let targets = Targets {
             old_logp: &scored.old_logp,
             ref_logp: &scored.ref_logp,
@@ -220,6 +227,7 @@ impl Ppo {
         };
         let update = self.update(&rollouts, &targets, iteration);
         let update_s = started.elapsed().as_secs_f64();
+        let update_cpu_s = cpu() - cpu_started;
         let update_tokens = update.sequence_tokens;
         let beta = self.kl.beta;
         self.kl.update(fit.kl_mean, rollouts.len());
@@ -283,6 +291,9 @@ impl Ppo {
             generation_s,
             scoring_s,
             update_s,
+            generation_cpu_s,
+            scoring_cpu_s,
+            update_cpu_s,
         })
     }
 
@@ -329,6 +340,8 @@ impl Ppo {
                 ended: g.stopped_at_eos,
                 response: g.tokens,
                 category: p.category.clone(),
+                entropy: g.entropies.iter().sum(),
+                logprobs: g.logprobs,
             })
             .collect();
         if rollouts.iter().any(|r| r.response.is_empty()) {
@@ -339,39 +352,27 @@ impl Ppo {
         Ok(rollouts)
     }
 
-    /// Log-probabilities under the sampling policy and the reference, values, and the
-    /// sampling policy's entropy (a metric only, so taken here once, without autodiff).
-    fn score(&self, sampler: &Llama, rollouts: &[Rollout]) -> Scored {
+    /// The reference's log-probabilities and the value model's estimates at the response
+    /// positions. The old log-probabilities and the entropy come from generation, which drew the
+    /// tokens from those very distributions: no policy pass here.
+    fn score(&self, rollouts: &[Rollout]) -> Scored {
         let s = &self.settings;
         let mut scored = Scored {
-            old_logp: Vec::with_capacity(rollouts.len()),
+            old_logp: rollouts.iter().map(|r| r.logprobs.clone()).collect(),
             ref_logp: Vec::with_capacity(rollouts.len()),
             old_values: Vec::with_capacity(rollouts.len()),
-            entropy_sum: 0.0,
+            entropy_sum: rollouts.iter().map(|r| r.entropy).sum(),
         };
         let frozen_value = self.value.as_ref().map(|v| v.valid());
         let all: Vec<&Rollout> = rollouts.iter().collect();
         for chunk in all.chunks(self.micro_batch.max(1)) {
             let padded = pad_rollouts(chunk, self.pad);
-            let rows = |t| gather_rows(chunk, &llama::model::to_host(t), padded.width);
-            let (logp, entropy) = token_logprobs(
-                sampler,
-                &padded,
-                s.temperature,
-                self.vocab_limit,
-                true,
-                self.loss_chunk,
-            );
-            scored.old_logp.extend(rows(logp));
-            if let Some(entropy) = entropy {
-                scored.entropy_sum += rows(entropy).iter().flatten().sum::<f64>();
-            }
-            let (logp, _) = token_logprobs(
+            let rows = |t| gather_rows(chunk, &llama::model::to_host(t), &padded);
+            let logp = token_logprobs(
                 &self.reference,
                 &padded,
                 s.temperature,
                 self.vocab_limit,
-                false,
                 self.loss_chunk,
             );
             scored.ref_logp.extend(rows(logp));

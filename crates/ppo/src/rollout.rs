@@ -3,14 +3,16 @@
 //!
 //! In a row `prompt ++ response`, the logits at position `i` predict token `i + 1`, so the
 //! response's `L` tokens are predicted at positions `P - 1 .. P - 1 + L` (`P` the prompt
-//! length). Those are the "response positions" of every `[rows, time - 1]` tensor here, and the
-//! value at position `i` is the value of the state before token `i + 1` is chosen.
+//! length), and the value at position `i` is the value of the state before token `i + 1` is
+//! chosen. A batch's per-token tensors `[rows, width]` cover only the positions from the
+//! earliest response position of any row ([`Padded::offset`]) to the end: the language-model
+//! head, the largest matrix of a small model, never runs on positions no response token is
+//! predicted at.
 
 use std::ops::Range;
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use llama::model::token_log_probs;
 use llama::{Llama, Side, StepInput};
 use trainer::chunked::chunks;
 
@@ -22,6 +24,11 @@ pub struct Rollout {
     /// The response ends with EOS (otherwise it hit the length limit).
     pub ended: bool,
     pub category: Option<String>,
+    /// Each response token's log-probability under the sampling policy, as generation drew it
+    /// (PPO's old log-probabilities).
+    pub logprobs: Vec<f64>,
+    /// The sampling policy's entropy, summed over the response's tokens (a metric).
+    pub entropy: f64,
 }
 
 impl Rollout {
@@ -40,17 +47,32 @@ impl Rollout {
 /// Rollouts as one right-padded batch.
 pub struct Padded {
     pub input: StepInput,
-    /// `time - 1`: the number of next-token positions.
+    /// The earliest response position of any row: column 0 of the batch's per-token tensors.
+    pub offset: usize,
+    /// `time - 1 - offset`: the next-token positions from `offset` on.
     pub width: usize,
+}
+
+impl Padded {
+    /// Column of row `r`'s first response token in the per-token tensors.
+    fn column(&self, r: &Rollout) -> usize {
+        r.first_position() - self.offset
+    }
 }
 
 pub fn pad_rollouts(rollouts: &[&Rollout], pad: u32) -> Padded {
     let rows: Vec<Vec<u32>> = rollouts.iter().map(|r| r.sequence()).collect();
     let input = StepInput::padded(&rows, pad, Side::Right);
     let time = input.tokens.first().map_or(1, Vec::len);
+    let offset = rollouts
+        .iter()
+        .map(|r| r.first_position())
+        .min()
+        .unwrap_or(0);
     Padded {
         input,
-        width: time.saturating_sub(1),
+        offset,
+        width: time.saturating_sub(1 + offset),
     }
 }
 
@@ -58,12 +80,13 @@ pub fn pad_rollouts(rollouts: &[&Rollout], pad: u32) -> Padded {
 pub fn scatter(
     rollouts: &[&Rollout],
     per_token: &[&[f64]],
-    width: usize,
+    padded: &Padded,
     device: &Device,
 ) -> Tensor<2> {
+    let width = padded.width;
     let mut flat = vec![0.0f32; rollouts.len() * width];
     for (row, (r, values)) in rollouts.iter().zip(per_token).enumerate() {
-        let start = row * width + r.first_position();
+        let start = row * width + padded.column(r);
         for (slot, v) in flat[start..start + values.len()].iter_mut().zip(*values) {
             *slot = *v as f32;
         }
@@ -72,22 +95,22 @@ pub fn scatter(
 }
 
 /// 1 at response positions, 0 elsewhere, `[rows, width]`.
-pub fn response_mask(rollouts: &[&Rollout], width: usize, device: &Device) -> Tensor<2> {
+pub fn response_mask(rollouts: &[&Rollout], padded: &Padded, device: &Device) -> Tensor<2> {
     let ones: Vec<Vec<f64>> = rollouts
         .iter()
         .map(|r| vec![1.0; r.response.len()])
         .collect();
     let refs: Vec<&[f64]> = ones.iter().map(Vec::as_slice).collect();
-    scatter(rollouts, &refs, width, device)
+    scatter(rollouts, &refs, padded, device)
 }
 
 /// Reads row `r`'s response positions out of a `[rows, width]` host array.
-pub fn gather_rows(rollouts: &[&Rollout], flat: &[f32], width: usize) -> Vec<Vec<f64>> {
+pub fn gather_rows(rollouts: &[&Rollout], flat: &[f32], padded: &Padded) -> Vec<Vec<f64>> {
     rollouts
         .iter()
         .enumerate()
         .map(|(row, r)| {
-            let start = row * width + r.first_position();
+            let start = row * padded.width + padded.column(r);
             flat[start..start + r.response.len()]
                 .iter()
                 .map(|&v| v as f64)
@@ -98,55 +121,41 @@ pub fn gather_rows(rollouts: &[&Rollout], flat: &[f32], width: usize) -> Vec<Vec
 
 /// Log-probability of each next token under `softmax(logits / temperature)`, the distribution
 /// the rollouts were sampled from (over the whole vocabulary, as TRL does: the top-p cut is not
-/// part of it) restricted to the first `vocab_limit` ids (those generation may pick),
-/// `[rows, width]`; and (when asked) the entropy of each next-token distribution, detached. The
-/// language-model head runs `chunk` positions at a time (0: all at once).
+/// part of it) restricted to the first `vocab_limit` ids (those generation may pick), at the
+/// batch's response positions, `[rows, width]`. The language-model head runs `chunk` positions
+/// at a time (0: all at once).
 pub fn token_logprobs(
     model: &Llama,
     padded: &Padded,
     temperature: f64,
     vocab_limit: usize,
-    with_entropy: bool,
     chunk: usize,
-) -> (Tensor<2>, Option<Tensor<2>>) {
+) -> Tensor<2> {
     let hidden = next_token_states(model, padded);
     let [rows, width, dim] = hidden.dims();
-    let mut picked = Vec::new();
-    let mut entropies = Vec::new();
-    for range in chunks(width, chunk) {
-        let part = hidden.clone().slice([0..rows, range.clone(), 0..dim]);
-        let (logp, log_probs) =
-            chunk_logprobs(model, part, padded, range, temperature, vocab_limit);
-        picked.push(logp);
-        if with_entropy {
-            let detached = log_probs.detach();
-            let [_, positions, _] = detached.dims();
-            entropies.push(
-                (detached.clone().exp() * detached)
-                    .sum_dim(2)
-                    .neg()
-                    .reshape([rows, positions]),
-            );
-        }
-    }
-    let entropy = with_entropy.then(|| Tensor::cat(entropies, 1));
-    (Tensor::cat(picked, 1), entropy)
+    let picked = chunks(width, chunk)
+        .map(|range| {
+            let part = hidden.clone().slice([0..rows, range.clone(), 0..dim]);
+            chunk_logprobs(model, part, padded, range, temperature, vocab_limit)
+        })
+        .collect();
+    Tensor::cat(picked, 1)
 }
 
-/// The final hidden states at the next-token positions, `[rows, width, hidden]`, with their
-/// graph when the model has one.
+/// The final hidden states at the batch's response positions, `[rows, width, hidden]`, with
+/// their graph when the model has one.
 pub fn next_token_states(model: &Llama, padded: &Padded) -> Tensor<3> {
-    next_token_slice(model.hidden_states(&padded.input, None), padded.width)
+    next_token_slice(model.hidden_states(&padded.input, None), padded)
 }
 
-/// The first `width` positions of final hidden states: those that predict a next token.
-pub fn next_token_slice(hidden: Tensor<3>, width: usize) -> Tensor<3> {
+/// The final hidden states at the batch's response positions (`offset .. offset + width`).
+pub fn next_token_slice(hidden: Tensor<3>, padded: &Padded) -> Tensor<3> {
     let [rows, _, dim] = hidden.dims();
-    hidden.slice([0..rows, 0..width, 0..dim])
+    hidden.slice([0..rows, padded.offset..padded.offset + padded.width, 0..dim])
 }
 
-/// [`token_logprobs`] at the next-token positions `range`, from their hidden states `part`;
-/// also the whole log-softmax `[rows, positions, vocab]`.
+/// [`token_logprobs`] at the columns `range` of the batch's per-token tensors, from their
+/// hidden states `part`.
 pub fn chunk_logprobs(
     model: &Llama,
     part: Tensor<3>,
@@ -154,23 +163,18 @@ pub fn chunk_logprobs(
     range: Range<usize>,
     temperature: f64,
     vocab_limit: usize,
-) -> (Tensor<2>, Tensor<3>) {
+) -> Tensor<2> {
+    let first = padded.offset + range.start + 1;
     let targets: Vec<i64> = padded
         .input
         .tokens
         .iter()
-        .flat_map(|row| {
-            row[range.start + 1..range.end + 1]
-                .iter()
-                .map(|&t| t as i64)
-        })
+        .flat_map(|row| row[first..first + range.len()].iter().map(|&t| t as i64))
         .collect();
-    token_log_probs(model.lm_logits(part), targets, temperature, vocab_limit)
+    model.target_log_probs(part, targets, temperature, vocab_limit)
 }
 
-/// The value model's estimate at each next-token position, `[rows, width]`.
+/// The value model's estimate at each of the batch's response positions, `[rows, width]`.
 pub fn token_values(model: &Llama, padded: &Padded) -> Tensor<2> {
-    let rows = padded.input.tokens.len();
-    let values = model.scalar_outputs(model.hidden_states(&padded.input, None));
-    values.slice([0..rows, 0..padded.width])
+    model.scalar_outputs(next_token_states(model, padded))
 }

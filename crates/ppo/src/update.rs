@@ -1,7 +1,7 @@
 //! The PPO update: `ppo_epochs` passes over the rollouts in shuffled mini-batches, one clipped
 //! policy step and one clipped value step per mini-batch, each mini-batch through the models a
-//! micro-batch at a time with its gradients accumulated. Losses and clip statistics are summed
-//! on the device; the gradient norms are the only host reads of a mini-batch.
+//! micro-batch at a time with its gradients accumulated. Losses, clip statistics, gradient norms
+//! and the clipping itself stay on the device: the mini-batch loop reads nothing back.
 
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
@@ -9,7 +9,7 @@ use llama::Llama;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use trainer::chunked::{model_grads, GradPlan};
-use trainer::optim::clip_grad_norm;
+use trainer::optim::clip_grad_norm_on_device;
 use trainer::step::DeviceSum;
 
 use crate::algo::{kl_k3, policy_loss, value_loss};
@@ -41,8 +41,9 @@ pub struct UpdateStats {
     tokens: usize,
     /// Prompt and response tokens through the models (for update tokens/s).
     pub sequence_tokens: usize,
-    grad_norm: f64,
-    value_grad_norm: f64,
+    /// The last mini-batch's gradient norms (before clipping).
+    grad_norm: Option<Tensor<1>>,
+    value_grad_norm: Option<Tensor<1>>,
     /// Whether a value model was trained (GAE).
     has_value: bool,
 }
@@ -57,26 +58,31 @@ impl UpdateStats {
             ("clip_fraction", self.clipped.read() / seen),
             ("approx_kl", self.approx_kl.read() / seen),
             ("policy_loss", self.policy_loss.read() / steps),
-            ("grad_norm", self.grad_norm),
+            ("grad_norm", read(self.grad_norm)),
         ];
         if self.has_value {
             metrics.push(("value_loss", self.value_loss.read() / steps));
-            metrics.push(("value_grad_norm", self.value_grad_norm));
+            metrics.push(("value_grad_norm", read(self.value_grad_norm)));
         }
         metrics
     }
 }
 
+/// A norm on the device as a number (0 when there were no gradients).
+fn read(norm: Option<Tensor<1>>) -> f64 {
+    norm.map_or(0.0, |n| n.into_scalar::<f32>() as f64)
+}
+
 /// One AdamW step of `model` with `grads`, clipped by their global norm (returned, before
-/// clipping).
+/// clipping, on the device).
 fn clipped_step(
     optimizer: &mut ModuleOptimizer,
     model: Llama,
     mut grads: GradientsParams,
     lr: f64,
     grad_clip: Option<f64>,
-) -> (Llama, f64) {
-    let grad_norm = clip_grad_norm(&model, &mut grads, grad_clip);
+) -> (Llama, Option<Tensor<1>>) {
+    let grad_norm = clip_grad_norm_on_device(&model, &mut grads, grad_clip);
     (optimizer.step(lr, model, grads), grad_norm)
 }
 
@@ -160,12 +166,11 @@ impl Ppo {
         let device = self.policy.device();
         let batch: Vec<&Rollout> = piece.iter().map(|&i| &rollouts[i]).collect();
         let padded = pad_rollouts(&batch, self.pad);
-        let width = padded.width;
         let tensor = |field: &[Vec<f64>]| {
             let rows: Vec<&[f64]> = piece.iter().map(|&i| field[i].as_slice()).collect();
-            scatter(&batch, &rows, width, &device)
+            scatter(&batch, &rows, &padded, &device)
         };
-        let mask = response_mask(&batch, width, &device);
+        let mask = response_mask(&batch, &padded, &device);
         u.sequence_tokens += batch
             .iter()
             .map(|r| r.prompt.len() + r.response.len())
@@ -187,9 +192,9 @@ impl Ppo {
             policy,
             &padded.input,
             policy_plan,
-            |hidden| next_token_slice(hidden, width),
+            |hidden| next_token_slice(hidden, &padded),
             |part, range| {
-                let (logp, _) = chunk_logprobs(
+                let logp = chunk_logprobs(
                     policy,
                     part,
                     &padded,
@@ -227,12 +232,10 @@ impl Ppo {
             value,
             &padded.input,
             plan.unchunked(),
-            |hidden| hidden,
+            |hidden| next_token_slice(hidden, &padded),
             |hidden, _| {
-                let rows = batch.len();
-                let values = value.scalar_outputs(hidden).slice([0..rows, 0..width]);
                 value_loss(
-                    values,
+                    value.scalar_outputs(hidden),
                     old_values.clone(),
                     returns.clone(),
                     mask.clone(),

@@ -213,6 +213,8 @@ fn rollout(prompt: &[u32], response: &[u32], ended: bool) -> Rollout {
         response: response.to_vec(),
         ended,
         category: None,
+        logprobs: vec![0.0; response.len()],
+        entropy: 0.0,
     }
 }
 
@@ -233,14 +235,21 @@ fn per_token_values_land_on_response_positions_and_scores_on_the_last_token() {
     let b = rollout(&[1, 5], &[9, 9, 9, 9], false);
     let rows = [&a, &b];
     let padded = pad_rollouts(&rows, 0);
-    assert_eq!(padded.width, 5);
-    let mask = llama::model::to_host(response_mask(&rows, padded.width, &device));
+    // Responses are predicted from position 1 (row b) on, up to the last position 4: the
+    // per-token tensors cover positions 1..5.
+    assert_eq!((padded.offset, padded.width), (1, 4));
+    let mask = llama::model::to_host(response_mask(&rows, &padded, &device));
     // Row a: tokens 7, 2 are predicted at positions 2 and 3; row b's four at 1..5.
-    assert_eq!(mask, vec![0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
-    let placed = scatter(&rows, &[&[0.5, 3.0], &[1.0, 2.0, 3.0, 4.0]], 5, &device);
+    assert_eq!(mask, vec![0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
+    let placed = scatter(
+        &rows,
+        &[&[0.5, 3.0], &[1.0, 2.0, 3.0, 4.0]],
+        &padded,
+        &device,
+    );
     assert_eq!(
         llama::model::to_host(placed),
-        vec![0.0, 0.0, 0.5, 3.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+        vec![0.0, 0.5, 3.0, 0.0, 1.0, 2.0, 3.0, 4.0]
     );
     // Reward-model scores of padded rollouts equal scores of each rollout alone.
     let config = tiny_config();

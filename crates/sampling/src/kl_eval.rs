@@ -6,7 +6,7 @@
 //! answers were sampled from.
 
 use data::{PromptRecord, Tokenizer};
-use llama::model::{to_host, token_log_probs};
+use llama::model::to_host;
 use llama::{Llama, LlamaConfig, Side, StepInput};
 use serde::Serialize;
 use trainer::{Result, TrainError};
@@ -48,8 +48,8 @@ fn answer_logps(
         .iter()
         .flat_map(|row| (0..width).map(move |t| row.get(t + 1).map_or(0, |&id| i64::from(id))))
         .collect();
-    let logits = model.lm_logits(model.hidden_states(&input, None));
-    let (picked, _) = token_log_probs(logits, targets, temperature, vocab_limit);
+    let hidden = model.hidden_states(&input, None);
+    let picked = model.target_log_probs(hidden, targets, temperature, vocab_limit);
     let flat = to_host(picked);
     rows.iter()
         .zip(starts)

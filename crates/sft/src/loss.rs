@@ -11,7 +11,6 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use data::batch::{SequenceBatch, IGNORE};
-use llama::model::token_log_probs;
 use llama::{Llama, StepInput};
 use trainer::chunked::{chunks, model_grads, GradPlan};
 
@@ -85,7 +84,7 @@ fn chunk_loss(
         .flat_map(|row| &row[positions.clone()])
         .map(|&t| if t == IGNORE { 0.0 } else { 1.0 })
         .collect();
-    let (picked, _) = token_log_probs(model.lm_logits(hidden), targets, 1.0, usize::MAX);
+    let picked = model.target_log_probs(hidden, targets, 1.0, usize::MAX);
     let weights = Tensor::<2>::from_data(TensorData::new(weights, [rows, width]), &device);
     (picked * weights).sum().neg() / (global_trained_tokens.max(1) as f64)
 }

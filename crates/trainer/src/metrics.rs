@@ -167,3 +167,42 @@ fn text_summary(tag: &str, markdown: &str) -> tensorboard_proto::summary::Summar
     summary.set_value(protobuf::RepeatedField::from_vec(vec![value]));
     summary
 }
+
+/// CPU seconds this process has run so far, all threads, user and system (0 where the OS does
+/// not say): against wall-clock time, how many cores a phase kept busy.
+pub fn cpu_seconds() -> f64 {
+    #[cfg(unix)]
+    {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes one `rusage` into the pointer it is given.
+        let read = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+        if read == 0 {
+            // SAFETY: initialised by the successful call (and zeroed before it).
+            let usage = unsafe { usage.assume_init() };
+            let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+            return seconds(usage.ru_utime) + seconds(usage.ru_stime);
+        }
+    }
+    0.0
+}
+
+#[cfg(test)]
+mod tests {
+    /// The process's CPU time grows while a thread computes (within 30 s of wall time, so a
+    /// loaded machine only slows the test down).
+    #[test]
+    fn cpu_seconds_count_the_work_done() {
+        let before = super::cpu_seconds();
+        let started = std::time::Instant::now();
+        let mut x = 1u64;
+        while super::cpu_seconds() - before < 0.05 {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            assert!(
+                started.elapsed().as_secs() < 30,
+                "CPU time does not grow ({x})"
+            );
+        }
+    }
+}

@@ -158,6 +158,46 @@ pub fn round_to_bf16_stochastically<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     nearest.mask_where(draw.lower(chance), other).cast(bf16)
 }
 
+/// [`clip_grad_norm`] without a host read: the norm (before clipping, `[1]`) stays on the
+/// device and the clipping factor is taken there, so a training loop can run on without
+/// waiting for it (a GPU keeps its queue full). The same rule: scaled by `max / (norm + 1e-6)`
+/// when the norm is finite and above `max`.
+pub fn clip_grad_norm_on_device<M: Module>(
+    model: &M,
+    grads: &mut GradientsParams,
+    max_norm: Option<f64>,
+) -> Option<Tensor<1>> {
+    let mut visitor = SquaredNorm { grads, total: None };
+    model.visit(&mut visitor);
+    let norm = visitor.total?.sqrt();
+    if let Some(max) = max_norm.filter(|&max| max > 0.0) {
+        let clip = norm
+            .clone()
+            .greater_elem(max)
+            .bool_and(norm.clone().is_finite());
+        let factor = norm
+            .ones_like()
+            .mask_where(clip, (norm.clone() + 1e-6).recip() * max);
+        let mut visitor = ScaleBy { grads, factor };
+        model.visit(&mut visitor);
+    }
+    Some(norm)
+}
+
+struct ScaleBy<'a> {
+    grads: &'a mut GradientsParams,
+    factor: Tensor<1>,
+}
+
+impl ModuleVisitor for ScaleBy<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(grad) = self.grads.remove::<D>(param.id) {
+            let factor = self.factor.clone().cast(grad.dtype()).reshape([1; D]);
+            self.grads.register(param.id, grad * factor);
+        }
+    }
+}
+
 struct SquaredNorm<'a> {
     grads: &'a GradientsParams,
     total: Option<Tensor<1>>,

@@ -6,7 +6,9 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use llama::model::to_host;
 use llama::weights::{hf_params, ParamRef};
-use trainer::optim::{adamw, clip_grad_norm, grad_norm, round_to_bf16_stochastically};
+use trainer::optim::{
+    adamw, clip_grad_norm, clip_grad_norm_on_device, grad_norm, round_to_bf16_stochastically,
+};
 use trainer::recipe::TrainSection;
 
 fn tiny_model() -> llama::Llama {
@@ -73,6 +75,37 @@ fn global_norm_clipping_scales_every_gradient_together() {
     let untouched = clip_grad_norm(&model, &mut grads, Some(norm));
     assert!((untouched - norm / 4.0).abs() <= 1e-4 * norm);
     assert_eq!(host_grads(&model, &grads), after);
+}
+
+/// Clipping on the device gives the norm and the gradients that clipping on the host gives,
+/// above and below the limit, and leaves non-finite gradients alone as it does.
+#[test]
+fn clipping_on_the_device_matches_clipping_on_the_host() {
+    let model = tiny_model();
+    let norm = grad_norm(&model, &some_grads(&model));
+    for limit in [Some(norm / 3.0), Some(norm * 2.0), None] {
+        let (mut host, mut device) = (some_grads(&model), some_grads(&model));
+        let host_norm = clip_grad_norm(&model, &mut host, limit);
+        let device_norm = clip_grad_norm_on_device(&model, &mut device, limit)
+            .expect("a model with gradients has a norm")
+            .into_scalar::<f32>() as f64;
+        assert!((host_norm - device_norm).abs() <= 1e-6 * norm, "{limit:?}");
+        for (a, b) in host_grads(&model, &host)
+            .iter()
+            .zip(&host_grads(&model, &device))
+        {
+            assert!(
+                (a - b).abs() <= 1e-6 * a.abs().max(1e-3),
+                "{limit:?}: {a} vs {b}"
+            );
+        }
+    }
+    let mut infinite = Filled(GradientsParams::new(), f32::INFINITY);
+    model.visit(&mut infinite);
+    let mut grads = infinite.0;
+    let reported = clip_grad_norm_on_device(&model, &mut grads, Some(1.0)).unwrap();
+    assert!(reported.into_scalar::<f32>().is_infinite());
+    assert!(host_grads(&model, &grads).iter().all(|g| g.is_infinite()));
 }
 
 /// Gradients of one value for every parameter.
