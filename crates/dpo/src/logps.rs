@@ -148,12 +148,15 @@ fn weighted_logps(
 /// Each row's answer log-probability from the final hidden states (read without gradients),
 /// the head run `chunk` positions at a time.
 fn row_logps(model: &Llama, hidden: Tensor<3>, batch: &DpoBatch, chunk: usize) -> Vec<f64> {
+    // Without autodiff: a read records no graph (the policy's head would record one per chunk).
+    let model = &model.valid();
+    let hidden = hidden.inner();
     let [rows, width, dim] = hidden.dims();
     let ones = vec![1.0; rows];
     let mut total: Option<Tensor<2>> = None;
     for range in chunks(width, chunk) {
         let part = hidden.clone().slice([0..rows, range.clone(), 0..dim]);
-        let sums = weighted_logps(model, part, batch, range, &ones).detach();
+        let sums = weighted_logps(model, part, batch, range, &ones);
         total = Some(match total {
             Some(t) => t + sums,
             None => sums,
@@ -189,7 +192,7 @@ pub fn logps_and_grads(
         &batch.input(),
         plan,
         |hidden| {
-            let read = row_logps(model, hidden.clone().detach(), batch, plan.chunk);
+            let read = row_logps(model, hidden.clone(), batch, plan.chunk);
             *weights.borrow_mut() = loss_weights(&read);
             *logps.borrow_mut() = read;
             hidden

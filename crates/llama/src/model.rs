@@ -10,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, FloatDType, TensorData};
+use burn::tensor::{DType, FloatDType, IndexingUpdateOp, TensorData};
 
 use crate::config::{LlamaConfig, RopeScaling};
 
@@ -580,9 +580,11 @@ impl Llama {
     /// The `[rows * time, vocab]` logits exist only outside the autodiff graph: the softmax and
     /// the log-sum-exp run there (one fused kernel, parallel on flex, where the element-wise
     /// chain of a log-softmax runs on one core), and the gradient enters through
-    /// `h · (W[target] - pᵀW) / temperature`, whose derivative is the log-softmax's (`W` the
-    /// head, `p` the softmax, a constant) and whose value is subtracted again. Its products are
-    /// two matrix multiplies of the size the logits' backward pass would take.
+    /// `-h · ((p - onehot(target)) W) / temperature`, whose derivative is the log-softmax's (`W`
+    /// the head, `p` the softmax, a constant) and whose value is subtracted again. `p - onehot`
+    /// is formed before the product, as the logits' backward pass forms it, so a confident
+    /// prediction (`p` near 1 at the target) loses no precision to cancellation. Its products
+    /// are the two matrix multiplies the logits' backward pass would take.
     pub fn target_log_probs(
         &self,
         hidden: Tensor<3>,
@@ -620,18 +622,21 @@ impl Llama {
         let probs = softmax(logits.clone(), 1);
         // The largest probability is exp(max - lse), at least 1 / vocab: no underflow.
         let log_sum_exp = logits.clone().max_dim(1) - probs.clone().max_dim(1).log();
-        let at = Tensor::<1, Int>::from_data(targets.clone(), &device.clone().inner());
-        let picked = logits.gather(1, at.reshape([n, 1])) - log_sum_exp;
+        let at = Tensor::<1, Int>::from_data(targets, &device.clone().inner()).reshape([n, 1]);
+        let picked = logits.gather(1, at.clone()) - log_sum_exp;
         if !hidden.is_autodiff() {
             return picked.reshape([rows, time]);
         }
 
         // In the graph: zero in value, the log-softmax's gradient in derivative.
         let picked = Tensor::from_inner(picked);
-        let index = Tensor::<1, Int>::from_data(targets, &device);
-        let probs = Tensor::from_inner(probs).cast(weight.dtype());
-        let direction = weight.clone().select(0, index) - probs.matmul(weight);
-        let mut tangent = (hidden * direction).cast(DType::F32).sum_dim(1);
+        let minus_one = Tensor::<2>::full([n, 1], -1.0, &at.device());
+        let residual = probs.scatter(1, at, minus_one, IndexingUpdateOp::Add);
+        let residual = Tensor::from_inner(residual).cast(weight.dtype());
+        let mut tangent = (hidden * residual.matmul(weight))
+            .cast(DType::F32)
+            .sum_dim(1)
+            .neg();
         if temperature != 1.0 {
             tangent = tangent / temperature;
         }
