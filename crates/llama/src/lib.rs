@@ -6,6 +6,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod generate;
+pub mod host;
 pub mod lora;
 pub mod meta;
 pub mod model;

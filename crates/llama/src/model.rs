@@ -253,18 +253,12 @@ impl Attention {
             None => (k, v),
         };
 
-        // burn's attention, which backends run fused (flex: tiled kernels without autodiff;
-        // libtorch: scaled_dot_product_attention); grouped-query K/V heads are repeated for it.
+        // Grouped-query K/V heads are repeated for the attention kernels.
         let group = heads / kv_heads;
         let (k, v) = if group > 1 {
             (repeat_kv(k, group), repeat_kv(v, group))
         } else {
             (k, v)
-        };
-        let options = AttentionModuleOptions {
-            scale: Some(1.0 / (hd as f64).sqrt()),
-            softcap: None,
-            is_causal: false,
         };
         // Scores and softmax in f32 whatever the compute dtype, as transformers does.
         let dtype = q.dtype();
@@ -273,12 +267,55 @@ impl Attention {
         } else {
             (q.cast(DType::F32), k.cast(DType::F32), v.cast(DType::F32))
         };
-        let out = attention(q, k, v, Some(mask), None, options)
+        let out = attend(q, k, v, mask, 1.0 / (hd as f64).sqrt())
             .cast(dtype)
             .swap_dims(1, 2)
             .reshape([batch, time, heads * hd]);
         project(&self.o_proj, out, dropout)
     }
+}
+
+/// Scaled dot-product attention of `[b, h, t, hd]` queries over keys and values, with `mask`
+/// true where a query may not look.
+///
+/// Without autodiff this is burn's attention, which backends run fused (flex: tiled kernels;
+/// libtorch: `scaled_dot_product_attention`). With autodiff, burn 0.22 records an unfused
+/// fallback: some twenty passes over the `[b, h, t, t]` scores, forward and backward, each on
+/// one core on flex (a quarter of an SFT step). Here the softmax `P` runs outside the graph
+/// (flex: one fused, parallel kernel), and the graph holds the scores' product, `O = P·V`, and
+/// a term of value zero whose gradient is the softmax's: with `A = P∘S` and
+/// `B = A·V - rowsum(A)∘O` (`V`, `O` constant), `B - detach(B)` sends
+/// `dS = P∘(dO·Vᵀ - rowsum(dO∘O))` to the scores, the softmax backward written as flash
+/// attention writes it.
+pub fn attend(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Tensor<4, Bool>,
+    scale: f64,
+) -> Tensor<4> {
+    if !q.is_autodiff() {
+        let options = AttentionModuleOptions {
+            scale: Some(scale),
+            softcap: None,
+            is_causal: false,
+        };
+        return attention(q, k, v, Some(mask), None, options);
+    }
+    let scores = (q * scale).matmul(k.swap_dims(2, 3));
+    let probs = if crate::host::serves(&scores.device()) {
+        crate::host::masked_softmax(scores.clone().inner(), mask.inner())
+    } else {
+        let masked = scores
+            .clone()
+            .inner()
+            .mask_fill(mask.inner(), f32::NEG_INFINITY);
+        softmax(masked, 3)
+    };
+    let out = Tensor::from_inner(probs.clone()).matmul(v.clone());
+    let weighted = Tensor::from_inner(probs) * scores;
+    let tangent = weighted.clone().matmul(v.detach()) - weighted.sum_dim(3) * out.clone().detach();
+    out + (tangent.clone() - tangent.detach())
 }
 
 /// `[b, kv_heads, t, hd]` with each head repeated `group` times in place, `[b, heads, t, hd]`,
@@ -606,9 +643,10 @@ impl Llama {
         let n = rows * time;
         let device = hidden.device();
         let hidden = hidden.reshape([n, dim]);
-        let targets = TensorData::new(targets, [n]);
+        let tracked = hidden.is_autodiff();
 
-        // Outside the graph: the logits, their softmax and log-sum-exp, the targets' values.
+        // Outside the graph: the logits, their softmax and log-sum-exp, the targets' values,
+        // and (for the gradient) softmax minus the targets' one-hot.
         let mut logits = hidden
             .clone()
             .inner()
@@ -619,19 +657,29 @@ impl Llama {
         if temperature != 1.0 {
             logits = logits / temperature;
         }
-        let probs = softmax(logits.clone(), 1);
-        // The largest probability is exp(max - lse), at least 1 / vocab: no underflow.
-        let log_sum_exp = logits.clone().max_dim(1) - probs.clone().max_dim(1).log();
-        let at = Tensor::<1, Int>::from_data(targets, &device.clone().inner()).reshape([n, 1]);
-        let picked = logits.gather(1, at.clone()) - log_sum_exp;
-        if !hidden.is_autodiff() {
+        let (picked, residual) = if crate::host::serves(&device) {
+            let (picked, residual) = crate::host::target_log_softmax(logits, &targets, tracked);
+            (picked.reshape([n, 1]), residual)
+        } else {
+            let probs = softmax(logits.clone(), 1);
+            // The largest probability is exp(max - lse), at least 1 / vocab: no underflow.
+            let log_sum_exp = logits.clone().max_dim(1) - probs.clone().max_dim(1).log();
+            let at =
+                Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device.clone().inner())
+                    .reshape([n, 1]);
+            let picked = logits.gather(1, at.clone()) - log_sum_exp;
+            let residual = tracked.then(|| {
+                let minus_one = Tensor::<2>::full([n, 1], -1.0, &at.device());
+                probs.scatter(1, at, minus_one, IndexingUpdateOp::Add)
+            });
+            (picked, residual)
+        };
+        let Some(residual) = residual else {
             return picked.reshape([rows, time]);
-        }
+        };
 
         // In the graph: zero in value, the log-softmax's gradient in derivative.
         let picked = Tensor::from_inner(picked);
-        let minus_one = Tensor::<2>::full([n, 1], -1.0, &at.device());
-        let residual = probs.scatter(1, at, minus_one, IndexingUpdateOp::Add);
         let residual = Tensor::from_inner(residual).cast(weight.dtype());
         let mut tangent = (hidden * residual.matmul(weight))
             .cast(DType::F32)

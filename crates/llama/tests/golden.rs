@@ -348,6 +348,83 @@ fn target_log_probs_match_the_log_softmax_of_the_logits() {
     }
 }
 
+/// `llama::model::attend` under autodiff (the softmax outside the graph, its gradient through
+/// a zero-valued term) gives burn's attention: the output, and the gradients of a weighted sum
+/// of it for the queries, keys and values, with a mask that hides padding, other segments and
+/// the future, each row keeping at least one key. (Without autodiff it is burn's attention,
+/// which the golden checks against `transformers` cover.)
+#[test]
+fn attention_with_the_softmax_outside_the_graph_matches_burns() {
+    use burn::prelude::*;
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use burn::tensor::{Distribution, TensorData};
+    use llama::model::{attend, to_host};
+
+    let device = test_device();
+    let ad = device.clone().autodiff();
+    let [batch, heads, time, dim] = [2, 3, 7, 4];
+    let scale = 0.4;
+    // Row 0: causal over all keys; row 1: two packed segments, the first key is padding.
+    let mut masked = Vec::new();
+    for b in 0..batch {
+        for q in 0..time {
+            for k in 0..time {
+                let hidden = k > q || (b == 1 && (k == 0 || (k < 3) != (q < 3)));
+                masked.push(hidden && !(b == 1 && q == 0 && k == 0));
+            }
+        }
+    }
+    let mask = Tensor::<4, Bool>::from_data(TensorData::new(masked, [batch, 1, time, time]), &ad);
+    let random = |seed: f64| {
+        Tensor::<4>::random(
+            [batch, heads, time, dim],
+            Distribution::Normal(seed, 2.0),
+            &ad,
+        )
+        .require_grad()
+    };
+    let (q, k, v) = (random(0.0), random(0.5), random(-0.5));
+    let weights = Tensor::<4>::random([batch, heads, time, dim], Distribution::Default, &ad);
+    let options = AttentionModuleOptions {
+        scale: Some(scale),
+        softcap: None,
+        is_causal: false,
+    };
+    let burns = attention(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        Some(mask.clone()),
+        None,
+        options,
+    );
+    let ours = attend(q.clone(), k.clone(), v.clone(), mask.clone(), scale);
+    let close = |what: &str, a: Vec<f32>, b: Vec<f32>| {
+        let size = a.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            size > 0.0 && diff <= 1e-5 * size,
+            "{what}: {diff} of {size}"
+        );
+    };
+    close("output", to_host(burns.clone()), to_host(ours.clone()));
+    let grads_of = |out: Tensor<4>| {
+        let grads = (out * weights.clone()).sum().backward();
+        [&q, &k, &v].map(|x| to_host(x.grad(&grads).expect("an input has a gradient")))
+    };
+    for ((name, a), b) in ["queries", "keys", "values"]
+        .into_iter()
+        .zip(grads_of(burns))
+        .zip(grads_of(ours))
+    {
+        close(name, a, b);
+    }
+}
+
 /// Each generated token's log-probability and entropy, taken from the logits it was sampled
 /// from (KV cache, left-padded batch), equal the log-softmax and entropy of a full forward pass
 /// over prompt and answer: what PPO's old log-probabilities were before they came from here.

@@ -4,30 +4,48 @@
 //! (burn's built-in clipping is per tensor).
 
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
-use burn::optim::{AdamW, AdamWConfig, AdamWState, GradientsParams, ModuleOptimizer, Optimizer};
+use burn::optim::{
+    AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, ModuleOptimizer,
+    Optimizer,
+};
 use burn::prelude::*;
-use burn::tensor::{DType, Distribution};
+use burn::tensor::{DType, Distribution, TensorData};
 
 use crate::recipe::TrainSection;
 
 /// AdamW as the recipe says; parameters whose path contains "norm" get no weight decay.
 pub fn adamw(train: &TrainSection) -> ModuleOptimizer {
-    let config = |weight_decay: f64| {
-        AdamWConfig::new()
-            .with_beta_1(train.betas[0] as f32)
-            .with_beta_2(train.betas[1] as f32)
-            .with_epsilon(train.eps as f32)
-            .with_weight_decay(weight_decay as f32)
+    let config = |weight_decay: f64| AdamWSettings {
+        beta_1: train.betas[0] as f32,
+        beta_2: train.betas[1] as f32,
+        epsilon: train.eps as f32,
+        weight_decay: weight_decay as f32,
     };
-    ModuleOptimizer::from(MomentsAtParamDtype::new(
-        config(train.weight_decay).build(),
-        0,
-    ))
-    .with_group(
+    ModuleOptimizer::from(MomentsAtParamDtype::new(config(train.weight_decay), 0)).with_group(
         ParamGroup::from_predicate("norm"),
-        MomentsAtParamDtype::new(config(0.0).build(), 1),
+        MomentsAtParamDtype::new(config(0.0), 1),
         None,
     )
+}
+
+/// AdamW's settings, kept for the fused step (burn's config does not show its fields).
+#[derive(Clone, Copy, Debug)]
+struct AdamWSettings {
+    beta_1: f32,
+    beta_2: f32,
+    epsilon: f32,
+    weight_decay: f32,
+}
+
+impl AdamWSettings {
+    fn build(self) -> AdamW {
+        AdamWConfig::new()
+            .with_beta_1(self.beta_1)
+            .with_beta_2(self.beta_2)
+            .with_epsilon(self.epsilon)
+            .with_weight_decay(self.weight_decay)
+            .build()
+    }
 }
 
 /// burn's AdamW, with its moments brought to the gradient's dtype before each step. burn reads
@@ -41,8 +59,13 @@ pub fn adamw(train: &TrainSection) -> ModuleOptimizer {
 /// f32 loss after 300 steps); stochastic rounding keeps every update in expectation and costs
 /// no memory. The noise is drawn from a seed made of the step count in the optimizer state and
 /// the parameter's place in the step, so a resumed run draws the same noise.
+///
+/// f32 steps on flex run as one fused pass on the host ([`adamw_on_host`]), bit for bit
+/// burn's.
 struct MomentsAtParamDtype {
     adamw: AdamW,
+    /// The same settings, for the fused step on the host.
+    config: AdamWSettings,
     /// Sets the group's noise apart from the other group's.
     group: u64,
     /// The step count of the last parameter stepped and how many have been stepped since.
@@ -50,9 +73,10 @@ struct MomentsAtParamDtype {
 }
 
 impl MomentsAtParamDtype {
-    fn new(adamw: AdamW, group: u64) -> Self {
+    fn new(config: AdamWSettings, group: u64) -> Self {
         Self {
-            adamw,
+            adamw: config.build(),
+            config,
             group,
             place: std::sync::Mutex::new((usize::MAX, 0)),
         }
@@ -80,7 +104,7 @@ impl MomentsAtParamDtype {
 
 impl Clone for MomentsAtParamDtype {
     fn clone(&self) -> Self {
-        Self::new(self.adamw.clone(), self.group)
+        Self::new(self.config, self.group)
     }
 }
 
@@ -114,6 +138,9 @@ impl Optimizer for MomentsAtParamDtype {
         let time = state.as_ref().map_or(0, |state| state.momentum.time);
         let state = state.map(|state| map_moments(state, at));
         if !stochastic {
+            if fused_on_host(&tensor, &grad, state.as_ref()) {
+                return adamw_on_host(&self.config, lr, tensor, grad, state);
+            }
             return self.adamw.step(lr, tensor, grad, state);
         }
         let device = tensor.device();
@@ -125,6 +152,142 @@ impl Optimizer for MomentsAtParamDtype {
 
     fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
         AdamW::to_device(state, device)
+    }
+}
+
+/// Whether [`adamw_on_host`] takes this step: f32 on flex. burn's AdamW is some fifteen
+/// element-wise passes over each parameter, each allocating, on one core on flex (a tenth of
+/// an SFT step); the fused loop reads each number once, on every core. AMSGrad's extra moment
+/// (never configured here) keeps burn's path.
+fn fused_on_host<const D: usize>(
+    tensor: &Tensor<D>,
+    grad: &Tensor<D>,
+    state: Option<&AdamWState<D>>,
+) -> bool {
+    tensor.dtype() == DType::F32
+        && grad.dtype() == DType::F32
+        && state.is_none_or(|s| {
+            s.momentum.max_moment_2.is_none() && s.momentum.moment_1.dtype() == DType::F32
+        })
+        && tensor.device().inner() == Device::flex()
+}
+
+/// burn's AdamW step (`burn_optim::AdamW`, without AMSGrad) as one pass over the parameter on
+/// the host, in the same f32 operations in the same order, so it gives the same bits: the
+/// moments `m·β₁ + g·(1-β₁)` and `v·β₂ + g²·(1-β₂)` (`g·(1-β₁)` and `g²·(1-β₂)` at the first
+/// step), then `p·(1 - lr·λ) - lr·(m/(1-β₁ᵗ)) / (√(v/(1-β₂ᵗ)) + ε)`. flex hands its buffers
+/// over without a copy when a tensor is the only holder of its buffer.
+fn adamw_on_host<const D: usize>(
+    config: &AdamWSettings,
+    lr: f64,
+    tensor: Tensor<D>,
+    grad: Tensor<D>,
+    state: Option<AdamWState<D>>,
+) -> (Tensor<D>, Option<AdamWState<D>>) {
+    use rayon::prelude::*;
+    let device = tensor.device();
+    let (beta_1, beta_2) = (config.beta_1, config.beta_2);
+    let (factor_1, factor_2) = (1.0 - beta_1, 1.0 - beta_2);
+    let (time, moments) = match state {
+        Some(state) => (
+            state.momentum.time + 1,
+            Some((state.momentum.moment_1, state.momentum.moment_2)),
+        ),
+        None => (1, None),
+    };
+    let correction_1 = 1f32 - beta_1.powi(time as i32);
+    let correction_2 = 1f32 - beta_2.powi(time as i32);
+    let epsilon = config.epsilon;
+    let decay_rate = lr * config.weight_decay as f64;
+    let keep = (1.0 - decay_rate) as f32;
+    let lr = lr as f32;
+
+    let mut params = tensor.into_data();
+    let grads = grad.into_data();
+    let first = moments.is_none();
+    let (mut moment_1, mut moment_2) = match moments {
+        Some((m, v)) => (m.into_data(), v.into_data()),
+        None => (grads.clone(), grads.clone()),
+    };
+    let slices = (
+        params.as_mut_slice::<f32>(),
+        grads.as_slice::<f32>(),
+        moment_1.as_mut_slice::<f32>(),
+        moment_2.as_mut_slice::<f32>(),
+    );
+    let (Ok(p), Ok(g), Ok(m), Ok(v)) = slices else {
+        unreachable!("f32 tensors read back as f32");
+    };
+    let step = Moments {
+        factor_1,
+        factor_2,
+        beta_1,
+        beta_2,
+        correction_1,
+        correction_2,
+        epsilon,
+        keep,
+        lr,
+    };
+    let decay = decay_rate != 0.0;
+    const CHUNK: usize = 1 << 14;
+    p.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .for_each(|(((p, g), m), v)| match (first, decay) {
+            (true, true) => step.apply::<true, true>(p, g, m, v),
+            (true, false) => step.apply::<true, false>(p, g, m, v),
+            (false, true) => step.apply::<false, true>(p, g, m, v),
+            (false, false) => step.apply::<false, false>(p, g, m, v),
+        });
+    let back = |data: TensorData| Tensor::<D>::from_data(data, &device);
+    let state = AdamWState {
+        momentum: AdaptiveMomentumState {
+            time,
+            moment_1: back(moment_1),
+            moment_2: back(moment_2),
+            max_moment_2: None,
+        },
+    };
+    (back(params), Some(state))
+}
+
+/// The numbers of one AdamW step, applied to slices of a parameter.
+struct Moments {
+    factor_1: f32,
+    factor_2: f32,
+    beta_1: f32,
+    beta_2: f32,
+    correction_1: f32,
+    correction_2: f32,
+    epsilon: f32,
+    keep: f32,
+    lr: f32,
+}
+
+impl Moments {
+    /// The branches are constants and the slices zipped (no bounds checks), so the loop
+    /// vectorises.
+    fn apply<const FIRST: bool, const DECAY: bool>(
+        &self,
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) {
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            if FIRST {
+                *m = g * self.factor_1;
+                *v = (g * g) * self.factor_2;
+            } else {
+                *m = *m * self.beta_1 + g * self.factor_1;
+                *v = *v * self.beta_2 + (g * g) * self.factor_2;
+            }
+            let delta = (*m / self.correction_1) / ((*v / self.correction_2).sqrt() + self.epsilon);
+            let decayed = if DECAY { *p * self.keep } else { *p };
+            *p = decayed - delta * self.lr;
+        }
     }
 }
 
