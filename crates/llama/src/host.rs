@@ -3,8 +3,9 @@
 //! burn-flex 0.22.1's softmax is fused and parallel over rows but calls the scalar `expf` once
 //! per element, and the code around it (masking, the log-sum-exp, picking targets, subtracting
 //! the one-hot) is one single-core pass each. On flex these functions take the buffers and do
-//! each row in one parallel pass, the exponentials eight at a time (`wide`'s `f32x8::exp`,
-//! within an f32 rounding of `expf`). Other backends keep burn's operations.
+//! each row in one parallel pass, the exponentials eight at a time (a polynomial the compiler
+//! vectorises, AVX2 where the CPU has it; within 2 ulp of `expf`). Other backends keep burn's
+//! operations.
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -70,10 +71,10 @@ fn exp_row_portable(row: &[f32], keep: Option<&[bool]>, shift: f32, out: &mut [f
     sums.iter().sum()
 }
 
-/// `e^x` for `x <= 0` (and NaN, which stays NaN), to about 2 ulp: `x = n·ln 2 + r` with
+/// `e^x` for `x <= 0` (and NaN, which stays NaN), within 2 ulp: `x = n·ln 2 + r` with
 /// `|r| <= ln 2 / 2`, `e^r` by its Taylor series to `r^7` (the next term is below 6e-9 of it),
-/// times `2^n` built in the exponent bits. Below -87, where `e^x` leaves the normal floats, it
-/// gives `e^-87` (1.6e-38): nothing next to the row's largest term, `e^0 = 1`.
+/// times `2^n` built in the exponent bits. Below -87.3365, where `e^x` leaves the normal floats,
+/// it gives the smallest normal float (1.2e-38): nothing next to the row's largest term, `e^0 = 1`.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -82,7 +83,7 @@ fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
-    let x = if x < -87.0 { -87.0 } else { x };
+    let x = if x < -87.336_54 { -87.336_54 } else { x };
     let shifted = x * LOG2_E + ROUND;
     let n = shifted - ROUND;
     // The integer n sits in the low bits of `shifted`: read it there (integer lanes; a
@@ -110,17 +111,24 @@ fn row_max(row: &[f32]) -> f32 {
 }
 
 /// Softmax over the last axis of `scores` (`[b, h, q, k]`, f32, no autodiff) where `masked`
-/// (`[b, 1, q, k]`, true: may not look) is false; masked slots get 0, and a row with every slot
-/// masked is all 0.
+/// (`[b, 1, q, k]`, true: may not look; another shape is a caller's bug) is false; masked slots
+/// get 0, and a row with every slot masked is all 0.
 pub fn masked_softmax(scores: Tensor<4>, masked: Tensor<4, Bool>) -> Tensor<4> {
     let device = scores.device();
-    let [_, heads, queries, keys] = scores.dims();
+    let [batch, heads, queries, keys] = scores.dims();
+    assert_eq!(
+        masked.dims(),
+        [batch, 1, queries, keys],
+        "one mask row per query, shared by the heads"
+    );
+    if batch * heads * queries * keys == 0 {
+        return scores;
+    }
     let mut data = scores.into_data().convert::<f32>();
-    let masked = masked.into_data();
-    let (Ok(values), Ok(masked)) = (data.as_mut_slice::<f32>(), masked.as_slice::<bool>()) else {
-        unreachable!("f32 scores and a bool mask read back as such");
+    let keep: Vec<bool> = masked.into_data().iter::<bool>().map(|m| !m).collect();
+    let Ok(values) = data.as_mut_slice::<f32>() else {
+        unreachable!("f32 scores read back as f32");
     };
-    let keep: Vec<bool> = masked.iter().map(|m| !m).collect();
     let per_task = rows_per_task(keys);
     values
         .par_chunks_mut(per_task * keys)
@@ -153,7 +161,7 @@ pub fn masked_softmax(scores: Tensor<4>, masked: Tensor<4, Bool>) -> Tensor<4> {
 /// For logits `[n, vocab]` (f32, no autodiff) and one target id per row: the target's
 /// log-probability (`[n]`), and, when `residual` is asked for, `softmax - one_hot(target)`
 /// (`[n, vocab]`, the log-softmax's gradient with its sign flipped). A target outside the
-/// vocabulary gives NaN (the callers check ids before).
+/// vocabulary gives NaN, its residual row too (the callers check ids before).
 pub fn target_log_softmax(
     logits: Tensor<2>,
     targets: &[i64],
@@ -161,6 +169,11 @@ pub fn target_log_softmax(
 ) -> (Tensor<1>, Option<Tensor<2>>) {
     let device = logits.device();
     let [rows, vocab] = logits.dims();
+    assert_eq!(targets.len(), rows, "one target per row");
+    if rows * vocab == 0 {
+        let picked = Tensor::<1>::full([rows], f32::NAN, &device);
+        return (picked, residual.then_some(logits));
+    }
     let mut data = logits.into_data().convert::<f32>();
     let Ok(values) = data.as_mut_slice::<f32>() else {
         unreachable!("f32 logits read back as f32");
@@ -184,8 +197,10 @@ pub fn target_log_softmax(
                     for (x, e) in row.iter_mut().zip(&scratch) {
                         *x = e * scale;
                     }
-                    if let Some(t) = at {
-                        row[t] -= 1.0;
+                    match at {
+                        Some(t) => row[t] -= 1.0,
+                        // No gradient from a value that is not a number.
+                        None => row.fill(f32::NAN),
                     }
                 }
             }
@@ -199,11 +214,12 @@ pub fn target_log_softmax(
 mod tests {
     use super::*;
 
-    /// Within 2 ulp of the standard library's `exp` from 0 down past underflow's edge, NaN
-    /// kept, and the sum of a row that of its terms (both code paths: AVX2 and portable).
+    /// Within 2 ulp of the standard library's `exp` from 0 down past underflow's edge (-90),
+    /// NaN kept, and the sum of a row that of its terms (the dispatched path, AVX2 where the CPU
+    /// has it, and the portable one).
     #[test]
     fn the_vectorised_exponential_matches_the_standard_one() {
-        let inputs: Vec<f32> = (0..20_000).map(|i| -(i as f32) * 0.0043).collect();
+        let inputs: Vec<f32> = (0..21_000).map(|i| -(i as f32) * 0.0043).collect();
         for avx2 in [true, false] {
             let mut out = vec![0.0f32; inputs.len()];
             let sum = if avx2 {
@@ -229,6 +245,72 @@ mod tests {
         let mut out = [0.0f32; 3];
         exp_row(&[0.0, f32::NAN, -1.0], None, 0.0, &mut out);
         assert!(out[1].is_nan() && out[0] == 1.0);
+    }
+
+    fn max_difference(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+    }
+
+    /// Over many parallel tasks (rows split across them, queries fewer than keys as with a KV
+    /// cache), the masked softmax is burn's softmax of the masked scores.
+    #[test]
+    fn the_masked_softmax_is_burns_across_tasks() {
+        use burn::tensor::activation::softmax;
+        use burn::tensor::Distribution;
+        let device = Device::flex();
+        let [b, h, q, k] = [2, 3, 700, 9];
+        let scores = Tensor::<4>::random([b, h, q, k], Distribution::Normal(0.0, 4.0), &device);
+        // Each row keeps its last key and a pattern of the others.
+        let masked: Vec<bool> = (0..b * q * k)
+            .map(|i| i % k != k - 1 && (i / k + i % k) % 3 == 0)
+            .collect();
+        let masked = Tensor::<4, Bool>::from_data(TensorData::new(masked, [b, 1, q, k]), &device);
+        let want = softmax(
+            scores.clone().mask_fill(masked.clone(), f32::NEG_INFINITY),
+            3,
+        );
+        let got = masked_softmax(scores, masked);
+        let (want, got) = (crate::model::to_host(want), crate::model::to_host(got));
+        assert!(max_difference(&want, &got) < 1e-6);
+    }
+
+    /// The targets' log-softmax and softmax minus one-hot, rows spread over tasks, against the
+    /// same computed in f64 (burn-flex's f32 softmax sums 20,000 terms one after another, so
+    /// it is itself a few 1e-6 off).
+    #[test]
+    fn the_targets_log_softmax_is_exact_to_f32_rounding_across_tasks() {
+        use burn::tensor::Distribution;
+        let device = Device::flex();
+        let [rows, vocab] = [5, 20_000];
+        let logits = Tensor::<2>::random([rows, vocab], Distribution::Normal(0.0, 5.0), &device);
+        let host = crate::model::to_host(logits.clone());
+        let targets: Vec<i64> = (0..rows as i64).map(|r| r * 3_907 + 11).collect();
+        let (picked, residual) = target_log_softmax(logits, &targets, true);
+        let (picked, residual) = (
+            crate::model::to_host(picked),
+            crate::model::to_host(residual.expect("asked for")),
+        );
+        for (r, &t) in targets.iter().enumerate() {
+            let row = &host[r * vocab..][..vocab];
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+            let log_sum_exp = max + sum.ln();
+            let want = row[t as usize] as f64 - log_sum_exp;
+            assert!(
+                (picked[r] as f64 - want).abs() < 1e-5,
+                "row {r}: {} vs {want}",
+                picked[r]
+            );
+            for (i, &x) in row.iter().enumerate() {
+                let p = (x as f64 - log_sum_exp).exp() - if i == t as usize { 1.0 } else { 0.0 };
+                let got = residual[r * vocab + i] as f64;
+                assert!(
+                    (got - p).abs() <= 1e-5 * p.abs().max(1e-3),
+                    "row {r}, {i}: {got} vs {p}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -264,5 +346,6 @@ mod tests {
         let residual = crate::model::to_host(residual.expect("asked for"));
         assert!((residual[0] - (0.5 - lse).exp()).abs() < 1e-6);
         assert!((residual[1] - ((1.5 - lse).exp() - 1.0)).abs() < 1e-6);
+        assert!(residual[2].is_nan() && residual[3].is_nan());
     }
 }

@@ -276,7 +276,10 @@ impl Attention {
 }
 
 /// Scaled dot-product attention of `[b, h, t, hd]` queries over keys and values, with `mask`
-/// true where a query may not look.
+/// true where a query may not look (except on libtorch without autodiff, where burn-tch hands
+/// the mask to `scaled_dot_product_attention` unchanged and true means the opposite: see
+/// `sdpa_mask_means_attend`). Every query should keep a key: a row with all keys masked is
+/// zeros on flex and NaN elsewhere.
 ///
 /// Without autodiff this is burn's attention, which backends run fused (flex: tiled kernels;
 /// libtorch: `scaled_dot_product_attention`). With autodiff, burn 0.22 records an unfused
@@ -303,7 +306,9 @@ pub fn attend(
         return attention(q, k, v, Some(mask), None, options);
     }
     let scores = (q * scale).matmul(k.swap_dims(2, 3));
-    let probs = if crate::host::serves(&scores.device()) {
+    let [batch, _, queries, keys] = scores.dims();
+    let shared_mask = mask.dims() == [batch, 1, queries, keys];
+    let probs = if shared_mask && crate::host::serves(&scores.device()) {
         crate::host::masked_softmax(scores.clone().inner(), mask.inner())
     } else {
         let masked = scores

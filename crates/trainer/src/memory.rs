@@ -8,8 +8,9 @@
 //! key/value width, `f` the MLP width, `h` the heads and `t` the keys a position attends to:
 //! the two RMSNorms (3d each: the input, its statistics, the normed output), q and k before and
 //! after RoPE and v (2d + 3kv), attention (4ht: scores, scaled and masked scores, the softmax's
-//! intermediate and its output), the attention output (d), the MLP (5f: gate, its sigmoid,
-//! SiLU, up, the product): 9d + 3kv + 4ht + 5f. With activation checkpointing each layer is
+//! intermediate and its output, as burn's attention fallback kept them; `llama::model::attend`
+//! now keeps only the softmax, so this overstates it), the attention output (d), the MLP (5f:
+//! gate, its sigmoid, SiLU, up, the product): 9d + 3kv + 4ht + 5f. With activation checkpointing each layer is
 //! recomputed in the backward pass: every layer's input (d) is kept, and one layer's
 //! activations exist at a time. These are values of the compute dtype (f32, or bf16 in both bf16
 //! modes), except the attention terms (`ht`), which are always f32.

@@ -155,19 +155,22 @@ impl Optimizer for MomentsAtParamDtype {
     }
 }
 
-/// Whether [`adamw_on_host`] takes this step: f32 on flex. burn's AdamW is some fifteen
-/// element-wise passes over each parameter, each allocating, on one core on flex (a tenth of
-/// an SFT step); the fused loop reads each number once, on every core. AMSGrad's extra moment
-/// (never configured here) keeps burn's path.
+/// Whether [`adamw_on_host`] takes this step: f32 on flex, gradient and moments of the
+/// parameter's shape (anything else keeps burn's path and its errors). burn's AdamW is some
+/// fifteen element-wise passes over each parameter, each allocating, on one core on flex (a
+/// tenth of an SFT step); the fused loop reads each number once, on every core. It mirrors
+/// AdamW without AMSGrad, which [`AdamWSettings`] never configures.
 fn fused_on_host<const D: usize>(
     tensor: &Tensor<D>,
     grad: &Tensor<D>,
     state: Option<&AdamWState<D>>,
 ) -> bool {
-    tensor.dtype() == DType::F32
-        && grad.dtype() == DType::F32
+    let f32_like = |t: &Tensor<D>| t.dtype() == DType::F32 && t.shape() == tensor.shape();
+    f32_like(tensor)
+        && f32_like(grad)
         && state.is_none_or(|s| {
-            s.momentum.max_moment_2.is_none() && s.momentum.moment_1.dtype() == DType::F32
+            let m = &s.momentum;
+            m.max_moment_2.is_none() && f32_like(&m.moment_1) && f32_like(&m.moment_2)
         })
         && tensor.device().inner() == Device::flex()
 }
